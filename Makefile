@@ -1,0 +1,31 @@
+# Everything installs into .venv. torch and torchvision come from the package registry as a matching
+# pair: the machine-local torch wheel (find-links) lacks torchvision's compiled ops, so find-links is off.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := env PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= $(BIN)/pip
+PORT   ?= 3000
+export REFIT_HOME ?= $(CURDIR)/models
+
+.PHONY: install serve test bench train-demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,bench]'
+	$(BIN)/python -c "import torch, torchvision, torchvision.ops; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5); print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+serve: install
+	$(BIN)/bentoml serve service.service:Refit --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

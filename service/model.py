@@ -1,0 +1,220 @@
+"""The model one worker serves: an onnxruntime session plus the contract read from the same file.
+
+A watcher thread polls the promoted pointer. A new version is verified (checksum), opened and warmed up
+completely before one reference assignment swaps it in, so a batch sees either the old model or the new
+one, never a mix. A version that fails its checksum or does not load is refused: the worker keeps serving
+what it had, logs why, and writes the reason to its status file, which `GET /versions` shows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.contract import Contract
+from training.preprocess import preprocess
+from training.store import Store, atomic_write_json, now_iso
+
+log = logging.getLogger("refit.model")
+
+CONTRACT_KEY = "refit.contract"  # written by training.export; read here without importing onnx or torch
+VERSION_KEY = "refit.version"
+
+
+class ModelUnavailable(RuntimeError):
+    """No version could be loaded yet (empty store, or every candidate failed)."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: str
+    session: object  # onnxruntime.InferenceSession
+    contract: Contract
+    labels: tuple[str, ...]
+    loaded_at: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(["probs"], {"input": batch})[0]
+
+
+def make_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # Spinning intra-op threads burn the core that image decoding, the HTTP front and a running retrain
+    # need; on a small CPU letting them sleep between runs gives more throughput, not less.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def open_version(store: Store, version: str, threads: int) -> Loaded:
+    """Checksum, open, read the contract and run one warm-up batch; raises with the reason on any failure."""
+    path = store.verify(version)
+    session = make_session(path, threads)
+    meta = session.get_modelmeta().custom_metadata_map
+    if CONTRACT_KEY not in meta:
+        raise ValueError(f"{version}: {path.name} has no {CONTRACT_KEY} metadata; not a Refit model file")
+    stamped = meta.get(VERSION_KEY)
+    if stamped and stamped != version:
+        raise ValueError(f"{version}: {path.name} says it is {stamped}; the store entry was tampered with")
+    contract = Contract.from_json(meta[CONTRACT_KEY])
+    n_out = session.get_outputs()[0].shape[-1]
+    labels = tuple(contract.class_names)
+    if isinstance(n_out, int) and len(labels) != n_out:
+        raise ValueError(f"{version}: the contract names {len(labels)} classes but the model has {n_out} outputs")
+    # The first run allocates onnxruntime's buffers; do it here so no client request pays for it.
+    session.run(["probs"], {"input": np.zeros((1, 3, contract.input_size, contract.input_size), np.float32)})
+    return Loaded(version, session, contract, labels, now_iso())
+
+
+class ModelHolder:
+    """The current model of this worker process and the thread that keeps it in step with the pointer."""
+
+    def __init__(self, store: Store, *, threads: int, poll_seconds: float):
+        self.store = store
+        self.threads = threads
+        self.poll_seconds = poll_seconds
+        self.current: Loaded | None = None
+        self.error: dict | None = None  # the last refused version and why
+        self._seen: object = object()  # pointer stat at the last look; a fresh object never matches
+        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
+        self._stop = threading.Event()
+        self.status_file = store.home / "serving" / f"worker-{os.getpid()}.json"
+        self.refresh()
+        self._thread = threading.Thread(target=self._watch, name="refit-model-watch", daemon=True)
+        self._thread.start()
+
+    # -- keeping up with the promoted pointer -----------------------------------------------------
+    def _pointer_signature(self) -> tuple | None:
+        try:
+            st = self.store.pointer.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def refresh(self) -> None:
+        """Load the promoted version if it changed since the last look. Never raises."""
+        sig = self._pointer_signature()
+        if sig == self._seen:
+            return
+        self._seen = sig
+        try:
+            target = self.store.promoted()
+        except (OSError, ValueError) as e:  # a hand-edited or unreadable pointer
+            self._refuse(None, f"cannot read {self.store.pointer.name}: {e}")
+            return
+        if target is None or (self.current is not None and self.current.version == target):
+            self._write_status()
+            return
+        try:
+            t0 = time.perf_counter()
+            new = open_version(self.store, target, self.threads)
+        except Exception as e:  # noqa: BLE001 - any failure means: keep serving the last good model
+            self._refuse(target, str(e))
+            if self.current is None:
+                self._fall_back(exclude=target)
+            return
+        previous = self.current.version if self.current else None
+        self.current = new  # the swap: one reference assignment, atomic under the GIL
+        self.error = None
+        log.info("serving %s (was %s), loaded in %.2fs", new.version, previous, time.perf_counter() - t0)
+        self._write_status()
+
+    def _refuse(self, version: str | None, reason: str) -> None:
+        serving = self.current.version if self.current else None
+        log.error("refusing %s: %s; still serving %s", version or "the promoted version", reason, serving)
+        self.error = {"version": version, "reason": reason, "at": now_iso()}
+        self._write_status()
+
+    def _fall_back(self, exclude: str) -> None:
+        """A worker that starts while the promoted version is broken serves the last good one before it."""
+        chain = [e["version"] for e in reversed(self.store.history()) if e.get("version")]
+        for version in dict.fromkeys(v for v in chain if v != exclude):
+            try:
+                self.current = open_version(self.store, version, self.threads)
+            except Exception as e:  # noqa: BLE001
+                log.error("fallback %s does not load either: %s", version, e)
+                continue
+            log.warning("serving %s, the last good version before %s", version, exclude)
+            self._write_status()
+            return
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            self.refresh()
+
+    def _write_status(self) -> None:
+        status = {"pid": os.getpid(), "version": self.current.version if self.current else None,
+                  "loaded_at": self.current.loaded_at if self.current else None, "error": self.error,
+                  "updated": now_iso()}
+        try:
+            atomic_write_json(self.status_file, status)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.status_file, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.status_file.unlink(missing_ok=True)
+
+    # -- inference --------------------------------------------------------------------------------
+    def classify(self, items: list[dict]) -> list[dict]:
+        """items: {"name", "data" (bytes), "top_k", "threshold"}. One result per item, in order: a
+        prediction, or {"error": ...} for an image that cannot be decoded. Every result names the version."""
+        model = self.current  # read once: the whole batch runs on this version even if a swap happens now
+        if model is None:
+            reason = f" ({self.error['reason']})" if self.error else ""
+            raise ModelUnavailable(f"no model is loaded yet{reason}")
+
+        def decode(item: dict):
+            try:
+                return preprocess(item["data"], model.contract, name=item["name"])
+            except Exception as e:  # noqa: BLE001 - ImageError, decompression-bomb guard, anything PIL raises
+                msg = str(e)
+                return ValueError(msg if msg.startswith(item["name"]) else f"{item['name']}: {msg}")
+
+        arrays = (list(self._decode_pool.map(decode, items)) if len(items) > 1 else [decode(items[0])])
+        good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
+        probs = model.run(np.stack([arrays[i] for i in good])) if good else None
+        out: list[dict] = [{"error": str(a), "version": model.version} for a in arrays]
+        for row, i in enumerate(good):
+            out[i] = self._answer(model, probs[row], items[i]["top_k"], items[i]["threshold"])
+        return out
+
+    @staticmethod
+    def _answer(model: Loaded, p: np.ndarray, top_k: int, threshold: float) -> dict:
+        k = max(1, min(int(top_k), len(p)))
+        top = np.argpartition(-p, k - 1)[:k]
+        top = top[np.argsort(-p[top], kind="stable")]
+        names = model.labels
+        ranked = [{"label": names[i] if i < len(names) else f"class_{i}", "score": float(p[i])} for i in top]
+        best = ranked[0]
+        label = best["label"] if best["score"] >= threshold else "unknown"
+        return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
+
+
+def read_worker_status(home: Path) -> list[dict]:
+    """Status of every live model worker (files of dead processes are removed)."""
+    out = []
+    for f in sorted((home / "serving").glob("worker-*.json")):
+        try:
+            status = json.loads(f.read_text())
+            os.kill(int(status["pid"]), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            continue
+        except (OSError, ValueError, KeyError):
+            continue
+        out.append(status)
+    return out

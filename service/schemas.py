@@ -1,0 +1,156 @@
+"""Request and reply shapes. The type hints are the OpenAPI schema, so every field has a description."""
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from pathlib import Path
+from typing import Optional
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+
+from service import settings
+from training.config import TrainRequest
+
+
+class RequestError(BentoMLException):
+    """A client error with its HTTP status; raised while parsing, before the API function runs."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message, error_code=HTTPStatus(status))
+
+
+# --- predict --------------------------------------------------------------------------------------------
+
+class ScoredLabel(BaseModel):
+    label: str = Field(description="Class name.")
+    score: float = Field(description="Probability, 0..1.")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description='Best class, or "unknown" when its score is under the threshold.')
+    score: float = Field(description="Probability of the best class.")
+    top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
+    version: str = Field(description="The model version that answered.")
+
+
+class PredictOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: int = Field(settings.DEFAULT_TOP_K, ge=1, le=1000, description="How many classes to list per image.")
+    threshold: float = Field(settings.DEFAULT_THRESHOLD, ge=0.0, le=1.0, description='Best score under this '
+                             'answers "unknown".')
+
+
+class Upload(BaseModel):
+    name: str
+    data: bytes
+
+
+class PredictInput(bentoml.IODescriptor):
+    """multipart/form-data: one or more files in the field `images`, plus the options."""
+
+    images: list[Path] = Field(description="One or more image files (JPEG, PNG, WebP, BMP, GIF, TIFF).")
+    top_k: int = PredictOptions.model_fields["top_k"]
+    threshold: float = PredictOptions.model_fields["threshold"]
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        """Read the form ourselves: file names are kept for error messages, uploads stay in memory (no
+        temp files), and a text value in `images` is refused instead of being fetched as a URL."""
+        from starlette.exceptions import HTTPException
+        from starlette.formparsers import MultiPartException
+
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise RequestError(415, f"send multipart/form-data with image files in the field `images` "
+                                    f"(got {ctype or 'no content type'}); JSON clients use POST /predict_base64")
+        try:
+            form = await request.form(max_files=settings.MAX_IMAGES, max_fields=20)
+        except (MultiPartException, HTTPException) as e:
+            raise RequestError(400, f"malformed or oversized multipart form: {getattr(e, 'detail', e)}") from None
+        unknown = sorted(set(form.keys()) - {"images", "top_k", "threshold"})
+        if unknown:
+            raise RequestError(400, f"unknown form field(s) {unknown}; expected images, top_k, threshold")
+        files = form.getlist("images")
+        if not files:
+            raise RequestError(400, "no images: send one or more files in the multipart field `images`")
+        uploads = []
+        for i, f in enumerate(files):
+            if not isinstance(f, UploadFile):
+                raise RequestError(400, f"images[{i}] is a text value, not a file upload")
+            uploads.append(Upload(name=f.filename or f"images[{i}]", data=await f.read()))
+        options = {}
+        for key in ("top_k", "threshold"):
+            if key in form:
+                raw = form[key]
+                try:
+                    options[key] = json.loads(raw) if isinstance(raw, str) else raw
+                except json.JSONDecodeError:
+                    options[key] = raw
+        try:
+            opts = PredictOptions.model_validate(options)
+        except ValidationError as e:
+            raise RequestError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                              for x in e.errors())) from None
+        # Already validated above; construct skips the file-path coercion BentoML applies to `images`.
+        return cls.model_construct(images=uploads, top_k=opts.top_k, threshold=opts.threshold)
+
+
+class Base64Image(BaseModel):
+    data: str = Field(description="The image file's bytes, base64-encoded.")
+    name: Optional[str] = Field(None, description="A name to use in error messages (e.g. the file name).")
+
+
+# --- between the HTTP front and the model workers -------------------------------------------------------
+
+class ImageJob(BaseModel):
+    name: str
+    data: bytes
+    top_k: int
+    threshold: float
+
+
+class Classified(BaseModel):
+    version: str
+    label: Optional[str] = None
+    score: Optional[float] = None
+    top_k: list[ScoredLabel] = []
+    error: Optional[str] = None  # set instead of a prediction when the image cannot be decoded
+
+
+# --- retrain --------------------------------------------------------------------------------------------
+
+class RetrainFields(TrainRequest):
+    """The CLI's training request, minus what only makes sense on the server's own disk."""
+
+    @field_validator("weights")
+    @classmethod
+    def _no_local_files(cls, v):
+        if v is not None:
+            raise ValueError("weights is CLI only: the service does not read files named by a client")
+        return v
+
+    @field_validator("backbone", "note", mode="before")
+    @classmethod
+    def _text(cls, v):
+        # Form values arrive as text and are JSON-decoded when they can be, so note=2024 becomes a number.
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+class RetrainInput(RetrainFields):
+    """multipart/form-data with a `.zip` in `dataset` (one folder per class, optionally under train/ and
+    val/), or JSON/form with `data_path` under the server's data root; plus any training-request field."""
+
+    dataset: Optional[Path] = Field(None, description="The dataset as a .zip upload: one folder per class.")
+    data_path: Optional[str] = Field(None, description="Instead of an upload: a dataset folder or .zip "
+                                     "under the server's data root (REFIT_DATA_ROOT), relative to it.")
+
+
+class PromoteInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: str
+    reason: str = ""

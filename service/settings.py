@@ -1,0 +1,40 @@
+"""Service settings, read once from the environment. Each has a default that works on a 2-core machine.
+
+    REFIT_TOKEN=s3cret REFIT_WORKERS=2 bentoml serve service.service:Refit --port 3000
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def _float(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+TOKEN = os.environ.get("REFIT_TOKEN") or None  # bearer token for retrain/promote/rollback; unset = open
+PROTECT_PREDICT = os.environ.get("REFIT_PROTECT_PREDICT", "") in ("1", "true", "yes")  # token on predict too
+DATA_ROOT = Path(os.environ["REFIT_DATA_ROOT"]).resolve() if os.environ.get("REFIT_DATA_ROOT") else None
+
+WORKERS = _int("REFIT_WORKERS", 1)  # model worker processes; each one watches the promoted pointer
+ORT_THREADS = _int("REFIT_ORT_THREADS", max(1, CPUS // WORKERS))  # intra-op threads per model worker
+MAX_BATCH_SIZE = _int("REFIT_MAX_BATCH_SIZE", 16)  # adaptive batching: most images in one onnxruntime run
+# How long a queued image may wait before the batcher sheds it with a 503. Generous, because a retrain
+# running beside the model on the same cores slows every batch down and must not cost failed requests.
+MAX_LATENCY_MS = _int("REFIT_MAX_LATENCY_MS", 20_000)
+
+DEFAULT_TOP_K = _int("REFIT_TOP_K", 5)
+DEFAULT_THRESHOLD = _float("REFIT_THRESHOLD", 0.0)  # best score under this answers "unknown"
+MAX_IMAGES = _int("REFIT_MAX_IMAGES", 64)  # images per predict request
+MAX_REQUEST_MB = _float("REFIT_MAX_REQUEST_MB", 32)  # predict body size limit (413 above it)
+MAX_DATASET_MB = _float("REFIT_MAX_DATASET_MB", 1024)  # retrain upload size limit (413 above it)
+
+POLL_SECONDS = _float("REFIT_POLL_SECONDS", 0.5)  # how often each worker checks the promoted pointer
+# Training threads are capped below the core count so predictions keep a core while a retrain runs.
+TRAIN_THREADS = _int("REFIT_TRAIN_THREADS", max(1, CPUS - 1))

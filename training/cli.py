@@ -1,0 +1,158 @@
+"""The `refit` command line.
+
+    refit train ./photos [--strategy partial --epochs 8 ...] [--json]
+    refit versions | refit promote v0003 | refit rollback
+    refit predict cat.jpg [--version v0003] [--top-k 5]
+    refit backbones
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+
+from pydantic import ValidationError
+
+from training.config import TrainRequest
+
+
+def _add_request_options(p: argparse.ArgumentParser) -> None:
+    """Every TrainRequest field becomes a flag; pydantic validates the values, so CLI and HTTP agree."""
+    for name, f in TrainRequest.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = f.default
+        if f.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{f.description} (default: {default})")
+        else:
+            choices = None
+            if typing.get_origin(f.annotation) is typing.Literal:
+                choices = list(typing.get_args(f.annotation))
+            p.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=choices, metavar=None if choices
+                           else name.upper(), help=f"{f.description} (default: {default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="refit", description="Transfer-learning image classifiers: train, "
+                                 "version, promote, predict.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder (or .zip) of class folders")
+    t.add_argument("data", help="folder with one sub-folder per class (optionally under train/ and val/), or a .zip")
+    t.add_argument("--json", action="store_true", help="print one JSON summary as the last line of stdout")
+    _add_request_options(t)
+    sub.add_parser("versions", help="list versions, newest last").add_argument("--json", action="store_true")
+    pr = sub.add_parser("promote", help="serve VERSION")
+    pr.add_argument("version")
+    pr.add_argument("--reason", default="")
+    rb = sub.add_parser("rollback", help="go back to the previously promoted version")
+    rb.add_argument("--reason", default="")
+    pd = sub.add_parser("predict", help="classify images with a version's ONNX file")
+    pd.add_argument("images", nargs="+")
+    pd.add_argument("--version", default="promoted", help="version id, 'promoted' (default) or 'latest'")
+    pd.add_argument("--top-k", type=int, default=3)
+    pd.add_argument("--json", action="store_true")
+    sub.add_parser("backbones", help="list backbone names")
+    return ap
+
+
+def cmd_train(args) -> int:
+    from training.pipeline import train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainRequest.model_fields}
+    try:
+        request = TrainRequest.model_validate(fields)
+    except ValidationError as e:
+        print("refit: invalid training options:", file=sys.stderr)
+        for err in e.errors():
+            print(f"  --{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return 2
+    out = sys.stderr if args.json else sys.stdout
+    result = train(request, args.data, log=lambda msg: print(msg, file=out, flush=True))
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from training.store import Store
+
+    rows = Store().list_info()
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    if not rows:
+        print("no versions yet; run `refit train DATA`")
+    for r in rows:
+        acc = r.get("val_accuracy")
+        print(f"{'*' if r['promoted'] else ' '} {r['version']}  {r.get('created', ''):25s} "
+              f"{r.get('strategy', '?'):18s} val_acc {acc if acc is None else f'{acc:.4f}'}  "
+              f"classes {len(r.get('classes') or [])}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from training.export import read_contract, session
+    from training.preprocess import preprocess
+    from training.store import Store
+
+    store = Store()
+    version = store.resolve(args.version)
+    path = store.verify(version)
+    contract, sess = read_contract(path), session(path)
+    results = []
+    for img in args.images:
+        probs = sess.run(["probs"], {"input": preprocess(img, contract)[None]})[0][0]
+        top = np.argsort(-probs)[: args.top_k]
+        results.append({"image": img, "version": version,
+                        "top_k": [{"label": contract.class_names[i], "score": float(probs[i])} for i in top]})
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for r in results:
+            print(f"{r['image']} ({version}): " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"]))
+    return 0
+
+
+def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from training.data import DatasetError
+    from training.export import ExportError
+    from training.preprocess import ImageError
+    from training.registry import BackboneError, list_backbones
+    from training.store import Store, StoreError
+
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "versions":
+            return cmd_versions(args)
+        if args.command == "promote":
+            e = Store().promote(args.version, actor="cli", reason=args.reason)
+            print(f"promoted {e['version']} (was {e['previous']})")
+            return 0
+        if args.command == "rollback":
+            e = Store().rollback(actor="cli", reason=args.reason)
+            print(f"rolled back to {e['version']} (was {e['previous']})")
+            return 0
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "backbones":
+            print("\n".join(list_backbones()))
+            return 0
+    except (DatasetError, StoreError, BackboneError, ImageError, ExportError) as e:
+        print(f"refit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refit: interrupted; nothing was published", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""One training request, shared by `refit train` and the service's retrain endpoint.
+
+Unknown fields are rejected (extra="forbid"); the resolved request is saved with every version.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Strategy = Literal["auto", "feature_extraction", "partial", "full", "scratch"]
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    backbone: str = Field("efficientnet_lite0", description="Backbone name (see `refit backbones`).")
+    weights: Optional[str] = Field(None, description="Local state-dict file to use instead of the packaged "
+                                   "pretrained weights (CLI only).")
+    strategy: Strategy = Field("auto", description="feature_extraction: frozen backbone, new head; partial: "
+                               "unfreeze the last blocks; full: all layers; scratch: random init baseline; "
+                               "auto: choose from dataset size and validation results.")
+    epochs: int = Field(10, ge=1, le=300, description="Maximum fine-tuning epochs (partial/full/scratch).")
+    head_epochs: int = Field(200, ge=1, le=5000, description="Maximum epochs for fitting the head on cached "
+                             "features (feature_extraction, and the warm-up of partial/full).")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Learning rate of the new head.")
+    backbone_lr: float = Field(2e-4, gt=0, le=1.0, description="Learning rate of unfrozen backbone layers "
+                               "(kept lower than the head's so pretrained features are not destroyed).")
+    unfreeze_blocks: int = Field(4, ge=1, le=100, description="How many of the last backbone stages `partial` "
+                                 "trains.")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="AdamW weight decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1.0, description="Cross-entropy label smoothing.")
+    batch_size: int = Field(32, ge=1, le=1024, description="Images per optimisation step.")
+    image_size: Optional[int] = Field(None, ge=32, le=1024, description="Input crop size; default is the "
+                                      "backbone's own.")
+    augment: bool = Field(True, description="Random resized crop, flip and colour jitter while fine-tuning.")
+    val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
+                                "folder (stratified, seeded split).")
+    patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")
+    seed: int = Field(0, ge=0, description="Seed for the split, initialisation and augmentation.")
+    threads: Optional[int] = Field(None, ge=1, le=256, description="Torch CPU threads (default: all cores).")
+    promote: Union[Literal["auto"], bool] = Field("auto", description="auto: promote when at least as good as "
+                                                  "the promoted version on the new validation split (same "
+                                                  "classes) or above min_accuracy (new classes); true/false: "
+                                                  "always/never.")
+    min_accuracy: float = Field(0.7, ge=0, le=1, description="Accuracy a version with new classes needs for "
+                                "auto promotion.")
+    note: Optional[str] = Field(None, max_length=500, description="Free text stored with the version.")
+
+
+def field_help() -> dict[str, str]:
+    return {name: f.description or "" for name, f in TrainRequest.model_fields.items()}

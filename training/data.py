@@ -1,0 +1,189 @@
+"""Reading a customer's image folder (or .zip): checks, split and fingerprint, before any training.
+
+Layout: one sub-folder per class, optionally under train/ and val/. Unreadable images are listed and
+skipped; non-image files are ignored; too few classes or images is an error and nothing is trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import stat
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from training.preprocess import IMAGE_SUFFIXES, ImageError, load_image
+
+log = logging.getLogger("refit.data")
+
+MAX_ZIP_BYTES = 4 << 30  # uncompressed total a dataset archive may expand to
+MAX_ZIP_FILES = 200_000
+IMBALANCE_RATIO = 3.0  # largest / smallest class above this is reported
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on; the message says why and where."""
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    split: str  # "folders" (train/ and val/ given) or "seeded" (stratified split made here)
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    ignored: list[str] = field(default_factory=list)  # non-image files
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict:
+        def per(items):
+            c = Counter(y for _, y in items)
+            return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+        return {"train": per(self.train), "val": per(self.val)}
+
+    def fingerprint(self) -> dict:
+        """What was trained on: files, classes, counts and one content hash over every used file."""
+        h = hashlib.sha256()
+        files = []
+        for split, items in (("train", self.train), ("val", self.val)):
+            for p, y in sorted(items, key=lambda t: str(t[0])):
+                rel = p.relative_to(self.root).as_posix()
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                h.update(f"{split}\0{rel}\0{self.classes[y]}\0{digest}\n".encode())
+                files.append({"split": split, "path": rel, "class": self.classes[y], "sha256": digest})
+        return {"classes": self.classes, "counts": self.counts(), "num_files": len(files),
+                "content_hash": h.hexdigest(), "split": self.split, "skipped": self.skipped,
+                "ignored": len(self.ignored), "files": files}
+
+
+def safe_extract_zip(zip_path: Path | str, dest: Path | str) -> Path:
+    """Extract a dataset archive, refusing entries that would land outside `dest` (zip-slip),
+    absolute paths, symlinks, and archives that expand past MAX_ZIP_BYTES."""
+    zip_path, dest = Path(zip_path), Path(dest)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DatasetError(f"{zip_path.name}: not a valid .zip archive ({e})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_FILES:
+            raise DatasetError(f"{zip_path.name}: {len(infos)} entries is over the limit of {MAX_ZIP_FILES}")
+        total = 0
+        for info in infos:
+            name = info.filename
+            pp = PurePosixPath(name.replace("\\", "/"))
+            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in pp.parts:
+                raise DatasetError(f"{zip_path.name}: entry {name!r} points outside the archive (unsafe path)")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise DatasetError(f"{zip_path.name}: entry {name!r} is a symbolic link (not allowed)")
+            total += info.file_size
+            if total > MAX_ZIP_BYTES:
+                raise DatasetError(f"{zip_path.name}: expands to more than {MAX_ZIP_BYTES >> 20} MiB")
+        dest.mkdir(parents=True, exist_ok=True)
+        for info in infos:
+            if "__MACOSX" in info.filename.split("/"):
+                continue
+            zf.extract(info, dest)
+    return dest
+
+
+def _class_root(root: Path) -> Path:
+    """Descend through single wrapper folders (photos.zip -> photos/ -> classes)."""
+    while True:
+        entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        dirs = [p for p in entries if p.is_dir()]
+        files = [p for p in entries if p.is_file()]
+        if len(dirs) == 1 and not files and any(q.is_dir() for q in dirs[0].iterdir()):
+            root = dirs[0]
+        else:
+            return root
+
+
+def _scan_classes(folder: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        out[d.name] = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return out
+
+
+def _usable(files: list[Path], ds_skipped: list, ds_ignored: list) -> list[Path]:
+    good = []
+    for p in files:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            ds_ignored.append(str(p))
+            continue
+        try:
+            load_image(p)
+        except ImageError as e:
+            ds_skipped.append({"path": str(p), "reason": str(e).split(": ", 1)[-1]})
+            continue
+        good.append(p)
+    return good
+
+
+def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
+                 log_fn=log.info) -> Dataset:
+    """Check and split a dataset folder or .zip. `workdir` receives the extracted archive."""
+    data = Path(data)
+    if not data.exists():
+        raise DatasetError(f"{data}: no such file or folder")
+    if data.is_file():
+        if data.suffix.lower() != ".zip":
+            raise DatasetError(f"{data}: expected a folder of class sub-folders or a .zip of one")
+        workdir = Path(workdir or tempfile.mkdtemp(prefix="refit-data-"))
+        data = safe_extract_zip(data, workdir / "dataset")
+    root = _class_root(data)
+    skipped: list[dict] = []
+    ignored: list[str] = []
+    has_split = (root / "train").is_dir() and (root / "val").is_dir()
+    if has_split:
+        tr, va = _scan_classes(root / "train"), _scan_classes(root / "val")
+        if set(tr) != set(va):
+            raise DatasetError(f"{root}: train/ and val/ have different classes: "
+                               f"train {sorted(tr)}, val {sorted(va)}")
+        tr = {c: _usable(f, skipped, ignored) for c, f in tr.items()}
+        va = {c: _usable(f, skipped, ignored) for c, f in va.items()}
+        per_class = {c: tr[c] + va[c] for c in tr}
+    else:
+        per_class = {c: _usable(f, skipped, ignored) for c, f in _scan_classes(root).items()}
+    for s in skipped:
+        log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
+    if ignored:
+        log_fn(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
+    per_class = {c: f for c, f in per_class.items() if f or not has_split}
+    if len(per_class) < 2:
+        found = ", ".join(f"{c} ({len(f)} images)" for c, f in per_class.items()) or "none"
+        raise DatasetError(f"{root}: need at least 2 class folders with images, found {len(per_class)}: {found}. "
+                           "Put each class's images in its own sub-folder.")
+    small = {c: len(f) for c, f in per_class.items() if len(f) < 2}
+    if small:
+        raise DatasetError(f"{root}: every class needs at least 2 usable images; too few in: "
+                           + ", ".join(f"{c} ({n})" for c, n in small.items()))
+    classes = sorted(per_class)
+    idx = {c: i for i, c in enumerate(classes)}
+    if has_split:
+        empty_val = [c for c in classes if not va[c]]
+        if empty_val:
+            raise DatasetError(f"{root}: val/ has no usable images for class(es) {empty_val}")
+        train = [(p, idx[c]) for c in classes for p in tr[c]]
+        val = [(p, idx[c]) for c in classes for p in va[c]]
+    else:
+        rng = random.Random(seed)
+        train, val = [], []
+        for c in classes:
+            files = list(per_class[c])
+            rng.shuffle(files)
+            n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+            val += [(p, idx[c]) for p in files[:n_val]]
+            train += [(p, idx[c]) for p in files[n_val:]]
+    ds = Dataset(root, classes, train, val, "folders" if has_split else "seeded", skipped, ignored)
+    sizes = {c: len(per_class[c]) for c in classes}
+    if max(sizes.values()) > IMBALANCE_RATIO * min(sizes.values()):
+        ds.warnings.append(f"class imbalance: {sizes} (largest/smallest > {IMBALANCE_RATIO:g}); "
+                           "accuracy may flatter the large class, check per-class recall")
+        log_fn(ds.warnings[-1])
+    return ds

@@ -1,0 +1,122 @@
+"""ONNX export with the preprocessing contract inside, and the parity check that gates publishing."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from training.contract import Contract
+
+CONTRACT_KEY = "refit.contract"
+VERSION_KEY = "refit.version"
+PARITY_TOLERANCE = 1e-4  # max |prob_torch - prob_onnx| allowed before a version may be published
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+class WithSoftmax(nn.Module):
+    """The exported graph returns probabilities, so a client needs nothing but the file."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return torch.softmax(self.model(x), dim=1)
+
+
+def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, opset: int = 17) -> Path:
+    path = Path(path)
+    model.eval()
+    dummy = torch.zeros(2, 3, contract.input_size, contract.input_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: mature for CNNs, gives a single self-contained file with a dynamic batch.
+        torch.onnx.export(WithSoftmax(model), dummy, str(path), input_names=["input"], output_names=["probs"],
+                          dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    set_metadata(path, {CONTRACT_KEY: contract.to_json()})
+    return path
+
+
+def feature_session(bb, input_size: int, cache_dir: Path):
+    """An ONNX Runtime session of the frozen backbone up to the classifier's input, cached on disk by
+    backbone, input size and weights (so a changed weights file is never served stale features)."""
+    import copy
+    import hashlib
+
+    state_hash = hashlib.sha256()
+    for k, v in sorted(bb.model.state_dict().items()):
+        if not k.startswith(bb.classifier + "."):
+            state_hash.update(k.encode())
+            state_hash.update(v.detach().cpu().numpy().tobytes()[:4096])
+    path = Path(cache_dir) / f"features-{bb.name}-{input_size}-{state_hash.hexdigest()[:12]}.onnx"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = copy.deepcopy(bb.model).eval()
+        parent, _, attr = bb.classifier.rpartition(".")
+        setattr(body.get_submodule(parent) if parent else body, attr, nn.Identity())
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(body, torch.zeros(2, 3, input_size, input_size), str(tmp), input_names=["input"],
+                              output_names=["features"], dynamic_axes={"input": {0: "batch"}, "features": {0: "batch"}},
+                              opset_version=17, dynamo=False)
+        os.replace(tmp, path)
+    return session(path)
+
+
+def set_metadata(path: Path | str, items: dict[str, str]) -> None:
+    m = onnx.load(str(path))
+    props = {p.key: p.value for p in m.metadata_props}
+    props.update(items)
+    del m.metadata_props[:]
+    for k, v in sorted(props.items()):
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(path))
+
+
+def read_contract(path: Path | str) -> Contract:
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    if CONTRACT_KEY not in meta.custom_metadata_map:
+        raise ExportError(f"{path}: no {CONTRACT_KEY} metadata; not a Refit model file")
+    return Contract.from_json(meta.custom_metadata_map[CONTRACT_KEY])
+
+
+def session(path: Path | str, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([sess.run(["probs"], {"input": arrays[i:i + batch_size]})[0]
+                           for i in range(0, len(arrays), batch_size)])
+
+
+def verify_parity(path: Path | str, torch_probs: np.ndarray, arrays: np.ndarray,
+                  tolerance: float = PARITY_TOLERANCE) -> dict:
+    """ONNX Runtime must agree with PyTorch on the validation images: same top-1, max |Δprob| ≤ tolerance."""
+    onnx.checker.check_model(str(path))
+    ort_probs = run_onnx(session(path), arrays)
+    diff = float(np.abs(ort_probs - torch_probs).max()) if len(arrays) else 0.0
+    same = int((ort_probs.argmax(1) == torch_probs.argmax(1)).sum())
+    result = {"images": int(len(arrays)), "max_abs_prob_diff": diff, "top1_agree": same,
+              "tolerance": tolerance, "passed": same == len(arrays) and diff <= tolerance}
+    if not result["passed"]:
+        raise ExportError(f"ONNX parity check failed: top-1 agrees on {same}/{len(arrays)} images, "
+                          f"max |Δprob| {diff:.2e} (limit {tolerance:.0e}); nothing was published")
+    return result

@@ -1,0 +1,229 @@
+"""Fine-tuning modes as data, and the plain training functions.
+
+`feature_extraction` freezes the backbone and fits a new head on cached features (seconds);
+`partial` and `full` warm the head up the same way, then unfreeze the last stages or everything at a
+lower learning rate; `scratch` trains the same architecture from random initialisation as the baseline
+that shows what transfer buys.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from training.registry import Backbone, get_module
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    pretrained: bool  # start from ImageNet weights
+    trainable: str  # "head" | "last_n" | "all"
+    warmup: bool  # fit the head on cached features before unfreezing anything
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "feature_extraction": StrategySpec("feature_extraction", True, "head", False),
+    "partial": StrategySpec("partial", True, "last_n", True),
+    "full": StrategySpec("full", True, "all", True),
+    "scratch": StrategySpec("scratch", False, "all", False),
+}
+
+
+def apply_strategy(bb: Backbone, spec: StrategySpec, *, lr: float, backbone_lr: float,
+                   unfreeze_blocks: int, log: Callable = print) -> tuple[list[dict], dict]:
+    """Set requires_grad by strategy and return optimiser parameter groups plus a summary to record."""
+    model = bb.model
+    head = get_module(model, bb.classifier)
+    for p in model.parameters():
+        p.requires_grad_(spec.trainable == "all")
+    for p in head.parameters():
+        p.requires_grad_(True)
+    unfrozen: list[str] = []
+    if spec.trainable == "last_n":
+        unfrozen = bb.stages[-unfreeze_blocks:]
+        for name in unfrozen:
+            for p in get_module(model, name).parameters():
+                p.requires_grad_(True)
+    elif spec.trainable == "all":
+        unfrozen = list(bb.stages)
+    head_ids = {id(p) for p in head.parameters()}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    # From scratch there is nothing to protect, so the whole network takes the head's learning rate.
+    body_lr = lr if not spec.pretrained else backbone_lr
+    groups = [{"params": list(head.parameters()), "lr": lr, "name": "head"}]
+    if body:
+        groups.append({"params": body, "lr": body_lr, "name": "backbone"})
+    n_train = sum(p.numel() for g in groups for p in g["params"])
+    n_all = sum(p.numel() for p in model.parameters())
+    summary = {"strategy": spec.name, "trainable_params": n_train, "total_params": n_all,
+               "unfrozen_stages": unfrozen, "head_lr": lr, "backbone_lr": body_lr if body else 0.0}
+    log(f"{spec.name}: {n_train:,} of {n_all:,} parameters trainable"
+        + (f" ({len(unfrozen)} stages unfrozen: {unfrozen[0]} .. {unfrozen[-1]})" if unfrozen else " (head only)"))
+    return groups, summary
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """train() everywhere except BatchNorm layers whose weights are frozen: their running statistics
+    stay the pretrained ones, otherwise a small batch would overwrite ImageNet statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in m.parameters(recurse=False)):
+                m.eval()
+
+
+def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_size: int = 32,
+                     desc: str = "features") -> torch.Tensor:
+    """Penultimate features (the classifier's input) of preprocessed images, computed once per run.
+
+    The frozen backbone runs in ONNX Runtime, several times faster than eager PyTorch on a CPU, so
+    feature extraction takes seconds. The feature graph is exported once per backbone and input size
+    and kept in `cache_dir`."""
+    from training.export import feature_session
+
+    sess = feature_session(bb, arrays.shape[-1], cache_dir)
+    out = []
+    for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch"):
+        out.append(sess.run(None, {"input": arrays[i:i + batch_size]})[0])
+    return torch.from_numpy(np.concatenate(out))
+
+
+def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+             val_y: torch.Tensor, *, lr: float, weight_decay: float, label_smoothing: float, epochs: int,
+             batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print) -> list[dict]:
+    """Fit a linear head on cached features with early stopping on validation; best epoch restored."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    best, best_state, history, since = None, None, [], 0
+    t0 = time.time()
+    for epoch in range(1, epochs + 1):
+        head.train()
+        perm = torch.randperm(len(train_x), generator=g)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            x = F.dropout(train_x[idx], dropout, training=True)
+            loss = F.cross_entropy(head(x), train_y[idx], label_smoothing=label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        sched.step()
+        head.eval()
+        with torch.no_grad():
+            tr_logits, va_logits = head(train_x), head(val_x)
+        row = {"epoch": epoch, "phase": "head", "time": round(time.time() - t0, 3),
+               "train_loss": total / len(train_x),
+               "train_acc": (tr_logits.argmax(1) == train_y).float().mean().item(),
+               "val_loss": F.cross_entropy(va_logits, val_y).item(),
+               "val_acc": (va_logits.argmax(1) == val_y).float().mean().item()}
+        history.append(row)
+        key = (row["val_acc"], -row["val_loss"])
+        if best is None or key > best:
+            best, best_state, since = key, copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    head.load_state_dict(best_state)
+    b = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+    log(f"head: best epoch {b['epoch']}/{len(history)} val_acc {b['val_acc']:.4f} train_acc {b['train_acc']:.4f} "
+        f"({time.time() - t0:.1f}s)")
+    return history
+
+
+def train_one_epoch(model: nn.Module, criterion, optimizer, data_loader, epoch: int, *, scheduler=None,
+                    desc: str = "train") -> dict:
+    set_train_mode(model)
+    total, correct, seen, t0 = 0.0, 0, 0, time.time()
+    bar = tqdm(data_loader, desc=f"{desc} epoch {epoch}", leave=False, unit="batch")
+    for x, y in bar:
+        logits = model(x.contiguous(memory_format=torch.channels_last))
+        loss = criterion(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total / seen:.3f}")
+    return {"train_loss": total / seen, "train_acc": correct / seen, "train_seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, arrays: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict:
+    """Loss, accuracy and probabilities on preprocessed images (the exact serving preprocessing)."""
+    model.eval()
+    probs = []
+    for i in range(0, len(arrays), batch_size):
+        x = torch.from_numpy(arrays[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
+        probs.append(model(x).float().softmax(1))
+    p = torch.cat(probs)
+    y = torch.from_numpy(labels)
+    loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y).item()
+    return {"val_loss": loss, "val_acc": (p.argmax(1) == y).float().mean().item(), "probs": p.numpy()}
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Decoded images held in memory (decoded once at reduced size); the transform augments each draw."""
+
+    def __init__(self, images: list, labels: list[int], transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray, val_labels: np.ndarray, *,
+              epochs: int, batch_size: int, weight_decay: float, label_smoothing: float, patience: int,
+              seed: int, phase: str, log: Callable = print) -> list[dict]:
+    """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls."""
+    model = bb.model.to(memory_format=torch.channels_last)  # oneDNN is faster in NHWC on CPU
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
+                                         num_workers=0, drop_last=len(train_ds) > batch_size)
+    opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
+                            weight_decay=weight_decay)
+    steps = max(1, epochs * len(loader))
+    warm = min(len(loader), steps // 10 + 1)
+    # Short linear warm-up then cosine decay, per step: protects pretrained layers from the first noisy steps.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    best, best_state, since, history, t0 = None, None, 0, [], time.time()
+    for epoch in range(1, epochs + 1):
+        row = {"epoch": epoch, "phase": phase}
+        row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))
+        ev = evaluate(model, val_arrays, val_labels)
+        row.update(val_loss=ev["val_loss"], val_acc=ev["val_acc"], time=round(time.time() - t0, 3))
+        history.append(row)
+        key = (row["val_acc"], -row["val_loss"])
+        improved = best is None or key > best
+        log(f"{phase} epoch {epoch}/{epochs}  train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f}  "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  {row['train_seconds']:.1f}s"
+            + ("  *" if improved else ""))
+        if improved:
+            best, best_state, since = key, copy.deepcopy(model.state_dict()), 0
+        else:
+            since += 1
+            if since >= patience:
+                log(f"{phase}: early stop, no validation improvement for {patience} epochs")
+                break
+    model.load_state_dict(best_state)
+    return history

@@ -1,0 +1,287 @@
+"""`train(request, data)`: dataset checks -> fit by strategy -> metrics -> ONNX export -> parity check ->
+promotion decision -> publish (atomic) -> promote. Used by `refit train` and the service's retrain job.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from training.config import TrainRequest
+from training.contract import Contract
+from training.data import Dataset, load_dataset
+from training.export import CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
+    set_metadata, verify_parity
+from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
+    fine_tune, fit_head
+from training.metrics import classification_report, save_confusion_png, save_results_csv
+from training.preprocess import eval_array, load_image, preprocess, train_transform
+from training.registry import Backbone, create_backbone, get_module
+from training.store import Store, sha256_file
+
+# `auto`: below this many training images only the head is trained (unfreezing layers on so little data
+# mostly memorises it); from here on, partial fine-tuning is also tried and kept only if validation improves.
+AUTO_PARTIAL_MIN_IMAGES = 100
+# From here on there is enough data to move every layer: warm-up, then full fine-tuning is tried as well.
+AUTO_FULL_MIN_IMAGES = 5000
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    """What one training run shares between strategies: the data, decoded once, and cached features."""
+
+    def __init__(self, request: TrainRequest, ds: Dataset, log: Callable, cache_dir: Path):
+        self.request, self.ds, self.log, self.cache_dir = request, ds, log, cache_dir
+        probe = create_backbone(request.backbone, num_classes=None, pretrained=False)
+        contract = probe.contract
+        if request.image_size:
+            contract = contract.with_input_size(request.image_size)
+        self.contract = contract.with_classes(ds.classes)
+        t0 = time.time()
+        # Decode each image once (at reduced JPEG scale, exactly as serving does) and keep it in memory.
+        self.train_images = [load_image(p, self.contract) for p, _ in ds.train]
+        self.train_labels = [y for _, y in ds.train]
+        self.val_arrays = np.stack([preprocess(p, self.contract) for p, _ in ds.val])
+        self.val_labels = np.array([y for _, y in ds.val], dtype=np.int64)
+        self.train_arrays = np.stack([eval_array(im, self.contract) for im in self.train_images])
+        # Training crops are taken from a copy no larger than needed, which keeps augmentation cheap.
+        self.aug_images = [_shrink(im, self.contract.resize_size) for im in self.train_images]
+        log(f"decoded {len(self.train_images)} train + {len(self.val_arrays)} val images in {time.time() - t0:.1f}s")
+        self._features = None
+
+    def features(self, bb: Backbone):
+        """Frozen pretrained features of train (plus mirrored copies) and val images, computed once."""
+        if self._features is None:
+            t0 = time.time()
+            flipped = np.ascontiguousarray(self.train_arrays[..., ::-1])
+            cache = self.cache_dir
+            tr = extract_features(bb, np.concatenate([self.train_arrays, flipped]), cache, desc="features train")
+            va = extract_features(bb, self.val_arrays, cache, desc="features val")
+            ty = torch.tensor(self.train_labels * 2)
+            self._features = (tr, ty, va, torch.from_numpy(self.val_labels))
+            self.log(f"cached features {tuple(tr.shape)} + {tuple(va.shape)} in {time.time() - t0:.1f}s")
+        return self._features
+
+    def backbone(self, pretrained: bool) -> Backbone:
+        bb = create_backbone(self.request.backbone, num_classes=len(self.ds.classes), pretrained=pretrained,
+                             weights=self.request.weights if pretrained else None)
+        return bb
+
+    def run(self, name: str, start: Backbone | None = None) -> tuple[Backbone, list[dict], dict]:
+        """Train one strategy. `start` continues from an already warmed-up model (used by auto)."""
+        r, spec = self.request, STRATEGIES[name]
+        seed_everything(r.seed)
+        t0 = time.time()
+        bb = copy.deepcopy(start) if start is not None else self.backbone(spec.pretrained)
+        groups, summary = apply_strategy(bb, spec, lr=r.lr, backbone_lr=r.backbone_lr,
+                                         unfreeze_blocks=min(r.unfreeze_blocks, len(bb.stages)), log=self.log)
+        history: list[dict] = []
+        if start is None and (spec.trainable == "head" or spec.warmup):
+            tr, ty, va, vy = self.features(bb)
+            history += fit_head(get_module(bb.model, bb.classifier), tr, ty, va, vy, lr=r.lr,
+                                weight_decay=r.weight_decay, label_smoothing=r.label_smoothing,
+                                epochs=r.head_epochs, batch_size=r.batch_size, seed=r.seed, log=self.log)
+        if spec.trainable != "head":
+            ds = ImageListDataset(self.aug_images, self.train_labels, train_transform(self.contract, r.augment))
+            history += fine_tune(bb, groups, ds, self.val_arrays, self.val_labels, epochs=r.epochs,
+                                 batch_size=r.batch_size, weight_decay=r.weight_decay,
+                                 label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
+                                 phase=name, log=self.log)
+        summary["seconds"] = round(time.time() - t0, 2)
+        return bb, history, summary
+
+
+def _shrink(im, size: int):
+    w, h = im.size
+    s = size / min(w, h)
+    return im if s >= 1 else im.resize((max(1, round(w * s)), max(1, round(h * s))))
+
+
+def choose_and_train(run: Run, log: Callable) -> tuple[Backbone, str, list[dict], dict]:
+    """Train the requested strategy, or for `auto` decide from the data and validation and say why."""
+    r = run.request
+    if r.strategy != "auto":
+        bb, hist, summary = run.run(r.strategy)
+        return bb, r.strategy, hist, {"strategy": r.strategy, "reason": "requested", "candidates": {}}
+    n = len(run.ds.train)
+    bb, hist, summary = run.run("feature_extraction")
+    fe = evaluate(bb.model, run.val_arrays, run.val_labels)
+    candidates = {"feature_extraction": {"val_acc": fe["val_acc"], "val_loss": fe["val_loss"],
+                                         "seconds": summary["seconds"]}}
+    best = ("feature_extraction", bb, hist, fe)
+    if n < AUTO_PARTIAL_MIN_IMAGES:
+        reason = f"{n} training images < {AUTO_PARTIAL_MIN_IMAGES}: head only (feature extraction)"
+    else:
+        tries = ["partial"] + (["full"] if n >= AUTO_FULL_MIN_IMAGES else [])
+        for name in tries:
+            log(f"auto: {n} training images, trying {name} fine-tuning from the feature-extraction head")
+            bb2, hist2, s2 = run.run(name, start=bb)
+            ev = evaluate(bb2.model, run.val_arrays, run.val_labels)
+            candidates[name] = {"val_acc": ev["val_acc"], "val_loss": ev["val_loss"], "seconds": s2["seconds"]}
+            if (ev["val_acc"], -ev["val_loss"]) > (best[3]["val_acc"], -best[3]["val_loss"]):
+                best = (name, bb2, hist + hist2, ev)
+        reason = (f"{n} training images: tried {', '.join(candidates)}; kept {best[0]} "
+                  f"(best validation accuracy, then loss)")
+    log(f"auto: {reason}")
+    return best[1], best[0], best[2], {"strategy": best[0], "reason": reason, "candidates": candidates}
+
+
+def evaluate_onnx_on(path: Path, ds: Dataset) -> float:
+    """Accuracy of an existing version on this dataset's validation split, with that version's contract."""
+    contract = read_contract(path)
+    arrays = np.stack([preprocess(p, contract) for p, _ in ds.val])
+    probs = run_onnx(session(path), arrays)
+    names = list(contract.class_names)
+    pred = [names[i] for i in probs.argmax(1)]
+    return float(np.mean([pred[i] == ds.classes[y] for i, (_, y) in enumerate(ds.val)]))
+
+
+def promotion_decision(request: TrainRequest, store: Store, ds: Dataset, val_acc: float) -> dict:
+    current = store.promoted()
+    d = {"policy": request.promote, "new_val_accuracy": val_acc, "current_version": current,
+         "current_val_accuracy": None}
+    if request.promote is True or request.promote is False:
+        return {**d, "promote": request.promote, "reason": "requested by the training request"}
+    if current is None:
+        return {**d, "promote": True, "reason": "no version is promoted yet"}
+    cur_path = store.verify(current)
+    cur_classes = list(read_contract(cur_path).class_names)
+    if cur_classes == ds.classes:
+        cur_acc = evaluate_onnx_on(cur_path, ds)
+        d["current_val_accuracy"] = cur_acc
+        ok = val_acc >= cur_acc
+        why = (f"same classes: new {val_acc:.4f} {'>=' if ok else '<'} promoted {current} {cur_acc:.4f} "
+               "on the new validation split")
+        return {**d, "promote": ok, "reason": why}
+    ok = val_acc >= request.min_accuracy
+    why = (f"classes differ from {current}: new {val_acc:.4f} {'>=' if ok else '<'} "
+           f"min_accuracy {request.min_accuracy:.2f}")
+    return {**d, "promote": ok, "reason": why}
+
+
+def train(request: TrainRequest, data: str | Path, *, store: Store | None = None, actor: str = "cli",
+          log: Callable = print) -> dict:
+    t_start = time.time()
+    store = store or Store()
+    if request.threads:
+        torch.set_num_threads(request.threads)
+    seed_everything(request.seed)
+    parent = store.promoted()
+    with tempfile.TemporaryDirectory(prefix="refit-run-") as tmp:
+        tmp = Path(tmp)
+        ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=tmp, log_fn=log)
+        counts = ds.counts()
+        log(f"dataset {ds.root}: {len(ds.classes)} classes {ds.classes}, {len(ds.train)} train / {len(ds.val)} val "
+            f"({ds.split} split), {len(ds.skipped)} skipped")
+        run = Run(request, ds, log, store.home / "cache")
+        t_fit = time.time()
+        bb, strategy, history, auto = choose_and_train(run, log)
+        train_seconds = time.time() - t_fit
+        ev = evaluate(bb.model, run.val_arrays, run.val_labels)
+        report = classification_report(run.val_labels, ev["probs"].argmax(1), ds.classes)
+        onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx")
+        parity = verify_parity(onnx_path, ev["probs"], run.val_arrays)
+        # Once parity holds, the (much faster) ONNX Runtime gives the train accuracy for the gap figure.
+        train_acc = float((run_onnx(session(onnx_path), run.train_arrays).argmax(1)
+                           == np.array(run.train_labels)).mean())
+        log(f"onnx parity: top-1 agrees on {parity['top1_agree']}/{parity['images']}, "
+            f"max |Δprob| {parity['max_abs_prob_diff']:.2e}")
+        decision = promotion_decision(request, store, ds, report["accuracy"])
+        metrics = {
+            "val_accuracy": report["accuracy"], "train_accuracy": train_acc,
+            "train_val_gap": train_acc - report["accuracy"], "val_loss": ev["val_loss"],
+            "per_class": report["per_class"], "macro_f1": report["macro_f1"],
+            "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
+            "strategy": strategy, "auto": auto, "parity": parity, "train_seconds": round(train_seconds, 2),
+            "history": history, "counts": counts, "skipped": ds.skipped, "warnings": ds.warnings,
+            "promotion": decision,
+        }
+        config = {**request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
+            run.contract.to_json()), "train_images": len(ds.train), "val_images": len(ds.val)}}
+        for name, obj in (("metrics.json", metrics), ("config.json", config), ("dataset.json", ds.fingerprint())):
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
+        save_results_csv(history, tmp / "results.csv")
+        save_confusion_png(report["confusion_matrix"], ds.classes, tmp / "confusion_matrix.png",
+                           f"{strategy}: val acc {report['accuracy']:.3f}")
+        files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", "dataset.json", "results.csv",
+                                      "confusion_matrix.png")}
+        version = _publish(store, files, run.contract, {
+            "strategy": strategy, "backbone": request.backbone, "parent": parent, "classes": ds.classes,
+            "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
+            "parity_max_abs_diff": parity["max_abs_prob_diff"], "promotion": decision, "actor": actor,
+            "dataset_hash": ds.fingerprint()["content_hash"], "note": request.note or ""})
+    log(f"published {version}: {strategy}, val_accuracy {report['accuracy']:.4f}, train {train_seconds:.1f}s")
+    promoted = False
+    if decision["promote"]:
+        store.promote(version, actor=actor, reason=decision["reason"])
+        promoted = True
+        log(f"promoted {version} ({decision['reason']})")
+    else:
+        log(f"not promoted: {decision['reason']}")
+    return {"version": version, "strategy": strategy, "val_accuracy": report["accuracy"],
+            "train_seconds": round(train_seconds, 2), "total_seconds": round(time.time() - t_start, 2),
+            "promoted": promoted, "promotion": decision, "parity": parity, "classes": ds.classes,
+            "train_val_gap": metrics["train_val_gap"], "auto": auto, "skipped": ds.skipped,
+            "warnings": ds.warnings, "metrics": {k: metrics[k] for k in ("val_accuracy", "train_accuracy",
+                                                                          "macro_f1", "per_class")}}
+
+
+def _publish(store: Store, files: dict[str, Path], contract: Contract, meta: dict) -> str:
+    """Publish atomically; the version id is written into the ONNX file and its checksum recorded."""
+    onnx_file = files["model.onnx"]
+
+    def stamp(version: str) -> dict:
+        set_metadata(onnx_file, {VERSION_KEY: version, CONTRACT_KEY: contract.to_json()})
+        digest = sha256_file(onnx_file)
+        return {"onnx_sha256": digest, "serving_file": "model.onnx", "serving_sha256": digest,
+                "num_classes": len(contract.class_names)}
+
+    return store.publish(files, meta, labels={"strategy": meta.get("strategy", ""),
+                                              "backbone": meta.get("backbone", "")}, stamp=stamp)
+
+
+def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str | None:
+    """On an empty store, publish and promote the pretrained backbone with its 1000-class ImageNet head,
+    so a fresh service answers at once. Returns the new version, or None when versions already exist."""
+    import fcntl
+
+    store = store or Store()
+    with open(store.home / ".bootstrap.lock", "a") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)  # several workers may start together; one bootstraps
+        if store.versions():
+            if store.promoted() is None:
+                store.promote(store.versions()[-1], actor="bootstrap", reason="nothing was promoted")
+            return None
+        bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
+        contract = bb.contract.with_classes(bb.imagenet_classes)
+        with tempfile.TemporaryDirectory(prefix="refit-boot-") as tmp:
+            tmp = Path(tmp)
+            path = export_onnx(bb.model, contract, tmp / "model.onnx")
+            rng = np.random.default_rng(0)
+            arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)
+            with torch.no_grad():
+                probs = torch.softmax(bb.model(torch.from_numpy(arrays)), 1).numpy()
+            parity = verify_parity(path, probs, arrays)
+            (tmp / "metrics.json").write_text(json.dumps({"parity": parity, "strategy": "pretrained",
+                                                          "note": "ImageNet-1k head, no customer data"}))
+            (tmp / "config.json").write_text(json.dumps({"backbone": "efficientnet_lite0", "strategy": "pretrained"}))
+            version = _publish(store, {"model.onnx": path, "metrics.json": tmp / "metrics.json",
+                                       "config.json": tmp / "config.json"}, contract,
+                               {"strategy": "pretrained", "backbone": "efficientnet_lite0", "parent": None,
+                                "classes": ["<imagenet-1k>"], "val_accuracy": None, "actor": "bootstrap",
+                                "parity_max_abs_diff": parity["max_abs_prob_diff"]})
+        store.promote(version, actor="bootstrap", reason="first start: pretrained ImageNet model")
+        log(f"bootstrapped {version}: efficientnet_lite0 with its ImageNet head")
+        return version

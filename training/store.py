@@ -1,0 +1,255 @@
+"""Versions in BentoML's model store, and the promoted pointer beside it.
+
+Each version is one immutable store entry `refit:vNNNN` holding model.onnx, config.json, metrics.json,
+results.csv, dataset.json and confusion_matrix.png. It is built in a staging store and renamed into
+place, so a crash at any point leaves either the whole version or nothing. "promoted" is a small JSON
+file replaced atomically; every promote and rollback is appended to its history.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from training.paths import refit_home
+
+MODEL_NAME = "refit"
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class StoreError(Exception):
+    pass
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: Path, data) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    def __init__(self, home: Path | str | None = None):
+        self.home = Path(home).resolve() if home else refit_home()
+        if home:
+            os.environ["BENTOML_HOME"] = str(self.home)
+        self.models_dir = self.home / "models" / MODEL_NAME
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        self.pointer = self.home / "promoted.json"
+
+    # -- locking -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """One writer at a time across processes (CLI, service workers, retrain jobs)."""
+        with open(self.home / ".refit.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def versions(self) -> list[str]:
+        """Version ids in creation order; only complete entries (model.yaml present) count."""
+        out = []
+        for p in self.models_dir.iterdir() if self.models_dir.exists() else []:
+            if _VERSION_RE.match(p.name) and (p / "model.yaml").is_file():
+                out.append(p.name)
+        return sorted(out, key=lambda v: int(v[1:]))
+
+    def path(self, version: str) -> Path:
+        version = self.resolve(version)
+        return self.models_dir / version
+
+    def resolve(self, version: str) -> str:
+        """Accepts vNNNN, refit:vNNNN, 'latest' and 'promoted'."""
+        v = version.split(":", 1)[1] if version.startswith(f"{MODEL_NAME}:") else version
+        if v == "latest":
+            vs = self.versions()
+            if not vs:
+                raise StoreError("the store has no versions yet; run `refit train DATA` first")
+            return vs[-1]
+        if v == "promoted":
+            p = self.promoted()
+            if p is None:
+                raise StoreError("no version is promoted; run `refit promote VERSION`")
+            return p
+        if v not in self.versions():
+            raise StoreError(f"unknown version {version!r}; known: {', '.join(self.versions()) or 'none'}")
+        return v
+
+    def info(self, version: str) -> dict:
+        """The version's metadata (as stored in BentoML's model.yaml) plus its metrics file."""
+        import bentoml
+
+        v = self.resolve(version)
+        m = bentoml.models.get(f"{MODEL_NAME}:{v}")
+        info = dict(m.info.metadata)
+        info.update(version=v, tag=str(m.tag), path=str(m.path),
+                    created=info.get("created") or m.info.creation_time.isoformat(timespec="seconds"))
+        metrics = Path(m.path) / "metrics.json"
+        if metrics.is_file():
+            info["metrics"] = json.loads(metrics.read_text())
+        return info
+
+    def onnx_path(self, version: str, precision: str | None = None) -> Path:
+        p = self.path(version)
+        if precision == "int8" and (p / "model.int8.onnx").is_file():
+            return p / "model.int8.onnx"
+        return p / "model.onnx"
+
+    def verify(self, version: str) -> Path:
+        """Checksum the ONNX file against the one recorded at publish time; returns its path."""
+        info = self.info(version)
+        path = Path(info["path"]) / info.get("serving_file", "model.onnx")
+        if not path.is_file():
+            raise StoreError(f"{version}: {path.name} is missing")
+        want = info.get("serving_sha256") or info.get("onnx_sha256")
+        if want and sha256_file(path) != want:
+            raise StoreError(f"{version}: checksum mismatch for {path.name} (file changed since publish)")
+        return path
+
+    # -- promoted pointer --------------------------------------------------------------------------
+    def _pointer(self) -> dict:
+        if not self.pointer.is_file():
+            return {"version": None, "history": []}
+        return json.loads(self.pointer.read_text())
+
+    def promoted(self) -> str | None:
+        return self._pointer().get("version")
+
+    def history(self) -> list[dict]:
+        return self._pointer().get("history", [])
+
+    def promote(self, version: str, *, actor: str = "cli", reason: str = "") -> dict:
+        """Point serving at `version` after checking its file loads; recorded in the history."""
+        with self.lock():
+            v = self.resolve(version)
+            path = self.verify(v)
+            check_loadable(path)
+            state = self._pointer()
+            event = {"action": "promote", "version": v, "previous": state.get("version"), "at": now_iso(),
+                     "actor": actor, "reason": reason}
+            state["version"] = v
+            state.setdefault("history", []).append(event)
+            atomic_write_json(self.pointer, state)
+            return event
+
+    def rollback(self, *, actor: str = "cli", reason: str = "") -> dict:
+        """Go back to the version that was promoted before the current one."""
+        with self.lock():
+            state = self._pointer()
+            current = state.get("version")
+            if current is None:
+                raise StoreError("nothing is promoted, so there is nothing to roll back")
+            chain = [e["version"] for e in state.get("history", []) if e["action"] in ("promote", "rollback")]
+            # Walk the promotion chain backwards, skipping the current version and any since-deleted one.
+            target = next((v for v in reversed(chain[:-1]) if v != current and v in self.versions()), None)
+            if target is None:
+                raise StoreError(f"{current} is the first promoted version; there is no earlier one")
+            check_loadable(self.verify(target))
+            event = {"action": "rollback", "version": target, "previous": current, "at": now_iso(),
+                     "actor": actor, "reason": reason}
+            state["version"] = target
+            state["history"].append(event)
+            atomic_write_json(self.pointer, state)
+            return event
+
+    # -- writing -----------------------------------------------------------------------------------
+    def publish(self, files: dict[str, Path], metadata: dict, labels: dict | None = None,
+                stamp: Callable[[str], dict] | None = None) -> str:
+        """Create the next version from files (name in the entry -> source path). All or nothing.
+        `stamp(version)` runs under the lock once the id is known (to write it into the files) and
+        returns extra metadata."""
+        import bentoml
+        from bentoml._internal.models import ModelStore
+
+        with self.lock():
+            tmp_root = self.home / "tmp"
+            tmp_root.mkdir(exist_ok=True)
+            # Anything left in staging while we hold the lock belongs to a crashed publish.
+            for stale in tmp_root.glob("staging-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            existing = self.versions()
+            partial = [p for p in self.models_dir.glob("v*") if p.is_dir() and p.name not in existing]
+            for p in partial:
+                shutil.rmtree(p, ignore_errors=True)
+            n = max([int(v[1:]) for v in existing] + [int(p.name[1:]) for p in partial
+                                                        if _VERSION_RE.match(p.name)] + [0]) + 1
+            version = f"v{n:04d}"
+            staging = tmp_root / f"staging-{uuid.uuid4().hex}"
+            extra = stamp(version) if stamp else {}
+            # BentoML's metadata takes basic types only; absent values (None) are left out.
+            metadata = _drop_none({**metadata, **extra, "version": version, "created": now_iso()})
+            with bentoml.models.create(f"{MODEL_NAME}:{version}", labels=labels or {}, metadata=metadata,
+                                       _model_store=ModelStore(staging)) as m:
+                for name, src in files.items():
+                    shutil.copyfile(src, m.path_of(name))
+            built = staging / MODEL_NAME / version
+            for f in built.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            os.rename(built, self.models_dir / version)  # the commit point
+            tmp_latest = self.models_dir / f".latest.{uuid.uuid4().hex}"
+            tmp_latest.write_text(version)
+            os.replace(tmp_latest, self.models_dir / "latest")
+            shutil.rmtree(staging, ignore_errors=True)
+            return version
+
+    def list_info(self) -> list[dict]:
+        promoted = self.promoted()
+        out = []
+        for v in self.versions():
+            try:
+                i = self.info(v)
+            except Exception as e:  # noqa: BLE001 - a damaged entry is listed, not fatal
+                i = {"version": v, "error": str(e)}
+            i["promoted"] = v == promoted
+            out.append(i)
+        return out
+
+
+def _drop_none(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj if v is not None]
+    return obj
+
+
+def check_loadable(path: Path) -> None:
+    """A version is only promoted when onnxruntime can open it."""
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        raise StoreError(f"{path} does not load in onnxruntime: {e}") from None
+
+
