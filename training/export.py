@@ -34,12 +34,14 @@ class WithSoftmax(nn.Module):
 
 def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, opset: int = 17) -> Path:
     path = Path(path)
+    # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
+    # recursively, which would otherwise leave the caller's model in training mode.
     model.eval()
     dummy = torch.zeros(2, 3, contract.input_size, contract.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: mature for CNNs, gives a single self-contained file with a dynamic batch.
-        torch.onnx.export(WithSoftmax(model), dummy, str(path), input_names=["input"], output_names=["probs"],
+        torch.onnx.export(WithSoftmax(model).eval(), dummy, str(path), input_names=["input"], output_names=["probs"],
                           dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}}, opset_version=opset,
                           dynamo=False)
     set_metadata(path, {CONTRACT_KEY: contract.to_json()})

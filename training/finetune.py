@@ -93,7 +93,7 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
 
     sess = feature_session(bb, arrays.shape[-1], cache_dir)
     out = []
-    for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch"):
+    for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch", disable=None):
         out.append(sess.run(None, {"input": arrays[i:i + batch_size]})[0])
     return torch.from_numpy(np.concatenate(out))
 
@@ -147,7 +147,7 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, data_loader, epoch: 
                     desc: str = "train") -> dict:
     set_train_mode(model)
     total, correct, seen, t0 = 0.0, 0, 0, time.time()
-    bar = tqdm(data_loader, desc=f"{desc} epoch {epoch}", leave=False, unit="batch")
+    bar = tqdm(data_loader, desc=f"{desc} epoch {epoch}", leave=False, unit="batch", disable=None)
     for x, y in bar:
         logits = model(x.contiguous(memory_format=torch.channels_last))
         loss = criterion(logits, y)
@@ -192,7 +192,7 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray, val_labels: np.ndarray, *,
               epochs: int, batch_size: int, weight_decay: float, label_smoothing: float, patience: int,
-              seed: int, phase: str, log: Callable = print) -> list[dict]:
+              seed: int, phase: str, warm_started: bool = False, log: Callable = print) -> list[dict]:
     """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls."""
     model = bb.model.to(memory_format=torch.channels_last)  # oneDNN is faster in NHWC on CPU
     g = torch.Generator().manual_seed(seed)
@@ -207,6 +207,11 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     best, best_state, since, history, t0 = None, None, 0, [], time.time()
+    if warm_started:
+        # The warmed-up head is the point to beat: fine-tuning that only hurts validation is undone.
+        ev = evaluate(model, val_arrays, val_labels)
+        best, best_state = (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict())
+        log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}")
     for epoch in range(1, epochs + 1):
         row = {"epoch": epoch, "phase": phase}
         row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))

@@ -98,7 +98,7 @@ class Run:
             history += fine_tune(bb, groups, ds, self.val_arrays, self.val_labels, epochs=r.epochs,
                                  batch_size=r.batch_size, weight_decay=r.weight_decay,
                                  label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
-                                 phase=name, log=self.log)
+                                 phase=name, warm_started=spec.pretrained, log=self.log)
         summary["seconds"] = round(time.time() - t0, 2)
         return bb, history, summary
 
