@@ -34,6 +34,8 @@ class TrainRequest(BaseModel):
     image_size: Optional[int] = Field(None, ge=32, le=1024, description="Input crop size; default is the "
                                       "backbone's own.")
     augment: bool = Field(True, description="Random resized crop, flip and colour jitter while fine-tuning.")
+    int8: bool = Field(True, description="Also export a static INT8 model (calibrated on training images); it "
+                       "is served when its validation accuracy is within 1 point of FP32.")
     val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
                                 "folder (stratified, seeded split).")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")

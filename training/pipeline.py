@@ -198,6 +198,9 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
                            == np.array(run.train_labels)).mean())
         log(f"onnx parity: top-1 agrees on {parity['top1_agree']}/{parity['images']}, "
             f"max |Δprob| {parity['max_abs_prob_diff']:.2e}")
+        int8 = None
+        if request.int8:
+            int8 = _try_int8(onnx_path, tmp / "model.int8.onnx", run, report["accuracy"], log)
         decision = promotion_decision(request, store, ds, report["accuracy"])
         metrics = {
             "val_accuracy": report["accuracy"], "train_accuracy": train_acc,
@@ -206,7 +209,7 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
             "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
             "strategy": strategy, "auto": auto, "parity": parity, "train_seconds": round(train_seconds, 2),
             "history": history, "counts": counts, "skipped": ds.skipped, "warnings": ds.warnings,
-            "promotion": decision,
+            "promotion": decision, "int8": int8,
         }
         config = {**request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
             run.contract.to_json()), "train_images": len(ds.train), "val_images": len(ds.val)}}
@@ -216,12 +219,13 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
         save_confusion_png(report["confusion_matrix"], ds.classes, tmp / "confusion_matrix.png",
                            f"{strategy}: val acc {report['accuracy']:.3f}")
         files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", "dataset.json", "results.csv",
-                                      "confusion_matrix.png")}
+                                      "confusion_matrix.png", "model.int8.onnx") if (tmp / n).is_file()}
         version = _publish(store, files, run.contract, {
             "strategy": strategy, "backbone": request.backbone, "parent": parent, "classes": ds.classes,
             "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
             "parity_max_abs_diff": parity["max_abs_prob_diff"], "promotion": decision, "actor": actor,
-            "dataset_hash": ds.fingerprint()["content_hash"], "note": request.note or ""})
+            "dataset_hash": ds.fingerprint()["content_hash"], "note": request.note or "",
+            "precision": "int8" if int8 and int8["chosen"] else "fp32"})
     log(f"published {version}: {strategy}, val_accuracy {report['accuracy']:.4f}, train {train_seconds:.1f}s")
     promoted = False
     if decision["promote"]:
@@ -242,14 +246,38 @@ def _publish(store: Store, files: dict[str, Path], contract: Contract, meta: dic
     """Publish atomically; the version id is written into the ONNX file and its checksum recorded."""
     onnx_file = files["model.onnx"]
 
+    int8_file = files.get("model.int8.onnx")
+
     def stamp(version: str) -> dict:
-        set_metadata(onnx_file, {VERSION_KEY: version, CONTRACT_KEY: contract.to_json()})
+        for f in filter(None, (onnx_file, int8_file)):
+            set_metadata(f, {VERSION_KEY: version, CONTRACT_KEY: contract.to_json()})
         digest = sha256_file(onnx_file)
-        return {"onnx_sha256": digest, "serving_file": "model.onnx", "serving_sha256": digest,
+        serving = int8_file if int8_file is not None and meta.get("precision") == "int8" else onnx_file
+        return {"onnx_sha256": digest, "serving_file": serving.name, "serving_sha256": sha256_file(serving),
                 "num_classes": len(contract.class_names)}
 
     return store.publish(files, meta, labels={"strategy": meta.get("strategy", ""),
                                               "backbone": meta.get("backbone", "")}, stamp=stamp)
+
+
+def _try_int8(fp32_path: Path, out: Path, run: Run, fp32_acc: float, log: Callable) -> dict:
+    """Quantize, measure on validation, and choose INT8 for serving only within 1 point of FP32."""
+    from training.quantize import MAX_ACCURACY_DROP, calibration_sample, quantize_int8
+
+    t0 = time.time()
+    try:
+        quantize_int8(fp32_path, out, calibration_sample(run.train_arrays, run.request.seed))
+    except Exception as e:  # noqa: BLE001 - INT8 is an optimisation; FP32 is still published
+        log(f"int8: quantization failed ({e}); serving FP32")
+        out.unlink(missing_ok=True)
+        return {"chosen": False, "reason": f"quantization failed: {e}"}
+    acc = float((run_onnx(session(out), run.val_arrays).argmax(1) == run.val_labels).mean())
+    chosen = fp32_acc - acc <= MAX_ACCURACY_DROP
+    reason = (f"int8 val_acc {acc:.4f} vs fp32 {fp32_acc:.4f}: "
+              + ("within 1 point, serving int8" if chosen else "more than 1 point lower, serving fp32"))
+    log(f"int8: {reason} ({time.time() - t0:.1f}s)")
+    return {"chosen": chosen, "val_accuracy": acc, "fp32_val_accuracy": fp32_acc, "reason": reason,
+            "seconds": round(time.time() - t0, 2)}
 
 
 def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str | None:
