@@ -22,7 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
-from training.preprocess import IMAGE_SUFFIXES
+from training.data import check_layout
 from training.store import atomic_write_json, now_iso
 
 log = logging.getLogger("refit.jobs")
@@ -87,13 +87,20 @@ class Jobs:
             return None
         return fd
 
+    def busy(self) -> bool:
+        fd = self._try_lock()
+        if fd is None:
+            return True
+        os.close(fd)
+        return False
+
     def admit(self, *, request: dict, source: dict, actor: str) -> dict:
         """Create a queued job and hold the lock for it, or refuse with 409 while another one runs."""
         fd = self._try_lock()
         if fd is None:
             running = self.active()
             raise AdmissionError(409, "busy: a retrain is already running; submit again when it has finished",
-                                 job=_public(running) if running else None)
+                                 job=public(running) if running else None)
         try:
             self._fail_stale()  # we hold the lock, so any job still marked active has lost its worker
             job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -161,7 +168,16 @@ class Jobs:
                                                         stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env,
                                                         cwd=str(PACKAGE_ROOT))
             self.update(job_id, pid=proc.pid)
-            rc = await proc.wait()
+            try:
+                rc = await proc.wait()
+            except asyncio.CancelledError:
+                # The request that ran this job went away (a client that called POST /retrain and hung up,
+                # or a worker shutting down): stop training too, or it would run on unaccounted for.
+                proc.kill()
+                await asyncio.shield(proc.wait())
+                self.update(job_id, status="failed", finished=now_iso(),
+                            error={"status": 499, "message": "the request running this job was cancelled"})
+                raise
         seconds = round(time.monotonic() - t0, 2)
         if (d / "result.json").is_file():
             job = self.update(job_id, status="succeeded", finished=now_iso(), seconds=seconds,
@@ -181,7 +197,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _public(job: dict) -> dict:
+def public(job: dict) -> dict:
     """What a client sees of a job (the log stays on the server)."""
     keys = ("id", "task_id", "status", "created", "started", "finished", "seconds", "actor", "source",
             "request", "result", "error")
@@ -189,27 +205,8 @@ def _public(job: dict) -> dict:
 
 
 def looks_like_dataset(root: Path) -> str | None:
-    """Cheap layout check before queueing: at least two class folders holding image files. The training
-    process does the thorough check (every image decoded); this only catches a wrong archive at once."""
-    def classes_in(folder: Path) -> list[str]:
-        return [d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
-                and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file())]
-
-    base = root
-    while True:  # descend through single wrapper folders, as training.data does
-        entries = [p for p in base.iterdir() if not p.name.startswith((".", "__MACOSX"))]
-        dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and not any(p.is_file() for p in entries):
-            base = dirs[0]
-            continue
-        break
-    if (base / "train").is_dir():
-        base = base / "train"
-    found = classes_in(base)
-    if len(found) < 2:
-        return (f"not a dataset: expected one folder per class with images inside (at least 2 classes), "
-                f"found {len(found)} class folder(s) with images{': ' + ', '.join(found) if found else ''}")
-    return None
+    """Catch a wrong archive at submit time; the training process does the thorough check."""
+    return check_layout(root)
 
 
 # --- the training process ------------------------------------------------------------------------------
@@ -248,7 +245,12 @@ def run_job(job_dir: Path) -> int:
         result = train(request, job["data"], store=Store(), actor=job.get("actor", "api"),
                        log=lambda msg: print(msg, flush=True))
     except DatasetError as e:
-        atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {e}"})
+        # Paths in the message are shown relative to what the client sent, not as server paths.
+        msg = str(e)
+        for root in (job_dir / "data", os.environ.get("REFIT_DATA_ROOT")):
+            if root:
+                msg = msg.replace(f"{root}{os.sep}", "").replace(str(root), ".")
+        atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {msg}"})
         print(f"dataset error: {e}", flush=True)
         return 3
     except Exception as e:  # noqa: BLE001 - reported to the client; the traceback goes to the log

@@ -115,6 +115,7 @@ class ModelHolder:
             self._refuse(None, f"cannot read {self.store.pointer.name}: {e}")
             return
         if target is None or (self.current is not None and self.current.version == target):
+            self.error = None  # the pointer is back on a version this worker serves: nothing is refused
             self._write_status()
             return
         try:

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-from http import HTTPStatus
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import bentoml
-from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
@@ -15,11 +13,22 @@ from service import settings
 from training.config import TrainRequest
 
 
-class RequestError(BentoMLException):
-    """A client error with its HTTP status; raised while parsing, before the API function runs."""
+class BodyTooLarge(Exception):
+    """Raised by the size guard's receive wrapper when a body without Content-Length passes the limit."""
 
+
+class RequestError(Exception):
     def __init__(self, status: int, message: str):
-        super().__init__(message, error_code=HTTPStatus(status))
+        super().__init__(message)
+        self.status = status
+
+
+class Rejected(NamedTuple):
+    """A request refused while parsing. It is handed to the API function, which answers with it, because
+    an exception raised here would be logged by BentoML as a server error with a full traceback."""
+
+    status: int
+    message: str
 
 
 # --- predict --------------------------------------------------------------------------------------------
@@ -60,6 +69,13 @@ class PredictInput(bentoml.IODescriptor):
     async def from_http_request(cls, request, serde):
         """Read the form ourselves: file names are kept for error messages, uploads stay in memory (no
         temp files), and a text value in `images` is refused instead of being fetched as a URL."""
+        try:
+            return await cls._parse(request)
+        except RequestError as e:
+            return cls.model_construct(images=Rejected(e.status, str(e)))
+
+    @classmethod
+    async def _parse(cls, request):
         from starlette.exceptions import HTTPException
         from starlette.formparsers import MultiPartException
 
@@ -68,15 +84,22 @@ class PredictInput(bentoml.IODescriptor):
             raise RequestError(415, f"send multipart/form-data with image files in the field `images` "
                                     f"(got {ctype or 'no content type'}); JSON clients use POST /predict_base64")
         try:
-            form = await request.form(max_files=settings.MAX_IMAGES, max_fields=20)
+            form = await request.form(max_files=settings.MAX_IMAGES + 1, max_fields=20)
+        except BodyTooLarge:
+            raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
         except (MultiPartException, HTTPException) as e:
-            raise RequestError(400, f"malformed or oversized multipart form: {getattr(e, 'detail', e)}") from None
+            detail = str(getattr(e, "detail", None) or getattr(e, "message", None) or e)
+            if "too many files" in detail.lower():
+                raise RequestError(400, f"too many images: the limit is {settings.MAX_IMAGES} per request") from None
+            raise RequestError(400, f"malformed multipart form: {detail}") from None
         unknown = sorted(set(form.keys()) - {"images", "top_k", "threshold"})
         if unknown:
             raise RequestError(400, f"unknown form field(s) {unknown}; expected images, top_k, threshold")
         files = form.getlist("images")
         if not files:
             raise RequestError(400, "no images: send one or more files in the multipart field `images`")
+        if len(files) > settings.MAX_IMAGES:
+            raise RequestError(400, f"{len(files)} images is over the limit of {settings.MAX_IMAGES} per request")
         uploads = []
         for i, f in enumerate(files):
             if not isinstance(f, UploadFile):
@@ -144,7 +167,8 @@ class RetrainInput(RetrainFields):
     """multipart/form-data with a `.zip` in `dataset` (one folder per class, optionally under train/ and
     val/), or JSON/form with `data_path` under the server's data root; plus any training-request field."""
 
-    dataset: Optional[Path] = Field(None, description="The dataset as a .zip upload: one folder per class.")
+    # Path with a None default: BentoML 1.4 cannot build a schema for Optional[Path].
+    dataset: Path = Field(None, description="The dataset as a .zip upload: one folder per class.")
     data_path: Optional[str] = Field(None, description="Instead of an upload: a dataset folder or .zip "
                                      "under the server's data root (REFIT_DATA_ROOT), relative to it.")
 

@@ -24,7 +24,9 @@ DATA_ROOT = Path(os.environ["REFIT_DATA_ROOT"]).resolve() if os.environ.get("REF
 
 WORKERS = _int("REFIT_WORKERS", 1)  # model worker processes; each one watches the promoted pointer
 ORT_THREADS = _int("REFIT_ORT_THREADS", max(1, CPUS // WORKERS))  # intra-op threads per model worker
-MAX_BATCH_SIZE = _int("REFIT_MAX_BATCH_SIZE", 16)  # adaptive batching: most images in one onnxruntime run
+# Adaptive batching: most images in one onnxruntime run. On 2 cores EfficientNet-Lite0 runs about twice
+# as fast per image at batch 8 as at batch 1, and slower again at 32 (bench/results/model.json).
+MAX_BATCH_SIZE = _int("REFIT_MAX_BATCH_SIZE", 8)
 # How long a queued image may wait before the batcher sheds it with a 503. Generous, because a retrain
 # running beside the model on the same cores slows every batch down and must not cost failed requests.
 MAX_LATENCY_MS = _int("REFIT_MAX_LATENCY_MS", 20_000)

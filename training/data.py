@@ -91,7 +91,7 @@ def safe_extract_zip(zip_path: Path | str, dest: Path | str) -> Path:
     return dest
 
 
-def _class_root(root: Path) -> Path:
+def class_root(root: Path) -> Path:
     """Descend through single wrapper folders (photos.zip -> photos/ -> classes)."""
     while True:
         entries = [p for p in root.iterdir() if not p.name.startswith((".", "__MACOSX"))]
@@ -101,6 +101,20 @@ def _class_root(root: Path) -> Path:
             root = dirs[0]
         else:
             return root
+
+
+def check_layout(root: Path) -> str | None:
+    """Cheap layout check (no image is decoded): at least two class folders holding image files.
+    Returns a message naming the problem, or None. `load_dataset` does the thorough check."""
+    base = class_root(Path(root))
+    if (base / "train").is_dir():
+        base = base / "train"
+    found = [d.name for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
+             and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.rglob("*") if f.is_file())]
+    if len(found) < 2:
+        return (f"not a dataset: expected one folder per class with images inside (at least 2 classes), "
+                f"found {len(found)} class folder(s) with images{': ' + ', '.join(found) if found else ''}")
+    return None
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
@@ -136,7 +150,7 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
             raise DatasetError(f"{data}: expected a folder of class sub-folders or a .zip of one")
         workdir = Path(workdir or tempfile.mkdtemp(prefix="refit-data-"))
         data = safe_extract_zip(data, workdir / "dataset")
-    root = _class_root(data)
+    root = class_root(data)
     skipped: list[dict] = []
     ignored: list[str] = []
     has_split = (root / "train").is_dir() and (root / "val").is_dir()

@@ -105,10 +105,12 @@ class Store:
 
     def info(self, version: str) -> dict:
         """The version's metadata (as stored in BentoML's model.yaml) plus its metrics file."""
-        import bentoml
+        from bentoml._internal.models import ModelStore
 
         v = self.resolve(version)
-        m = bentoml.models.get(f"{MODEL_NAME}:{v}")
+        # This store, not BentoML's global one: inside a bento, BentoML points the global store at the
+        # bento's packed models, and retrained versions live under REFIT_HOME.
+        m = ModelStore(self.home / "models").get(f"{MODEL_NAME}:{v}")
         info = dict(m.info.metadata)
         info.update(version=v, tag=str(m.tag), path=str(m.path),
                     created=info.get("created") or m.info.creation_time.isoformat(timespec="seconds"))

@@ -1,0 +1,367 @@
+"""Refit's BentoML service: predict with the promoted model, list and promote versions, retrain over HTTP.
+
+    bentoml serve service.service:Refit --port 3000        # or: make serve
+
+Two services, as in BentoML's YOLO example: `Refit` is the HTTP front (parsing, validation, admin
+routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adaptive batching. Each
+`Classifier` worker watches the promoted pointer and swaps versions without a restart.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bentoml
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse as FastJSON
+from pydantic import Field
+from starlette.responses import JSONResponse
+
+from service import settings
+from service.guard import JOB_HEADER, Guard
+from service.jobs import PACKAGE_ROOT, Jobs, public
+from service.model import ModelHolder, ModelUnavailable, read_worker_status
+from service.schemas import Base64Image, Classified, ImageJob, PredictInput, Prediction, Rejected, RetrainInput
+
+log = logging.getLogger("refit.service")
+# BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
+logging.getLogger("refit").setLevel(logging.INFO)
+
+_jobs: Jobs | None = None
+
+
+def jobs() -> Jobs:
+    """One Jobs per process, shared by the middleware (admission) and the retrain task (running)."""
+    global _jobs
+    if _jobs is None:
+        from training.paths import refit_home
+
+        _jobs = Jobs(refit_home())
+    return _jobs
+
+
+def error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _packed_model():
+    """The version promoted now, declared as the service's model so that `bentoml build` packs it into the
+    bento. Declared only when BentoML's model store has it, so a start never fails over it; serving itself
+    always follows the promoted pointer, not this declaration."""
+    from training.paths import refit_home
+
+    try:
+        version = json.loads((refit_home() / "promoted.json").read_text()).get("version")
+        return bentoml.models.BentoModel(bentoml.models.get(f"refit:{version}").tag) if version else None
+    except (OSError, ValueError, BentoMLException):
+        return None
+
+
+# BentoML's client for a dependency replaces its HTTP session every `max_requests` calls or `max_age`
+# seconds by closing the old one, which drops the calls still in flight on it ("Server disconnected").
+# Between two processes on one machine there is nothing to rebalance, so the session is kept.
+_KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
+
+
+# The front logs every request already; an access line per internal classify call would double the log.
+@bentoml.service(name="refit-classifier", workers=settings.WORKERS, traffic={"timeout": 60},
+                 runner_connection=_KEEP_SESSION, logging={"access": {"enabled": False}})
+class Classifier:
+    """Model workers: decode + preprocess with the model's own contract, then one onnxruntime run per batch."""
+
+    packed = _packed_model()
+
+    def __init__(self) -> None:
+        from training.store import Store
+
+        self.holder = ModelHolder(Store(), threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
+
+    @bentoml.api(batchable=True, max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS)
+    def classify(self, images: list[ImageJob]) -> list[Classified]:
+        """Classify a batch of encoded images; a bad image gets an error entry, not a failed batch."""
+        items = [{"name": i.name, "data": i.data, "top_k": i.top_k, "threshold": i.threshold} for i in images]
+        try:
+            return self.holder.classify(items)
+        except ModelUnavailable as e:
+            raise ServiceUnavailable(str(e)) from None
+
+    def __is_ready__(self) -> bool:
+        return self.holder.current is not None
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.holder.close()
+
+
+admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@bentoml.asgi_app(admin, path="/")
+@bentoml.service(name="refit", traffic={"timeout": 3600}, workers=1)
+class Refit:
+    """Image classification with versioned transfer-learned models: predict, list/promote/rollback
+    versions, and retrain on an uploaded dataset. Retrain, promote and rollback need
+    `Authorization: Bearer $REFIT_TOKEN` when the server has a token."""
+
+    classifier = bentoml.depends(Classifier)
+
+    def __init__(self) -> None:
+        import prometheus_client as prom  # here, not at import: the worker has set up multiprocess metrics
+
+        from training.store import Store
+
+        self.store = Store()
+        self.jobs = jobs()
+        self.jobs.recover()
+        self.m_predictions = prom.Counter("refit_predictions", "Images classified, by version and label",
+                                          ["version", "label"])
+        self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
+        self.m_retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
+                                                buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
+
+    @bentoml.on_deployment
+    def prepare() -> None:
+        """Once per `bentoml serve`, before workers start: give an empty store its first model, and record
+        jobs that a previous run of the server left unfinished as failed."""
+        from training.paths import refit_home
+        from training.store import Store
+
+        home = refit_home()
+        Jobs(home).recover()
+        _drop_stale_task_journal()
+        if Store(home).promoted() is None:
+            _seed_from_bento(Store(home))
+        if Store(home).promoted() is None:
+            log.info("no promoted version in %s: publishing the pretrained ImageNet model", home)
+            # In a child process, so this process (the server's supervisor) never holds torch in memory.
+            code = "from training.pipeline import bootstrap_imagenet; bootstrap_imagenet()"
+            done = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, env={**os.environ})
+            if done.returncode != 0:
+                log.error("bootstrap failed (exit %s); the service starts without a model until a retrain "
+                          "or promote", done.returncode)
+
+    # -- predict ---------------------------------------------------------------------------------
+    @bentoml.api(route="/predict", input_spec=PredictInput)
+    async def predict(self, images: list, top_k: int, threshold: float) -> list[Prediction]:
+        """Classify one or more images uploaded as multipart/form-data in the field `images`."""
+        if isinstance(images, Rejected):
+            return error(images.status, images.message)
+        return await self._classify([(u.name, u.data) for u in images], top_k, threshold)
+
+    @bentoml.api(route="/predict_base64")
+    async def predict_base64(
+        self,
+        images: list[Base64Image] = Field(description="Images as base64 strings, with optional names."),
+        top_k: int = Field(settings.DEFAULT_TOP_K, ge=1, le=1000, description="Classes to list per image."),
+        threshold: float = Field(settings.DEFAULT_THRESHOLD, ge=0, le=1, description='Best score under this '
+                                 'answers "unknown".'),
+    ) -> list[Prediction]:
+        """The same as /predict for clients that cannot send multipart: JSON with base64-encoded images."""
+        if not images:
+            return error(400, "no images: send one or more base64 images in `images`")
+        if len(images) > settings.MAX_IMAGES:
+            return error(400, f"{len(images)} images is over the limit of {settings.MAX_IMAGES} per request")
+        decoded = []
+        for i, im in enumerate(images):
+            name = im.name or f"images[{i}]"
+            try:
+                decoded.append((name, base64.b64decode(im.data, validate=True)))
+            except (binascii.Error, ValueError):
+                return error(400, f"{name}: not valid base64")
+        return await self._classify(decoded, top_k, threshold)
+
+    async def _classify(self, files: list[tuple[str, bytes]], top_k: int, threshold: float):
+        if len(files) > settings.MAX_IMAGES:
+            return error(400, f"{len(files)} images is over the limit of {settings.MAX_IMAGES} per request")
+        jobs_ = [ImageJob(name=n, data=d, top_k=top_k, threshold=threshold) for n, d in files]
+        for attempt in range(3):
+            try:
+                results = await self.classifier.to_async.classify(jobs_)
+            except aiohttp.ClientConnectionError as e:
+                # A pooled connection the model worker had just closed; classify has no side effects.
+                if attempt == 2:
+                    return error(503, f"model workers unreachable: {e}")
+                continue
+            except BentoMLException as e:
+                status = int(getattr(e, "error_code", 503))
+                return error(503 if status >= 500 else status, f"model workers unavailable: {e}")
+            results = [r if isinstance(r, dict) else r.model_dump() for r in results]
+            bad = [r["error"] for r in results if r.get("error")]
+            if bad:
+                return error(400, "; ".join(bad))
+            if len({r["version"] for r in results}) == 1:
+                break
+            # A large request was split over two batches and a new version arrived in between: ask again,
+            # so one reply never mixes versions.
+        for r in results:
+            self.m_predictions.labels(version=r["version"], label=r["label"]).inc()
+        return [Prediction(label=r["label"], score=r["score"], top_k=r["top_k"], version=r["version"])
+                for r in results]
+
+    # -- versions --------------------------------------------------------------------------------
+    @admin.get("/versions")
+    def versions(self) -> dict[str, Any]:
+        """Every version (id, created, strategy, metrics), which one is promoted, and what each model
+        worker serves, with the reason when a worker refused a version."""
+        promoted = self.store.promoted()
+        rows = [_version_row(i) for i in self.store.list_info()]
+        workers = read_worker_status(self.store.home)
+        refusals = [w["error"] for w in workers if w.get("error")] + _refusals(self.store.home)
+        return {"promoted": promoted, "versions": rows, "serving": workers, "refused": refusals}
+
+    @bentoml.api(route="/promote")
+    def promote(self, version: str = Field(description="Version id, e.g. v0003."),
+                reason: str = Field("", max_length=500, description="Why; kept in the promotion history.")
+                ) -> dict[str, Any]:
+        """Serve `version`: its checksum and loadability are checked first; every worker follows within
+        seconds."""
+        from training.store import StoreError
+
+        if version not in self.store.versions():
+            return error(404, f"unknown version {version!r}; known: {', '.join(self.store.versions()) or 'none'}")
+        try:
+            event = self.store.promote(version, actor="api", reason=reason)
+        except StoreError as e:
+            _record_refusal(self.store.home, version, str(e))
+            return error(409, f"refused: {e}")
+        return {"promoted": event["version"], "previous": event["previous"], "event": event}
+
+    @bentoml.api(route="/rollback")
+    def rollback(self, reason: str = Field("", max_length=500, description="Why; kept in the history.")
+                 ) -> dict[str, Any]:
+        """Go back to the version promoted before the current one."""
+        from training.store import StoreError
+
+        try:
+            event = self.store.rollback(actor="api", reason=reason)
+        except StoreError as e:
+            return error(409, f"refused: {e}")
+        return {"promoted": event["version"], "previous": event["previous"], "event": event}
+
+    # -- retrain ---------------------------------------------------------------------------------
+    @bentoml.task(route="/retrain", input_spec=RetrainInput)
+    async def retrain(self, ctx: bentoml.Context, **_fields) -> dict[str, Any]:
+        """Train a new version on the dataset and publish it; the result names the version, its metrics
+        and the promotion decision. Use /retrain/submit, then /retrain/status and /retrain/get."""
+        # The admission middleware validated the request, unpacked the data and created the job.
+        job_id = ctx.request.headers.get(JOB_HEADER)
+        if not job_id or not self.jobs.holds(job_id):
+            ctx.response.status_code = 409
+            return error(409, "this retrain was not admitted (use POST /retrain/submit)")
+        try:
+            job = await self.jobs.run(job_id, train_threads=settings.TRAIN_THREADS)
+        finally:
+            self.jobs.release(job_id)
+        self.m_retrains.labels(status=job["status"]).inc()
+        if job.get("seconds") is not None:
+            self.m_retrain_seconds.observe(job["seconds"])
+        if job["status"] == "succeeded":
+            return {"job_id": job_id, **job["result"]}
+        err = job.get("error") or {}
+        status = int(err.get("status") or 500)
+        ctx.response.status_code = status  # BentoML applies the context's status to a returned Response
+        return error(status, err.get("message") or "training failed", job_id=job_id)
+
+    @admin.get("/jobs")
+    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Retrain jobs, newest first; their state survives restarts (an interrupted job shows as failed)."""
+        return [public(j) for j in self.jobs.list(limit=max(1, min(limit, 500)))]
+
+    @admin.get("/jobs/{job_id}")
+    def get_job(self, job_id: str):
+        """One retrain job."""
+        try:
+            return public(self.jobs.get(job_id))
+        except KeyError:
+            return FastJSON({"error": f"no job {job_id!r}"}, status_code=404)
+
+    # -- health and metrics ----------------------------------------------------------------------
+    def __is_ready__(self) -> bool:
+        return self.store.promoted() is not None
+
+    def __metrics__(self, content: str) -> str:
+        lines = ["# HELP refit_promoted_version_info The promoted version.",
+                 "# TYPE refit_promoted_version_info gauge"]
+        promoted = self.store.promoted()
+        if promoted:
+            lines.append(f'refit_promoted_version_info{{version="{promoted}"}} 1')
+        lines += ["# HELP refit_worker_version_info The version each model worker serves.",
+                  "# TYPE refit_worker_version_info gauge"]
+        for w in read_worker_status(self.store.home):
+            lines.append(f'refit_worker_version_info{{pid="{w["pid"]}",version="{w.get("version")}"}} 1')
+        return content + "\n".join(lines) + "\n"
+
+
+Refit.add_asgi_middleware(Guard, jobs=jobs)
+
+
+def _seed_from_bento(store) -> None:
+    """In a container whose store volume is still empty, start from the version packed into the bento."""
+    bento = Refit.bento
+    if bento is None or store.versions():
+        return
+    for info in bento.info.all_models:
+        src = Path(bento.path) / "models" / info.tag.name / info.tag.version
+        if info.tag.name == "refit" and (src / "model.yaml").is_file():
+            shutil.copytree(src, store.models_dir / info.tag.version)
+            store.promote(info.tag.version, actor="bootstrap", reason="packed in the bento")
+            log.info("seeded %s from the bento", info.tag.version)
+            return
+
+
+def _drop_stale_task_journal() -> None:
+    """BentoML deletes its task database at start but not the database's WAL journal; after a crash the
+    orphaned journal makes the new database fail with "disk I/O error" and the server cannot start."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    db = BentoMLContainer.result_store_file.get()
+    if db != ":memory:":
+        for suffix in ("-wal", "-shm", "-journal"):
+            try:
+                os.remove(db + suffix)
+            except FileNotFoundError:
+                pass
+
+
+def _version_row(info: dict) -> dict:
+    metrics = info.get("metrics") or {}
+    summary = {k: metrics[k] for k in ("val_accuracy", "train_accuracy", "macro_f1", "val_loss", "train_val_gap",
+                                       "train_seconds") if k in metrics}
+    if "val_accuracy" not in summary and info.get("val_accuracy") is not None:
+        summary["val_accuracy"] = info["val_accuracy"]
+    row = {"id": info["version"], "created": info.get("created"), "strategy": info.get("strategy"),
+           "backbone": info.get("backbone"), "classes": info.get("classes"), "num_classes": info.get("num_classes"),
+           "metrics": summary, "promoted": info.get("promoted", False), "promotion": info.get("promotion"),
+           "parent": info.get("parent"), "note": info.get("note")}
+    if info.get("error"):
+        row["error"] = info["error"]
+    return row
+
+
+def _refusals_file(home):
+    return home / "serving" / "refused.json"
+
+
+def _refusals(home) -> list[dict]:
+    try:
+        return json.loads(_refusals_file(home).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _record_refusal(home, version: str, reason: str) -> None:
+    from training.store import atomic_write_json, now_iso
+
+    log.error("promotion of %s refused: %s", version, reason)
+    atomic_write_json(_refusals_file(home), (_refusals(home) + [{"version": version, "reason": reason,
+                                                                 "at": now_iso()}])[-20:])
