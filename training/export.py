@@ -99,8 +99,8 @@ def session(path: Path | str, threads: int | None = None):
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
+    # Follow torch's thread cap (set from the request), so a retrain beside the service stays within it.
+    so.intra_op_num_threads = threads or torch.get_num_threads()
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 

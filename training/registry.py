@@ -56,6 +56,8 @@ def create_backbone(name: str, num_classes: int | None = None, pretrained: bool 
         _load_local(bb.model, Path(weights))
     if num_classes is not None:
         replace_head(bb, num_classes)
+    elif bb.imagenet_classes is None and pretrained and weights is None:
+        bb.imagenet_classes = imagenet_categories()
     return bb
 
 
@@ -115,8 +117,9 @@ def efficientnet_lite0(pretrained: bool = True) -> Backbone:
     contract = Contract(input_size=224, resize_size=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                         interpolation="bicubic")
     stages = ["_conv_stem", "_bn0"] + [f"_blocks.{i}" for i in range(len(model._blocks))] + ["_conv_head", "_bn1"]
-    return Backbone("efficientnet_lite0", model, contract, "_fc", stages,
-                    imagenet_categories() if pretrained else None)
+    # The ImageNet labels are looked up only when the 1000-class head is kept (see create_backbone):
+    # torchvision's model registry takes seconds to import.
+    return Backbone("efficientnet_lite0", model, contract, "_fc", stages, None)
 
 
 # --- torchvision's ImageNet models through its weights API ---------------------------------------

@@ -126,15 +126,18 @@ class Store:
         return p / "model.onnx"
 
     def verify(self, version: str) -> Path:
-        """Checksum the ONNX file against the one recorded at publish time; returns its path."""
+        """Checksum the version's ONNX files against those recorded at publish time; returns the path of
+        the file to serve (FP32, or INT8 when it was chosen)."""
         info = self.info(version)
-        path = Path(info["path"]) / info.get("serving_file", "model.onnx")
-        if not path.is_file():
-            raise StoreError(f"{version}: {path.name} is missing")
-        want = info.get("serving_sha256") or info.get("onnx_sha256")
-        if want and sha256_file(path) != want:
-            raise StoreError(f"{version}: checksum mismatch for {path.name} (file changed since publish)")
-        return path
+        root = Path(info["path"])
+        serving = root / info.get("serving_file", "model.onnx")
+        checks = {root / "model.onnx": info.get("onnx_sha256"), serving: info.get("serving_sha256")}
+        for path, want in checks.items():
+            if not path.is_file():
+                raise StoreError(f"{version}: {path.name} is missing")
+            if want and sha256_file(path) != want:
+                raise StoreError(f"{version}: checksum mismatch for {path.name} (file changed since publish)")
+        return serving
 
     # -- promoted pointer --------------------------------------------------------------------------
     def _pointer(self) -> dict:

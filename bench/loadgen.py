@@ -1,0 +1,125 @@
+"""An asyncio + httpx load generator for `POST /predict`: one real JPEG per request, 127.0.0.1 only,
+bounded by both a request count and a time limit.
+
+Closed loop (`closed_loop`): N clients each send their next request as soon as the last one is answered;
+this finds the throughput at a concurrency. Open loop (`open_loop`): requests start on a fixed schedule
+whatever the server does, and latency counts from the scheduled start, so a server that falls behind is
+charged for the queue it builds (no coordinated omission).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+from bench.common import percentile
+
+
+@dataclass
+class Level:
+    mode: str  # "closed" or "open"
+    concurrency: int | None = None
+    rate: float | None = None  # requests/s offered (open loop)
+    ok: int = 0
+    errors: int = 0
+    error_kinds: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    latencies_ms: list = field(default_factory=list, repr=False)
+
+    @property
+    def throughput(self) -> float:
+        return self.ok / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        lat = self.latencies_ms
+        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        out.update(requests=self.ok + self.errors, throughput=self.throughput, p50_ms=percentile(lat, 50),
+                   p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99), max_ms=max(lat) if lat else None)
+        return out
+
+    def record(self, started: float, outcome: str | None) -> None:
+        if outcome is None:
+            self.ok += 1
+            self.latencies_ms.append((time.perf_counter() - started) * 1000)
+        else:
+            self.errors += 1
+            self.error_kinds[outcome] = self.error_kinds.get(outcome, 0) + 1
+
+
+def _check_local(url: str) -> None:
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
+        raise ValueError(f"the load generator only targets 127.0.0.1, not {url}")
+
+
+async def _one(client: httpx.AsyncClient, image: tuple[str, bytes]) -> str | None:
+    """Send one image; None when the answer is a one-item prediction list, else what went wrong."""
+    name, data = image
+    try:
+        r = await client.post("/predict", files={"images": (name, data, "image/jpeg")})
+    except httpx.HTTPError as e:
+        return type(e).__name__
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}"
+    # A cheap check that keeps the client's CPU use (which competes with the server's) low.
+    return None if r.content.startswith(b"[") and b'"version"' in r.content else "bad body"
+
+
+def _client(url: str, connections: int, timeout: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout)
+
+
+async def _closed(url: str, images: list, concurrency: int, seconds: float, max_requests: int,
+                  timeout: float) -> Level:
+    level = Level("closed", concurrency=concurrency)
+    feed = itertools.cycle(images)
+    budget = itertools.count()
+    async with _client(url, concurrency, timeout) as client:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker():
+            while time.perf_counter() < deadline and next(budget) < max_requests:
+                t0 = time.perf_counter()
+                level.record(t0, await _one(client, next(feed)))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        level.seconds = time.perf_counter() - start
+    return level
+
+
+async def _open(url: str, images: list, rate: float, seconds: float, max_requests: int, timeout: float) -> Level:
+    level = Level("open", rate=rate)
+    feed = itertools.cycle(images)
+    n = max(1, min(max_requests, int(rate * seconds)))
+    async with _client(url, 512, timeout) as client:
+        start = time.perf_counter()
+
+        async def request(i: int):
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            level.record(scheduled, await _one(client, next(feed)))
+
+        await asyncio.gather(*(request(i) for i in range(n)))
+        level.seconds = time.perf_counter() - start
+    return level
+
+
+def closed_loop(url: str, images: list, concurrency: int, *, seconds: float, warmup_seconds: float,
+                max_requests: int, timeout: float = 120) -> dict:
+    """Throughput and latency at a fixed number of clients, after a warm-up at the same concurrency."""
+    _check_local(url)
+    if warmup_seconds > 0:
+        asyncio.run(_closed(url, images, concurrency, warmup_seconds, max_requests, timeout))
+    return asyncio.run(_closed(url, images, concurrency, seconds, max_requests, timeout)).summary()
+
+
+def open_loop(url: str, images: list, rate: float, *, seconds: float, max_requests: int,
+              timeout: float = 120) -> dict:
+    """Latency at an offered request rate (requests start on a fixed schedule)."""
+    _check_local(url)
+    return asyncio.run(_open(url, images, rate, seconds, max_requests, timeout)).summary()

@@ -1,0 +1,218 @@
+"""Benchmark 5: retraining on the real dataset.
+
+Every strategy through the CLI (`python -m training.cli train DATA --strategy S --json`, one fresh
+REFIT_HOME for the series), and, over HTTP, the time from `POST /retrain/submit` with the dataset zipped
+(feature_extraction) to the first `/predict` answered by the new version.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+
+from bench.common import PYTHON, ROOT, Plan, data_dir, jpeg_files, log, md_table
+from bench.servers import refit_server
+
+STRATEGIES = ("feature_extraction", "partial", "full", "scratch", "auto")
+SUBMIT_TIMEOUT = 600  # seconds to wait for the retrained version to answer
+POLL_SECONDS = 0.25
+
+
+def run(plan: Plan) -> dict:
+    from training.config import TrainRequest
+
+    default_epochs = TrainRequest.model_fields["epochs"].default
+    with tempfile.TemporaryDirectory(prefix="refit-bench-retrain-") as tmp:
+        tmp = Path(tmp)
+        data = _dataset(plan, tmp / "data")
+        rows = [train_cli(data, s, tmp / "cli-home", plan, default_epochs) for s in STRATEGIES]
+        submit = submit_to_answer(data, tmp, plan)
+    return {"data": str(data_dir()), "subset": plan.retrain_subset, "rows": rows, "submit": submit,
+            "default_epochs": default_epochs}
+
+
+def _dataset(plan: Plan, where: Path) -> Path:
+    """The real dataset, or for a smoke test a few images per class linked from it (nothing is copied)."""
+    root = data_dir()
+    if plan.retrain_subset is None:
+        return root
+    for split in ("train", "val"):
+        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+            dest = where / split / cls.name
+            dest.mkdir(parents=True)
+            for f in sorted(cls.glob("*.jpg"))[:plan.retrain_subset]:
+                (dest / f.name).symlink_to(f)
+    return where
+
+
+def _flags(options: dict) -> list[str]:
+    return [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+def train_cli(data: Path, strategy: str, home: Path, plan: Plan, default_epochs: int) -> dict:
+    epochs = plan.retrain_epochs.get(strategy) if strategy != "feature_extraction" else None
+    options = {**plan.retrain_options, **({"epochs": epochs} if epochs else {})}
+    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--strategy", strategy, "--json", *_flags(options)]
+    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
+    log(f"retrain: {strategy} ({' '.join(_flags(options)) or 'defaults'})")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    _keep_log(plan, f"cli-{strategy}.log", proc.stderr)
+    row = {"strategy": strategy, "epochs": epochs or (None if strategy == "feature_extraction" else default_epochs),
+           "epochs_capped": bool(epochs), "wall_seconds": wall, "returncode": proc.returncode}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        log(f"retrain: {strategy} failed ({proc.returncode}): {row['error'][-300:]}")
+        return row
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = _version_metrics(home, result["version"])
+    row.update(version=result["version"], chosen=result["strategy"], val_accuracy=result["val_accuracy"],
+               train_seconds=result["train_seconds"], total_seconds=result["total_seconds"],
+               epochs_run=_epochs_run(metrics), int8=metrics.get("int8"), auto=result.get("auto"))
+    log(f"retrain: {strategy} -> {row['chosen']}: val_acc {row['val_accuracy']:.4f}, "
+        f"train {row['train_seconds']:.1f}s, wall {wall:.1f}s")
+    return row
+
+
+def _keep_log(plan: Plan, name: str, text: str) -> None:
+    logs = plan.results_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / name).write_text(text)
+
+
+def _version_metrics(home: Path, version: str) -> dict:
+    # The store's layout (training/store.py): one folder per version under models/refit/.
+    path = home / "models" / "refit" / version / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _epochs_run(metrics: dict) -> int | None:
+    tuned = [h for h in metrics.get("history", []) if h.get("phase") != "head"]
+    return len(tuned) or None
+
+
+# --- submit -> first answer from the new version ---------------------------------------------------------
+
+def zipped(data: Path) -> bytes:
+    """The dataset as a client would upload it: class folders under train/ and val/. JPEGs do not compress,
+    so they are stored as they are."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for f in sorted(data.rglob("*")):
+            if f.is_file():
+                z.write(f, f.relative_to(data).as_posix())
+    return buf.getvalue()
+
+
+def _predict_version(client: httpx.Client, image: tuple[str, bytes]) -> str:
+    name, body = image
+    r = client.post("/predict", files={"images": (name, body, "image/jpeg")})
+    r.raise_for_status()
+    return r.json()[0]["version"]
+
+
+def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
+    archive = zipped(data)
+    probe = jpeg_files("val", limit=1)[0]
+    fields = {"strategy": "feature_extraction", **plan.retrain_options}
+    logs = plan.results_dir / "logs"
+    with refit_server(workdir / "serve-home", logs / "refit-retrain.log") as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as client:
+        before = _predict_version(client, probe)
+        log(f"retrain: submitting {len(archive) / 2**20:.1f} MB zip (feature_extraction); serving {before}")
+        t0 = time.perf_counter()
+        r = client.post("/retrain/submit", files={"dataset": ("hymenoptera.zip", archive, "application/zip")},
+                        data={k: str(v) for k, v in fields.items()}, timeout=300)
+        upload_seconds = time.perf_counter() - t0
+        if r.status_code != 200:
+            return {"error": f"submit answered {r.status_code}: {r.text[:500]}"}
+        task_id = r.json()["task_id"]
+        answered, version, status = None, before, "in_progress"
+        while time.perf_counter() - t0 < SUBMIT_TIMEOUT:
+            version = _predict_version(client, probe)
+            if version != before:
+                answered = time.perf_counter() - t0
+                break
+            status = client.get("/retrain/status", params={"task_id": task_id}).json().get("status")
+            if status not in ("in_progress", "completed"):
+                break
+            time.sleep(POLL_SECONDS)
+        result = _task_result(client, task_id)
+    # The job's own log says where its time went; the server's home is deleted with the temp folder.
+    for f in (workdir / "serve-home" / "jobs").glob("*/train.log"):
+        _keep_log(plan, "retrain-job.log", f.read_text(errors="replace"))
+    out = {"zip_mb": len(archive) / 2**20, "upload_seconds": upload_seconds, "submit_to_answer_seconds": answered,
+           "previous_version": before, "new_version": version if answered else None, "task_status": status,
+           "result": result}
+    if answered is None:
+        out["error"] = f"the new version did not answer within {SUBMIT_TIMEOUT}s (task status {status})"
+    log(f"retrain: submit -> answer by {version}: "
+        + (f"{answered:.1f}s" if answered else out["error"]))
+    return out
+
+
+def _task_result(client: httpx.Client, task_id: str, wait: float = 60) -> dict:
+    """The job's own timings (training process wall time, fit time), once BentoML has the result."""
+    deadline = time.perf_counter() + wait
+    while time.perf_counter() < deadline:
+        r = client.get("/retrain/get", params={"task_id": task_id})
+        if r.status_code == 200:
+            body = r.json()
+            keep = ("version", "strategy", "val_accuracy", "train_seconds", "total_seconds", "promoted")
+            return {k: body.get(k) for k in keep}
+        time.sleep(0.5)
+    return {}
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+def by_strategy(result: dict, strategy: str) -> dict:
+    return next((r for r in result["rows"] if r["strategy"] == strategy), {})
+
+
+def tables(result: dict) -> str:
+    rows = []
+    for r in result["rows"]:
+        epochs = "head only" if r["strategy"] == "feature_extraction" else (
+            f"≤ {r['epochs']}" + (" (capped for time)" if r["epochs_capped"] else " (default)"))
+        if r.get("epochs_run"):
+            epochs += f", ran {r['epochs_run']}"
+        int8 = r.get("int8") or {}
+        int8_cell = (f"{int8['val_accuracy']:.4f} ({'served' if int8.get('chosen') else 'not served'})"
+                     if int8.get("val_accuracy") is not None else int8.get("reason", "–"))
+        rows.append([r["strategy"], r.get("chosen", "failed"), epochs, _acc(r.get("val_accuracy")), int8_cell,
+                     r.get("train_seconds"), r.get("total_seconds"), r["wall_seconds"]])
+    s = result["submit"]
+    res = s.get("result") or {}
+    subset = f" (smoke test: {result['subset']} images per class and split)" if result["subset"] else ""
+    text = md_table(["strategy", "kept", "fine-tuning epochs", "val accuracy", "INT8 val accuracy",
+                     "train s", "CLI total s", "wall s (with start-up)"], rows)
+    text += (f"\n\nDataset: {result['data']}{subset}. `train s` is the fit alone as the CLI reports it; `CLI "
+             "total s` adds decoding, export, the parity check, INT8 quantization and publishing; the wall time "
+             "adds Python and torch start-up. Epoch caps apply to fine-tuning; feature extraction and warm-ups "
+             "fit the head on cached features with early stopping.\n\n")
+    answered = s.get("submit_to_answer_seconds")
+    job = res.get("total_seconds")
+    rest = answered - s["upload_seconds"] - job if answered and job else None
+    upload = f"{s.get('upload_seconds', 0):.1f} s ({s.get('zip_mb', 0):.0f} MB zip)"
+    text += md_table(["submit → first answer from the new version", "upload + admission", "training process: total",
+                      "of which fit", "rest (process start, hot swap, polling)", "new version", "val accuracy"],
+                     [[f"{answered:.1f} s" if answered else s.get("error", "–"), upload, job,
+                       res.get("train_seconds"), rest, res.get("version"), _acc(res.get("val_accuracy"))]])
+    text += ("\n\nThe training process's total is what `refit train` reports (decoding, features, head, export, "
+             "parity check, INT8 quantization and its validation, publishing); the service runs it with "
+             "REFIT_TRAIN_THREADS threads (default: cores − 1) so predictions keep a core. Its log is kept in "
+             "`logs/retrain-job.log` beside the JSON results.")
+    return text
+
+
+def _acc(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build the container base image locally, for machines that reach Debian's package mirror but no image
+# registry. BentoML's generated Dockerfile starts FROM python:3.11-slim; this makes an image of that name
+# from a minimal Debian bookworm (whose Python is 3.11) so `podman build` never needs to pull.
+#   sudo container/build-base.sh            (needs debootstrap and podman: apt-get install debootstrap podman runc)
+set -euo pipefail
+mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+root=$(mktemp -d)/rootfs
+trap 'rm -rf "$(dirname "$root")"' EXIT
+debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,libgomp1 \
+  bookworm "$root" "$mirror"
+# The image is a build base, not a system Python to protect: let pip install into it (BentoML installs uv).
+rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED
+ln -sf python3 "$root/usr/bin/python"
+rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+tar -C "$root" -c . | podman import --change 'CMD ["python3"]' - docker.io/library/python:3.11-slim
+echo "built docker.io/library/python:3.11-slim from Debian bookworm"
