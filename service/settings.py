@@ -22,7 +22,9 @@ TOKEN = os.environ.get("REFIT_TOKEN") or None  # bearer token for retrain/promot
 PROTECT_PREDICT = os.environ.get("REFIT_PROTECT_PREDICT", "") in ("1", "true", "yes")  # token on predict too
 DATA_ROOT = Path(os.environ["REFIT_DATA_ROOT"]).resolve() if os.environ.get("REFIT_DATA_ROOT") else None
 
-WORKERS = _int("REFIT_WORKERS", 1)  # model worker processes; each one watches the promoted pointer
+# One model worker per core, each with one ONNX Runtime thread: while one worker decodes, the other
+# runs the model (measured: 63 vs 50 images/s served over 1 worker with 2 threads, docs/benchmarks.md).
+WORKERS = _int("REFIT_WORKERS", CPUS)  # model worker processes; each one watches the promoted pointer
 ORT_THREADS = _int("REFIT_ORT_THREADS", max(1, CPUS // WORKERS))  # intra-op threads per model worker
 # Adaptive batching: most images in one onnxruntime run. On 2 cores EfficientNet-Lite0 runs about twice
 # as fast per image at batch 8 as at batch 1, and slower again at 32 (bench/results/model.json).
