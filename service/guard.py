@@ -127,7 +127,13 @@ class Guard:
             log.info("retrain refused (%s): %s", e.status, e.body["error"])
             return await _reply(send, e.status, e.body)
         job_id = job["id"]
-        scope = {**scope, "headers": [*scope["headers"], (JOB_HEADER.encode(), job_id.encode())]}
+        # BentoML gets the validated fields as a small JSON body: the upload is unpacked already, and
+        # parsing a large multipart body a second time would only delay the start of training.
+        body = json.dumps(job["request"]).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length", JOB_HEADER.encode())]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (JOB_HEADER.encode(), job_id.encode())]
+        scope = {**scope, "headers": headers}
         reply: dict = {}
 
         async def capture(message):

@@ -7,12 +7,20 @@ holds until the job ends; a worker that dies releases it, which is how a restart
 owner is gone and records it as failed. The training process is killed with its worker (PDEATHSIG), and
 versions are published atomically, so such a job never leaves a partial version behind.
 
-    python -m service.jobs run REFIT_HOME/jobs/<id>     # what the service starts for each job
+A training process pays about five seconds of imports (torch, the ONNX exporter, the quantizer,
+torch.optim's compiler hooks) before it reads a single image. The service therefore keeps one standby
+process that has done them, and exported the default backbone's feature graph, ahead of time; a job is
+handed to it over stdin, and a fresh standby is started once that job ends. Each job still runs in a
+process of its own that exits with it.
+
+    python -m service.jobs run REFIT_HOME/jobs/<id>     # one job in a fresh process
+    python -m service.jobs standby                      # warm up, then run the job dir read from stdin
 """
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import subprocess
 import json
 import logging
 import os
@@ -46,6 +54,8 @@ class Jobs:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = self.root / ".lock"
         self._held: dict[str, int] = {}  # job id -> fd of the flock this process holds for it
+        self._standby: subprocess.Popen | None = None
+        self._standby_threads: int | None = None
 
     # -- state ------------------------------------------------------------------------------------
     def dir(self, job_id: str) -> Path:
@@ -150,10 +160,8 @@ class Jobs:
         return failed
 
     # -- running ----------------------------------------------------------------------------------
-    async def run(self, job_id: str, *, train_threads: int) -> dict:
-        """Train in a child process and wait for it without blocking the event loop. Returns the job."""
-        d = self.dir(job_id)
-        job = self.update(job_id, status="running", started=now_iso())
+    @staticmethod
+    def _env(train_threads: int) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")])),
                "REFIT_PARENT_PID": str(os.getpid())}
@@ -162,22 +170,64 @@ class Jobs:
             env[var] = str(train_threads)
         env["REFIT_TRAIN_THREADS"] = str(train_threads)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child reports through its files, not metrics
+        return env
+
+    def start_standby(self, train_threads: int) -> None:
+        """Start the warm training process the next job will run in. Call it from the thread that stays
+        (the event loop's): the child's PDEATHSIG fires when the thread that forked it exits."""
+        self._standby_threads = train_threads
+        if self._standby is not None and self._standby.poll() is None:
+            return
+        log_path = self.root / ".standby.log"
+        with open(log_path, "ab") as logf:
+            self._standby = subprocess.Popen([sys.executable, "-m", "service.jobs", "standby"],
+                                             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
+                                             env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
+
+    def _take_standby(self, job_dir: Path) -> subprocess.Popen | None:
+        """Hand the job to the standby process; None when there is none alive to take it."""
+        proc, self._standby = self._standby, None
+        if proc is None or proc.poll() is not None:
+            return None
+        try:
+            proc.stdin.write(f"{job_dir}\n".encode())
+            proc.stdin.close()
+        except OSError:  # it died between the poll and the write
+            proc.kill()
+            return None
+        return proc
+
+    def stop_standby(self) -> None:
+        proc, self._standby = self._standby, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    async def run(self, job_id: str, *, train_threads: int) -> dict:
+        """Train in a child process and wait for it without blocking the event loop. Returns the job."""
+        d = self.dir(job_id)
+        job = self.update(job_id, status="running", started=now_iso())
         t0 = time.monotonic()
-        with open(d / "train.log", "ab") as logf:
-            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service.jobs", "run", str(d),
-                                                        stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env,
-                                                        cwd=str(PACKAGE_ROOT))
-            self.update(job_id, pid=proc.pid)
-            try:
-                rc = await proc.wait()
-            except asyncio.CancelledError:
-                # The request that ran this job went away (a client that called POST /retrain and hung up,
-                # or a worker shutting down): stop training too, or it would run on unaccounted for.
-                proc.kill()
-                await asyncio.shield(proc.wait())
-                self.update(job_id, status="failed", finished=now_iso(),
-                            error={"status": 499, "message": "the request running this job was cancelled"})
-                raise
+        proc = self._take_standby(d) if self._standby_threads == train_threads else None
+        if proc is None:
+            with open(d / "train.log", "ab") as logf:
+                proc = subprocess.Popen([sys.executable, "-m", "service.jobs", "run", str(d)], stdout=logf,
+                                        stderr=subprocess.STDOUT, env=self._env(train_threads),
+                                        cwd=str(PACKAGE_ROOT))
+        self.update(job_id, pid=proc.pid)
+        try:
+            rc = await asyncio.to_thread(proc.wait)
+        except asyncio.CancelledError:
+            # The request that ran this job went away (a client that called POST /retrain and hung up,
+            # or a worker shutting down): stop training too, or it would run on unaccounted for.
+            proc.kill()
+            await asyncio.shield(asyncio.to_thread(proc.wait))
+            self.update(job_id, status="failed", finished=now_iso(),
+                        error={"status": 499, "message": "the request running this job was cancelled"})
+            raise
+        finally:
+            if self._standby_threads is not None:
+                self.start_standby(self._standby_threads)  # warm for the next job while this one is judged
         seconds = round(time.monotonic() - t0, 2)
         if (d / "result.json").is_file():
             job = self.update(job_id, status="succeeded", finished=now_iso(), seconds=seconds,
@@ -225,25 +275,76 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def run_job(job_dir: Path) -> int:
+def _lower_priority() -> None:
+    try:
+        os.nice(10)  # predictions win the CPU whenever both want it
+    except OSError:
+        pass
+
+
+def warm_up() -> None:
+    """What every run would otherwise pay first: imports, torch.optim's lazy compiler import, and the
+    default backbone's frozen feature graph (exported once into the store's cache)."""
+    import matplotlib.pyplot  # noqa: F401 - the confusion-matrix plot
+    import onnxruntime.quantization  # noqa: F401
+    import torch
+
+    from training.config import TrainRequest
+    from training.export import feature_session
+    from training.pipeline import train  # noqa: F401
+    from training.registry import create_backbone
+    from training.store import Store
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    backbone = TrainRequest.model_fields["backbone"].default
+    bb = create_backbone(backbone, num_classes=2, pretrained=True)
+    feature_session(bb, bb.contract.input_size, Store().home / "cache")
+
+
+def standby() -> int:
+    """Warm up, then wait for one job folder on stdin and run it with stdout/stderr in its log."""
+    _die_with_parent()
+    _lower_priority()
+    t0 = time.monotonic()
+    try:
+        warm_up()
+        print(f"standby {os.getpid()}: warm in {time.monotonic() - t0:.1f}s", flush=True)
+    except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the job its start-up time
+        print(f"standby {os.getpid()}: warm-up failed ({type(e).__name__}: {e}); continuing cold", flush=True)
+    line = sys.stdin.readline().strip()
+    if not line:
+        return 0  # the service closed our stdin: it is stopping
+    job_dir = Path(line)
+    fd = os.open(job_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return run_job(job_dir, started=True)
+
+
+def run_job(job_dir: Path, *, started: bool = False) -> int:
+    """Run one job; `started`: the process has already tied itself to the service and lowered its priority."""
     from training.config import TrainRequest
     from training.data import DatasetError
     from training.pipeline import train
     from training.store import Store
 
-    _die_with_parent()
-    try:
-        os.nice(10)  # predictions win the CPU whenever both want it
-    except OSError:
-        pass
+    if not started:
+        _die_with_parent()
+        _lower_priority()
     job = json.loads((job_dir / "job.json").read_text())
     cap = int(os.environ.get("REFIT_TRAIN_THREADS") or 1)
     request = TrainRequest.model_validate(job["request"])
     request.threads = min(request.threads or cap, cap)
-    print(f"job {job['id']}: training on {job['data']} with {request.threads} thread(s)", flush=True)
+    t0 = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    say(f"job {job['id']}: training on {job['data']} with {request.threads} thread(s) in process {os.getpid()}")
     try:
-        result = train(request, job["data"], store=Store(), actor=job.get("actor", "api"),
-                       log=lambda msg: print(msg, flush=True))
+        result = train(request, job["data"], store=Store(), actor=job.get("actor", "api"), log=say)
     except DatasetError as e:
         # Paths in the message are shown relative to what the client sent, not as server paths.
         msg = str(e)
@@ -266,6 +367,8 @@ def run_job(job_dir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["standby"]:
+        return standby()
     if len(argv) != 2 or argv[0] != "run":
         print(__doc__, file=sys.stderr)
         return 2

@@ -123,6 +123,8 @@ class Refit:
         self.store = Store()
         self.jobs = jobs()
         self.jobs.recover()
+        if settings.TRAIN_STANDBY:
+            self.jobs.start_standby(settings.TRAIN_THREADS)
         self.m_predictions = prom.Counter("refit_predictions", "Images classified, by version and label",
                                           ["version", "label"])
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
@@ -288,6 +290,10 @@ class Refit:
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
         return self.store.promoted() is not None
+
+    @bentoml.on_shutdown
+    def close(self) -> None:
+        self.jobs.stop_standby()
 
     def __metrics__(self, content: str) -> str:
         lines = ["# HELP refit_promoted_version_info The promoted version.",

@@ -404,6 +404,11 @@ def test_retrain_round_trip_busy_and_hot_swap_without_failed_requests(http, serv
     assert metric(text, "refit_retrain_duration_seconds_count") == 1
     jobs = http.get("/jobs", headers=AUTH).json()
     assert jobs[0]["task_id"] == task_id and jobs[0]["status"] == "succeeded"
+    # The job ran in the training process the service had warmed up beforehand, and a new one is warming.
+    warmed = re.findall(r"standby (\d+): warm in", (server.home / "jobs" / ".standby.log").read_text())
+    train_log = (server.home / "jobs" / jobs[0]["id"] / "train.log").read_text()
+    ran_in = re.search(r"in process (\d+)", train_log).group(1)
+    assert ran_in in warmed, (ran_in, warmed)
 
 
 def test_retrain_from_data_path_with_promote_false(http):

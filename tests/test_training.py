@@ -178,6 +178,29 @@ def test_image_errors_name_the_problem(tmp_path):
 
 # --- export ---------------------------------------------------------------------------------------
 
+def test_preprocessing_matches_torchvision_resize_centre_crop():
+    """The contract means what torchvision's Resize + CenterCrop + Normalize mean, the preprocessing the
+    ImageNet weights were trained with (within one grey level: only the crop window is resampled)."""
+    import skimage.data
+    from torchvision.transforms import v2 as T
+
+    c = Contract()
+    reference = T.Compose([T.Resize(c.resize_size, antialias=True), T.CenterCrop(c.input_size), T.PILToTensor(),
+                           T.ToDtype(torch.float32, scale=True), T.Normalize(list(c.mean), list(c.std))])
+    for name, size in (("chelsea", None), ("astronaut", None), ("coffee", (301, 207))):
+        im = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        if size:
+            im = im.resize(size)
+        b = io.BytesIO()
+        im.save(b, "PNG")  # lossless, so both sides see the same pixels
+        ours = preprocess(b.getvalue(), c)
+        theirs = reference(im).numpy()
+        assert ours.shape == theirs.shape == (3, c.input_size, c.input_size)
+        grey_level = 1 / 255 / min(c.std)
+        assert np.abs(ours - theirs).max() <= 1.5 * grey_level, name
+        assert np.abs(ours - theirs).mean() <= 0.1 * grey_level, name
+
+
 def test_pytorch_and_onnx_agree_and_contract_travels_in_the_file(tmp_path):
     bb = create_backbone("efficientnet_lite0", num_classes=3)
     bb.model.eval()

@@ -38,6 +38,9 @@ class Dataset:
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     ignored: list[str] = field(default_factory=list)  # non-image files
     warnings: list[str] = field(default_factory=list)
+    # Images the check already decoded (with the contract given to load_dataset), for the run to take
+    # instead of decoding every file a second time.
+    decoded: dict = field(default_factory=dict, repr=False)
 
     def counts(self) -> dict:
         def per(items):
@@ -124,24 +127,29 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _usable(files: list[Path], ds_skipped: list, ds_ignored: list) -> list[Path]:
+def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None, decoded: dict | None = None
+            ) -> list[Path]:
+    """Fully decode every image file (a truncated JPEG only fails there); keep the images when asked."""
     good = []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
             ds_ignored.append(str(p))
             continue
         try:
-            load_image(p)
+            im = load_image(p, contract)
         except ImageError as e:
             ds_skipped.append({"path": str(p), "reason": str(e).split(": ", 1)[-1]})
             continue
+        if decoded is not None:
+            decoded[p] = im
         good.append(p)
     return good
 
 
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
-                 log_fn=log.info) -> Dataset:
-    """Check and split a dataset folder or .zip. `workdir` receives the extracted archive."""
+                 log_fn=log.info, contract=None) -> Dataset:
+    """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
+    `contract`, images are decoded as training will use them and kept in `Dataset.decoded`."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such file or folder")
@@ -153,17 +161,22 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
     root = class_root(data)
     skipped: list[dict] = []
     ignored: list[str] = []
+    decoded: dict | None = {} if contract is not None else None
+
+    def usable(files):
+        return _usable(files, skipped, ignored, contract, decoded)
+
     has_split = (root / "train").is_dir() and (root / "val").is_dir()
     if has_split:
         tr, va = _scan_classes(root / "train"), _scan_classes(root / "val")
         if set(tr) != set(va):
             raise DatasetError(f"{root}: train/ and val/ have different classes: "
                                f"train {sorted(tr)}, val {sorted(va)}")
-        tr = {c: _usable(f, skipped, ignored) for c, f in tr.items()}
-        va = {c: _usable(f, skipped, ignored) for c, f in va.items()}
+        tr = {c: usable(f) for c, f in tr.items()}
+        va = {c: usable(f) for c, f in va.items()}
         per_class = {c: tr[c] + va[c] for c in tr}
     else:
-        per_class = {c: _usable(f, skipped, ignored) for c, f in _scan_classes(root).items()}
+        per_class = {c: usable(f) for c, f in _scan_classes(root).items()}
     for s in skipped:
         log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
     if ignored:
@@ -194,7 +207,8 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
             n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
             val += [(p, idx[c]) for p in files[:n_val]]
             train += [(p, idx[c]) for p in files[n_val:]]
-    ds = Dataset(root, classes, train, val, "folders" if has_split else "seeded", skipped, ignored)
+    ds = Dataset(root, classes, train, val, "folders" if has_split else "seeded", skipped, ignored,
+                 decoded=decoded or {})
     sizes = {c: len(per_class[c]) for c in classes}
     if max(sizes.values()) > IMBALANCE_RATIO * min(sizes.values()):
         ds.warnings.append(f"class imbalance: {sizes} (largest/smallest > {IMBALANCE_RATIO:g}); "

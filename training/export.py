@@ -110,10 +110,12 @@ def run_onnx(sess, arrays: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 
 def verify_parity(path: Path | str, torch_probs: np.ndarray, arrays: np.ndarray,
-                  tolerance: float = PARITY_TOLERANCE) -> dict:
-    """ONNX Runtime must agree with PyTorch on the validation images: same top-1, max |Δprob| ≤ tolerance."""
+                  tolerance: float = PARITY_TOLERANCE, ort_probs: np.ndarray | None = None) -> dict:
+    """ONNX Runtime must agree with PyTorch on the validation images: same top-1, max |Δprob| ≤ tolerance.
+    `ort_probs`: the file's outputs on `arrays` when the caller has run them already."""
     onnx.checker.check_model(str(path))
-    ort_probs = run_onnx(session(path), arrays)
+    if ort_probs is None:
+        ort_probs = run_onnx(session(path), arrays)
     diff = float(np.abs(ort_probs - torch_probs).max()) if len(arrays) else 0.0
     same = int((ort_probs.argmax(1) == torch_probs.argmax(1)).sum())
     result = {"images": int(len(arrays)), "max_abs_prob_diff": diff, "top1_agree": same,
