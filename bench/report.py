@@ -96,7 +96,7 @@ def notes(results: dict, mach: dict) -> list[str]:
         need, limit = 4 * naive["throughput"], i["limit_images_per_s"]
         if need > limit:
             out.append(f"Served ≥ 4 × naive needs {need:.1f} req/s, more than the in-process limit of {limit:.1f} "
-                       "images/s for the served FP32 model: no serving overhead, however small, reaches it here.")
+                       "images/s for the served model: no serving overhead, however small, reaches it here.")
         out.append(f"At the best level (c={best['concurrency']}) the Refit processes used "
                    f"{best['server_cpu_cores']:.2f} cores and the load generator {best['client_cpu_cores']:.2f} of the "
                    f"{mach['cores']} cores.")

@@ -126,6 +126,7 @@ def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
     logs = plan.results_dir / "logs"
     with refit_server(workdir / "serve-home", logs / "refit-retrain.log") as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as client:
+        _wait_warm(workdir / "serve-home")
         before = _predict_version(client, probe)
         log(f"retrain: submitting {len(archive) / 2**20:.1f} MB zip (feature_extraction); serving {before}")
         t0 = time.perf_counter()
@@ -157,6 +158,18 @@ def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
     log(f"retrain: submit -> answer by {version}: "
         + (f"{answered:.1f}s" if answered else out["error"]))
     return out
+
+
+def _wait_warm(home: Path, timeout: float = 120) -> None:
+    """An operator retrains a service that has been up for a while: wait until its standby training
+    process has finished warming up (service/jobs.py) rather than timing the start-up as well."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        log_file = home / "jobs" / ".standby.log"
+        if log_file.is_file() and "warm" in log_file.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    log("retrain: the standby training process did not report warm; submitting anyway")
 
 
 def _task_result(client: httpx.Client, task_id: str, wait: float = 60) -> dict:
@@ -209,7 +222,9 @@ def tables(result: dict) -> str:
                        res.get("train_seconds"), rest, res.get("version"), _acc(res.get("val_accuracy"))]])
     text += ("\n\nThe training process's total is what `refit train` reports (decoding, features, head, export, "
              "parity check, INT8 quantization and its validation, publishing); the service runs it with "
-             "REFIT_TRAIN_THREADS threads (default: cores − 1) so predictions keep a core. Its log is kept in "
+             "REFIT_TRAIN_THREADS threads (default: cores − 1) at lower CPU priority, so predictions keep a core, "
+             "in the standby process it keeps warm (imports done, feature graph exported; the submit waits "
+             "until the service reports it warm). Its log, with the time of each step, is kept in "
              "`logs/retrain-job.log` beside the JSON results.")
     return text
 

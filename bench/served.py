@@ -8,6 +8,7 @@ throughput, where tail latency is judged.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from functools import partial
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psutil
 
+from bench import version as bench_version
 from bench.common import CONCURRENCY, Plan, jpeg_files, log, md_table
 from bench.loadgen import closed_loop, open_loop
 from bench.servers import REFIT_UNBATCHED, Server, naive_server, refit_server
@@ -29,9 +31,11 @@ def run(plan: Plan) -> dict:
     logs = plan.results_dir / "logs"
     out = {"images": len(images), "levels": list(CONCURRENCY), "max_batch_size": settings.MAX_BATCH_SIZE,
            "workers": settings.WORKERS, "ort_threads": settings.ORT_THREADS, "servers": {}}
+    v = bench_version.trained(plan)
+    out["version"] = bench_version.describe(v)
     with tempfile.TemporaryDirectory(prefix="refit-bench-served-") as tmp:
         home = Path(tmp) / "home"
-        # Batching off first: this start also bootstraps the ImageNet version both Refit runs serve.
+        shutil.copytree(v["home"], home)  # the trained version, promoted; servers write beside it
         with refit_server(home, logs / "refit-unbatched.log", REFIT_UNBATCHED) as srv:
             out["servers"]["refit_unbatched"] = _sweep(srv, images, plan)
         with refit_server(home, logs / "refit.log") as srv:
@@ -114,6 +118,16 @@ def _kinds(row: dict) -> str:
     return ", ".join(f"{n} × {kind}" for kind, n in row["error_kinds"].items())
 
 
+def _model(result: dict) -> str:
+    v = result.get("version")
+    if not v:
+        return "the ImageNet version a fresh service bootstraps (FP32 ONNX)"
+    return (f"{v['version']}, feature extraction trained on the real dataset, as its store chose to serve it "
+            f"({v['precision'].upper()}: {(v.get('int8') or {}).get('reason', 'no INT8 file')}); the naive "
+            "baseline runs the same backbone in PyTorch eager FP32 with its ImageNet head (the head is under 0.5% "
+            "of the compute)")
+
+
 def tables(result: dict) -> str:
     names = {"refit": f"Refit, adaptive batching (max batch {result['max_batch_size']})",
              "refit_unbatched": "Refit, batching off", "naive": "naive: PyTorch eager, 1 request = 1 forward"}
@@ -127,7 +141,7 @@ def tables(result: dict) -> str:
                  h["p50_ms"], h["p95_ms"], h["p99_ms"], _errors(h), h["server_cpu_cores"], h["client_cpu_cores"]])
     return (md_table(["server", "concurrency", "requests", "req/s (= images/s)", "p50 ms", "p95 ms", "p99 ms",
                       "errors", "server CPU (cores)", "load generator CPU (cores)"], rows)
-            + f"\n\nRefit serves the ImageNet version a fresh service bootstraps (FP32 ONNX); {result['images']} real "
+            + f"\n\nRefit serves {_model(result)}; {result['images']} real "
             f"JPEGs cycled, one per request; {result['workers']} model worker(s), "
             f"{result['ort_threads']} ONNX Runtime threads; each level is a closed loop of N clients after a "
             "warm-up, and the open-loop level starts requests on a fixed schedule at half the best throughput. "

@@ -188,7 +188,8 @@ class ModelHolder:
         arrays = (list(self._decode_pool.map(decode, items)) if len(items) > 1 else [decode(items[0])])
         good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
         probs = model.run(np.stack([arrays[i] for i in good])) if good else None
-        out: list[dict] = [{"error": str(a), "version": model.version} for a in arrays]
+        out: list[dict] = [{"error": str(a), "version": model.version} if not isinstance(a, np.ndarray) else {}
+                           for a in arrays]
         for row, i in enumerate(good):
             out[i] = self._answer(model, probs[row], items[i]["top_k"], items[i]["threshold"])
         return out
