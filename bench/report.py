@@ -100,6 +100,16 @@ def notes(results: dict, mach: dict) -> list[str]:
         out.append(f"At the best level (c={best['concurrency']}) the Refit processes used "
                    f"{best['server_cpu_cores']:.2f} cores and the load generator {best['client_cpu_cores']:.2f} of the "
                    f"{mach['cores']} cores.")
+        # CPU cores over the level's wall time (warm-up included) / answered requests per second
+        split = {role: 1000 * cores / best["throughput"]
+                 for role, cores in best.get("server_cpu_cores_by_role", {}).items() if cores >= 0.005}
+        if split:
+            parts = ", ".join(f"{role} {ms:.2f} ms" for role, ms in split.items())
+            out.append(f"CPU per answered request at that level: {parts} (total {sum(split.values()):.2f} ms); "
+                       f"the in-process limit spends {1000 * i.get('threads', mach['cores']) / limit:.2f} ms of CPU "
+                       "per image on decode, preprocessing and ONNX Runtime. The HTTP front (request parsing, "
+                       "multipart, the call to a model worker, the JSON reply) and the workers' own HTTP "
+                       "plumbing are the served path's extra CPU; with every core busy, that CPU is throughput.")
     flags = mach["cpu"]["flags"]
     if _ok(results.get("model")) and not (flags.get("avx512_vnni") or flags.get("avx_vnni")):
         out.append("No VNNI on this CPU (see Machine): ONNX Runtime's INT8 convolutions run on AVX2 without a "

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import PYTHON, ROOT, Plan, data_dir, jpeg_files, log, md_table
-from bench.servers import refit_server
+from bench.servers import refit_server, wait_standby_warm
 
 STRATEGIES = ("feature_extraction", "partial", "full", "scratch", "auto")
 SUBMIT_TIMEOUT = 600  # seconds to wait for the retrained version to answer
@@ -126,7 +126,7 @@ def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
     logs = plan.results_dir / "logs"
     with refit_server(workdir / "serve-home", logs / "refit-retrain.log") as srv, \
             httpx.Client(base_url=srv.url, timeout=60) as client:
-        _wait_warm(workdir / "serve-home")
+        wait_standby_warm(workdir / "serve-home")
         before = _predict_version(client, probe)
         log(f"retrain: submitting {len(archive) / 2**20:.1f} MB zip (feature_extraction); serving {before}")
         t0 = time.perf_counter()
@@ -158,18 +158,6 @@ def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
     log(f"retrain: submit -> answer by {version}: "
         + (f"{answered:.1f}s" if answered else out["error"]))
     return out
-
-
-def _wait_warm(home: Path, timeout: float = 120) -> None:
-    """An operator retrains a service that has been up for a while: wait until its standby training
-    process has finished warming up (service/jobs.py) rather than timing the start-up as well."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        log_file = home / "jobs" / ".standby.log"
-        if log_file.is_file() and "warm" in log_file.read_text(errors="replace"):
-            return
-        time.sleep(0.5)
-    log("retrain: the standby training process did not report warm; submitting anyway")
 
 
 def _task_result(client: httpx.Client, task_id: str, wait: float = 60) -> dict:

@@ -19,7 +19,7 @@ import psutil
 from bench import version as bench_version
 from bench.common import CONCURRENCY, Plan, jpeg_files, log, md_table
 from bench.loadgen import closed_loop, open_loop
-from bench.servers import REFIT_UNBATCHED, Server, naive_server, refit_server
+from bench.servers import REFIT_UNBATCHED, Server, naive_server, refit_server, wait_standby_warm
 
 HALF = 0.5
 
@@ -34,11 +34,15 @@ def run(plan: Plan) -> dict:
     v = bench_version.trained(plan)
     out["version"] = bench_version.describe(v)
     with tempfile.TemporaryDirectory(prefix="refit-bench-served-") as tmp:
-        home = Path(tmp) / "home"
-        shutil.copytree(v["home"], home)  # the trained version, promoted; servers write beside it
-        with refit_server(home, logs / "refit-unbatched.log", REFIT_UNBATCHED) as srv:
+        # A copy of the trained store per server (each writes its own logs and job state beside it)
+        homes = {name: Path(tmp) / name for name in ("unbatched", "batched")}
+        for home in homes.values():
+            shutil.copytree(v["home"], home)
+        with refit_server(homes["unbatched"], logs / "refit-unbatched.log", REFIT_UNBATCHED) as srv:
+            wait_standby_warm(homes["unbatched"])
             out["servers"]["refit_unbatched"] = _sweep(srv, images, plan)
-        with refit_server(home, logs / "refit.log") as srv:
+        with refit_server(homes["batched"], logs / "refit.log") as srv:
+            wait_standby_warm(homes["batched"])
             out["servers"]["refit"] = sweep = _sweep(srv, images, plan)
             best = max(sweep["levels"], key=lambda r: r["throughput"])
             rate = HALF * best["throughput"]
@@ -67,25 +71,40 @@ def _measure(srv: Server, fn) -> dict:
     server0, client0, t0 = _tree_cpu(srv.proc.pid), _own_cpu(), time.perf_counter()
     row = fn()
     wall = time.perf_counter() - t0
-    row["server_cpu_cores"] = (_tree_cpu(srv.proc.pid) - server0) / wall
+    server1 = _tree_cpu(srv.proc.pid)
+    row["server_cpu_cores"] = (sum(server1.values()) - sum(server0.values())) / wall
     row["client_cpu_cores"] = (_own_cpu() - client0) / wall
+    # Where the server's CPU went: the in-process limit pays only for the model workers' kind of work, so
+    # the front's share is the price of serving over HTTP.
+    row["server_cpu_cores_by_role"] = {role: (server1[role] - server0.get(role, 0.0)) / wall for role in server1}
     return row
 
 
-def _tree_cpu(pid: int) -> float:
-    total = 0.0
+def _role(p: psutil.Process) -> str:
+    """The job of one process of a served tree, from its command line."""
+    cmd = " ".join(p.cmdline())
+    if "--service-name refit-classifier" in cmd:
+        return "model workers"
+    if "--service-name refit" in cmd:
+        return "HTTP front"
+    return "other (supervisor, training standby, naive server)"
+
+
+def _tree_cpu(pid: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
     try:
         root = psutil.Process(pid)
         procs = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0.0
+        return totals
     for p in procs:
         try:
             t = p.cpu_times()
-            total += t.user + t.system
+            role = _role(p)
         except psutil.NoSuchProcess:
             continue
-    return total
+        totals[role] = totals.get(role, 0.0) + t.user + t.system
+    return totals
 
 
 def _own_cpu() -> float:

@@ -100,3 +100,15 @@ def naive_server(log_path: Path) -> Server:
     cmd = [PYTHON, "-m", "bench.naive_server", "--port", "{port}"]
     return Server("naive server", cmd, dict(os.environ), log_path,
                   lambda url: httpx.get(url + "/healthz", timeout=2).status_code == 200)
+
+
+def wait_standby_warm(home: Path, timeout: float = 120) -> None:
+    """Measure a service that has been up for a while: wait until its standby training process has
+    finished warming up (service/jobs.py), so neither a retrain nor a load level times the start-up."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        log_file = home / "jobs" / ".standby.log"
+        if log_file.is_file() and "warm" in log_file.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    log("the standby training process did not report warm; going on")

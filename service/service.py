@@ -28,6 +28,7 @@ from pydantic import Field
 from starlette.responses import JSONResponse
 
 from service import settings
+from service.balance import CloseAfterReply
 from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
 from service.model import ModelHolder, ModelUnavailable, read_worker_status
@@ -74,8 +75,12 @@ _KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
 
 
 # The front logs every request already; an access line per internal classify call would double the log.
+# Tracing config per service: BentoML's OpenTelemetry middleware skips the URLs that match these patterns.
+_UNTRACED = {} if settings.TRACE_PREDICTIONS else {"tracing": {"excluded_urls": ["/classify", "/predict"]}}
+
+
 @bentoml.service(name="refit-classifier", workers=settings.WORKERS, traffic={"timeout": 60},
-                 runner_connection=_KEEP_SESSION, logging={"access": {"enabled": False}})
+                 runner_connection=_KEEP_SESSION, logging={"access": {"enabled": False}}, **_UNTRACED)
 class Classifier:
     """Model workers: decode + preprocess with the model's own contract, then one onnxruntime run per batch."""
 
@@ -107,7 +112,7 @@ admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=
 
 
 @bentoml.asgi_app(admin, path="/")
-@bentoml.service(name="refit", traffic={"timeout": 3600}, workers=1)
+@bentoml.service(name="refit", traffic={"timeout": 3600}, workers=1, **_UNTRACED)
 class Refit:
     """Image classification with versioned transfer-learned models: predict, list/promote/rollback
     versions, and retrain on an uploaded dataset. Retrain, promote and rollback need
@@ -309,6 +314,7 @@ class Refit:
 
 
 Refit.add_asgi_middleware(Guard, jobs=jobs)
+Classifier.add_asgi_middleware(CloseAfterReply)
 
 # BentoML works out a reply's media type from its output's JSON schema, which it builds again on every
 # call: a fifth of the front's CPU under load (py-spy). These replies are always JSON; say so once.

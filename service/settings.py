@@ -45,3 +45,6 @@ TRAIN_THREADS = _int("REFIT_TRAIN_THREADS", max(1, CPUS - 1))
 # Keep one training process warm (imports done, feature graph exported): about 5 s off every retrain, for
 # about 0.5 GB of memory held while idle (service/jobs.py).
 TRAIN_STANDBY = os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false", "no")
+# OpenTelemetry spans for predictions: off unless asked for. With no trace exporter configured they go
+# nowhere, yet creating them cost about a quarter of the model workers' HTTP handling (profiled).
+TRACE_PREDICTIONS = os.environ.get("REFIT_TRACE_PREDICTIONS", "") in ("1", "true", "yes")

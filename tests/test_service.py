@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import zipfile
@@ -493,6 +494,34 @@ def test_openapi_and_health(http):
         assert op.get("description") or op.get("summary"), path
     form = spec["paths"]["/retrain/submit"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"dataset", "data_path", "strategy", "epochs", "promote"} <= set(form["properties"])
+
+
+def test_bentoml_build_packs_service_training_and_the_promoted_version(server):
+    promoted = json.loads((server.home / "promoted.json").read_text())["version"]
+    env = {**os.environ, "REFIT_HOME": str(server.home), "BENTOML_HOME": str(server.home),
+           "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml_cli = Path(sys.executable).parent / "bentoml"
+    r = subprocess.run([str(bentoml_cli), "build", "--output", "tag"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    tag = re.search(r"__tag__:(\S+)", r.stdout).group(1)
+    name, version = tag.split(":")
+    bento = server.home / "bentos" / name / version
+    assert name == "refit"
+    assert (bento / "src" / "service" / "service.py").is_file() and (bento / "src" / "training" / "export.py").is_file()
+    assert not (bento / "src" / "tests").exists()  # only what the container runs
+    manifest = (bento / "bento.yaml").read_text()
+    assert f"refit:{promoted}" in manifest and "REFIT_HOME" in manifest
+    # The store keeps the model once; exporting (like containerize) packs it into the bento's models/
+    archive = server.home / "refit.bento"
+    r = subprocess.run([str(bentoml_cli), "export", tag, str(archive)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with tarfile.open(archive) as tar:
+        sizes = {m.name.lstrip("./"): m.size for m in tar.getmembers()}
+    archive.unlink()
+    assert sizes.get(f"models/refit/{promoted}/model.onnx", 0) > 1_000_000, sorted(sizes)[:20]
+    assert f"models/refit/{promoted}/model.yaml" in sizes
 
 
 @pytest.mark.skipif(not os.environ.get("REFIT_TEST_DATA"), reason="REFIT_TEST_DATA (hymenoptera) is not set")
