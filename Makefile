@@ -10,7 +10,7 @@ export REFIT_HOME ?= $(CURDIR)/models
 # the service module is imported, so it is set here rather than left to training/paths.py.
 export BENTOML_HOME ?= $(REFIT_HOME)
 
-.PHONY: install serve test bench train-demo clean
+.PHONY: install serve test bench container train-demo clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# Packs the service, the training code and the promoted version; needs podman (or CONTAINER_BACKEND=docker)
+CONTAINER_BACKEND ?= podman
+container: install
+	$(BIN)/bentoml build
+	$(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) -t refit:latest
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -12,6 +12,14 @@ debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-cert
 # The image is a build base, not a system Python to protect: let pip install into it (BentoML installs uv).
 rm -f "$root"/usr/lib/python3*/EXTERNALLY-MANAGED
 ln -sf python3 "$root/usr/bin/python"
+# Trust the certificate authorities this machine added locally (an egress proxy that re-signs TLS, say),
+# so apt, pip and uv inside the image reach the package registries the host reaches.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" > /dev/null; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" update-ca-certificates
+fi
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-tar -C "$root" -c . | podman import --change 'CMD ["python3"]' - docker.io/library/python:3.11-slim
+# uv (which BentoML's Dockerfile installs with) reads its trust roots from SSL_CERT_FILE, not the system store.
+tar -C "$root" -c . | podman import --change 'CMD ["python3"]' \
+  --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt' - docker.io/library/python:3.11-slim
 echo "built docker.io/library/python:3.11-slim from Debian bookworm"

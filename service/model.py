@@ -88,7 +88,10 @@ class ModelHolder:
         self.current: Loaded | None = None
         self.error: dict | None = None  # the last refused version and why
         self._seen: object = object()  # pointer stat at the last look; a fresh object never matches
-        self._decode_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
+        # Decoding releases the GIL, so a worker with several cores decodes a batch in parallel; with one
+        # core a pool only adds a thread hand-off per image.
+        self._decode_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
+                             if threads > 1 else None)
         self._stop = threading.Event()
         self.status_file = store.home / "serving" / f"worker-{os.getpid()}.json"
         self.refresh()
@@ -166,7 +169,8 @@ class ModelHolder:
 
     def close(self) -> None:
         self._stop.set()
-        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self.status_file.unlink(missing_ok=True)
 
     # -- inference --------------------------------------------------------------------------------
@@ -185,7 +189,8 @@ class ModelHolder:
                 msg = str(e)
                 return ValueError(msg if msg.startswith(item["name"]) else f"{item['name']}: {msg}")
 
-        arrays = (list(self._decode_pool.map(decode, items)) if len(items) > 1 else [decode(items[0])])
+        pool = self._decode_pool if len(items) > 1 else None
+        arrays = list(pool.map(decode, items)) if pool else [decode(item) for item in items]
         good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
         probs = model.run(np.stack([arrays[i] for i in good])) if good else None
         out: list[dict] = [{"error": str(a), "version": model.version} if not isinstance(a, np.ndarray) else {}

@@ -43,7 +43,7 @@ POLL_SECONDS = _float("REFIT_POLL_SECONDS", 0.25)  # how often each worker check
 # Training threads are capped below the core count so predictions keep a core while a retrain runs.
 TRAIN_THREADS = _int("REFIT_TRAIN_THREADS", max(1, CPUS - 1))
 # Keep one training process warm (imports done, feature graph exported): about 5 s off every retrain, for
-# about 0.5 GB of memory held while idle (service/jobs.py).
+# about 1 GB of memory held while idle (measured RSS; service/jobs.py).
 TRAIN_STANDBY = os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false", "no")
 # OpenTelemetry spans for predictions: off unless asked for. With no trace exporter configured they go
 # nowhere, yet creating them cost about a quarter of the model workers' HTTP handling (profiled).
