@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,15 +78,16 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, home: Path, data_root: Path, log_path: Path):
+    def __init__(self, home: Path, data_root: Path, log_path: Path, bentoml_home: Path | None = None):
         self.home, self.data_root, self.log_path = home, data_root, log_path
+        self.bentoml_home = bentoml_home or home
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
     def start(self, timeout: float = 240) -> None:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "REFIT_HOME": str(self.home), "BENTOML_HOME": str(self.home),
+        env = {**os.environ, "REFIT_HOME": str(self.home), "BENTOML_HOME": str(self.bentoml_home),
                "REFIT_TOKEN": TOKEN, "REFIT_DATA_ROOT": str(self.data_root), "REFIT_WORKERS": "2",
                "REFIT_POLL_SECONDS": "0.25", "REFIT_MAX_REQUEST_MB": "2", "REFIT_MAX_DATASET_MB": "4",
                "REFIT_MAX_IMAGES": "16", "BENTOML_DO_NOT_TRACK": "True"}
@@ -566,3 +568,22 @@ def test_restart_during_retrain_marks_the_job_failed_and_publishes_nothing(http,
         entries = sorted(p.name for p in (server.home / "models" / "refit").iterdir() if p.name.startswith("v"))
         assert entries == before  # no half-written version folder either
         assert predict(c, ("red.jpg", solid(COLOURS["red"]))).json()[0]["version"] == "v0002"
+
+
+def test_retrain_works_when_bentoml_home_is_not_refit_home(server, tmp_path):
+    """As in the container (BENTOML_HOME=/home/bentoml/, REFIT_HOME=/home/bentoml/refit): the supervisor
+    and the workers must agree on BentoML's task database, or every submit fails."""
+    home = tmp_path / "refit"
+    shutil.copytree(server.home / "models", home / "models")  # the versions, without the running server's state
+    shutil.copy(server.home / "promoted.json", home / "promoted.json")
+    other = Server(home, server.data_root, tmp_path / "serve.log", bentoml_home=tmp_path / "bentoml")
+    other.start()
+    try:
+        with httpx.Client(base_url=other.url, timeout=60) as c:
+            r = c.post("/retrain/submit", json={"data_path": "colours", "strategy": "feature_extraction",
+                                                "promote": False}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert wait_task(c, r.json()["task_id"])["status"] == "completed"
+        assert (tmp_path / "bentoml" / "task_result.db").is_file()
+    finally:
+        other.stop()
