@@ -340,10 +340,16 @@ def _seed_from_bento(store) -> None:
 
 def _drop_stale_task_journal() -> None:
     """BentoML deletes its task database at start but not the database's WAL journal; after a crash the
-    orphaned journal makes the new database fail with "disk I/O error" and the server cannot start."""
+    orphaned journal makes the new database fail with "disk I/O error" and the server cannot start.
+
+    It also names the database file for the workers. BentoML derives it from BENTOML_HOME, which the
+    supervisor resolved before importing this module when it serves a bento (the container: /home/bentoml/),
+    while importing training.paths points BENTOML_HOME at REFIT_HOME and the workers inherit that: they
+    would look for the task table in another file ("no such table: result" on every retrain submit)."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     db = BentoMLContainer.result_store_file.get()
+    os.environ["BENTOML_RESULT_STORE"] = db  # the workers start after this hook, with this environment
     if db != ":memory:":
         for suffix in ("-wal", "-shm", "-journal"):
             try:

@@ -220,7 +220,8 @@ def test_pytorch_and_onnx_agree_and_contract_travels_in_the_file(tmp_path):
 
 def test_train_feature_extraction_publishes_a_complete_version(refit_home, tmp_path):
     data = make_dataset(tmp_path / "d", classes=("red", "blue", "green"), n=8)
-    r = run_cli("train", data, "--strategy", "feature_extraction", "--json", home=refit_home)
+    r = run_cli("train", data, "--strategy", "feature_extraction", "--parity-images", "2", "--json",
+                home=refit_home)
     assert r.returncode == 0, r.stderr[-3000:]
     out = last_json(r.stdout)
     assert {"version", "strategy", "val_accuracy", "train_seconds"} <= set(out)
@@ -232,6 +233,7 @@ def test_train_feature_extraction_publishes_a_complete_version(refit_home, tmp_p
         assert (entry / name).is_file(), name
     metrics = json.loads((entry / "metrics.json").read_text())
     assert metrics["parity"]["passed"] and metrics["parity"]["max_abs_prob_diff"] <= 1e-4
+    assert metrics["parity"]["images"] == 2  # the sample asked for, spread over the validation split
     assert set(metrics["per_class"]) == {"red", "blue", "green"}
     assert len(metrics["confusion_matrix"]) == 3 and metrics["history"]
     config = json.loads((entry / "config.json").read_text())

@@ -39,6 +39,9 @@ class TrainRequest(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
                                 "folder (stratified, seeded split).")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")
+    parity_images: int = Field(32, ge=0, le=100_000, description="Validation images (evenly spread) on which "
+                               "ONNX Runtime must match PyTorch before anything is published; 0 = all of "
+                               "them. Eager PyTorch is the slow side on a CPU: 32 cost about 1 s.")
     seed: int = Field(0, ge=0, description="Seed for the split, initialisation and augmentation.")
     threads: Optional[int] = Field(None, ge=1, le=256, description="Torch CPU threads (default: all cores).")
     promote: Union[Literal["auto"], bool] = Field("auto", description="auto: promote when at least as good as "

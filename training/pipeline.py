@@ -32,7 +32,6 @@ from training.store import Store, sha256_file
 AUTO_PARTIAL_MIN_IMAGES = 100
 # From here on there is enough data to move every layer: warm-up, then full fine-tuning is tried as well.
 AUTO_FULL_MIN_IMAGES = 5000
-PARITY_IMAGES = 32
 
 
 def seed_everything(seed: int) -> None:
@@ -222,9 +221,11 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
         bb, strategy, history, auto = choose_and_train(run, log)
         train_seconds = time.time() - t_fit
         onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx")
-        # Parity: PyTorch against ONNX Runtime on (up to PARITY_IMAGES of) the validation images. Eager
+        # Parity: PyTorch against ONNX Runtime on (request.parity_images of) the validation images. Eager
         # PyTorch is the slow side on a CPU, so a capped, evenly spread sample keeps retraining fast.
-        pick = np.unique(np.linspace(0, len(run.val_arrays) - 1, min(PARITY_IMAGES, len(run.val_arrays))).astype(int))
+        n_val = len(run.val_arrays)
+        n_parity = min(request.parity_images or n_val, n_val)
+        pick = np.unique(np.linspace(0, n_val - 1, n_parity).astype(int))
         torch_probs = evaluate(bb.model, run.val_arrays[pick], run.val_labels[pick])["probs"]
         head_probs = run.head_val_probs(bb) if strategy == "feature_extraction" else None
         if head_probs is None:
