@@ -13,17 +13,10 @@ RUNTIMES = ("pytorch_eager", "ort_fp32", "ort_int8")
 
 
 def ort_session(path: Path, threads: int):
-    """The session options the service uses (service/model.py: make_session), so these figures are the
-    ones the model workers can reach."""
-    import onnxruntime as ort
+    """The session the service's model workers make, so these figures are the ones they can reach."""
+    from service.model import make_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return make_session(path, threads)
 
 
 def export_and_quantize(bb, workdir: Path, calibration: np.ndarray) -> tuple[Path, Path]:
