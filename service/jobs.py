@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import subprocess
 import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid

@@ -145,7 +145,7 @@ class Refit:
 
         home = refit_home()
         Jobs(home).recover()
-        _drop_stale_task_journal()
+        _prepare_task_database()
         if Store(home).promoted() is None:
             _seed_from_bento(Store(home))
         if Store(home).promoted() is None:
@@ -338,11 +338,13 @@ def _seed_from_bento(store) -> None:
             return
 
 
-def _drop_stale_task_journal() -> None:
-    """BentoML deletes its task database at start but not the database's WAL journal; after a crash the
-    orphaned journal makes the new database fail with "disk I/O error" and the server cannot start.
+def _prepare_task_database() -> None:
+    """Two fixes around BentoML's task database, before it creates the database and starts the workers.
 
-    It also names the database file for the workers. BentoML derives it from BENTOML_HOME, which the
+    BentoML deletes the database at start but not its WAL journal; after a crash the orphaned journal
+    makes the new database fail with "disk I/O error" and the server cannot start: drop it.
+
+    And name the database file for the workers. BentoML derives it from BENTOML_HOME, which the
     supervisor resolved before importing this module when it serves a bento (the container: /home/bentoml/),
     while importing training.paths points BENTOML_HOME at REFIT_HOME and the workers inherit that: they
     would look for the task table in another file ("no such table: result" on every retrain submit)."""

@@ -164,7 +164,6 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, data_loader, epoch: 
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(model: nn.Module, arrays: np.ndarray, labels: np.ndarray, batch_size: int = 16) -> dict:
     """Loss, accuracy and probabilities on preprocessed images (the exact serving preprocessing).
     Small batches: eager PyTorch on a CPU runs this network at half the speed per image at batch 32
