@@ -76,3 +76,16 @@ def real_data() -> Path:
 
 def REFIT_TEST_DATA_OK() -> bool:  # noqa: N802 - reads like the variable it checks
     return bool(REAL_DATA) and (Path(REAL_DATA) / "train").is_dir()
+
+
+@pytest.fixture(scope="session")
+def imagenet_store(tmp_path_factory) -> Path:
+    """A store holding only the bootstrap version v0001 (pretrained ImageNet model, promoted), made once per
+    session; copy it with `serving.copy_store` to start a server without paying the bootstrap again."""
+    home = tmp_path_factory.mktemp("imagenet-store")
+    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
+    code = "from training.pipeline import bootstrap_imagenet; bootstrap_imagenet()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return home
