@@ -93,14 +93,16 @@ def _upright(im: Image.Image) -> None:
 def to_rgb(im: Image.Image) -> Image.Image:
     """8-bit RGB as a viewer shows the image. Pillow's `convert("RGB")` clips 16- and 32-bit samples at
     255 (a 16-bit grayscale PNG turns almost white) and drops alpha (showing whatever colour lies under
-    transparent pixels), so those modes are converted here."""
+    transparent pixels), so those modes are converted here. Upstream: Pillow clips rather than scales on
+    conversion, https://github.com/python-pillow/Pillow/issues/3159 (open)."""
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit samples (mode I is how some decoders hand them over): keep the high byte.
         a = np.asarray(im)
-        gray = (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        if im.mode == "I":
+            a = np.clip(a, 0, 65535)
+        return Image.fromarray((a >> 8).astype(np.uint8), "L").convert("RGB")
     if im.mode == "F":
         # Float images are taken as 0..1 when they stay within it (the usual convention), else as 0..255.
         a = np.nan_to_num(np.asarray(im, dtype=np.float32))
