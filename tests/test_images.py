@@ -268,6 +268,7 @@ def test_item02_training_memory_is_bounded_by_images_times_training_resolution(b
                                "feature_extraction", "--head-epochs", "30", "--promote", "false")
     # Sixteen 6000x6000 images kept decoded would add 1.7 GB (RGB). Bounded by images x training resolution,
     # the run adds only the decode of one image at a time (a few hundred MB for 36 megapixels of 16-bit).
+    print(f"peak RSS {peak_mb:.0f} MB; {small_mb:.0f} MB on small images")
     assert peak_mb - small_mb < 800, f"peak RSS {peak_mb:.0f} MB, {small_mb:.0f} MB on small images"
 
 
