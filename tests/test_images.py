@@ -197,6 +197,8 @@ def test_item15_predict_base64_accepts_common_encodings_and_refuses_garbage(http
     assert r.status_code == 400 and "JSON" in r.json()["error"], r.text
     r = http.post("/predict_base64", json={"images": [{"data": plain}], "top_k": 0})
     assert r.status_code == 400 and "top_k" in r.json()["error"], r.text
+    spec = http.get("/docs.json").json()["paths"]["/predict_base64"]["post"]["requestBody"]["content"]
+    assert "application/json" in spec, spec
 
 
 # --- training through the CLI -------------------------------------------------------------------------
