@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service import settings
 from training.contract import Contract
 from training.preprocess import preprocess
 from training.store import Store, atomic_write_json, now_iso
@@ -184,7 +185,10 @@ class ModelHolder:
 
         def decode(item: dict):
             try:
-                return preprocess(item["data"], model.contract, name=item["name"])
+                # The front checked the request's decode budget from the headers; the per-image limit
+                # is held here too, at decode time, for anything that reaches a worker another way.
+                return preprocess(item["data"], model.contract, name=item["name"],
+                                  max_pixels=settings.MAX_IMAGE_PIXELS)
             except Exception as e:  # noqa: BLE001 - ImageError, decompression-bomb guard, anything PIL raises
                 msg = str(e)
                 return ValueError(msg if msg.startswith(item["name"]) else f"{item['name']}: {msg}")

@@ -8,8 +8,6 @@ routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adapti
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import os
@@ -32,7 +30,8 @@ from service.balance import CloseAfterReply
 from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
 from service.model import ModelHolder, ModelUnavailable, read_worker_status
-from service.schemas import Base64Image, Classified, ImageJob, PredictInput, Prediction, Rejected, RetrainInput
+from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
+    RetrainInput
 
 log = logging.getLogger("refit.service")
 # BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
@@ -165,31 +164,19 @@ class Refit:
             return error(images.status, images.message)
         return await self._classify([(u.name, u.data) for u in images], top_k, threshold)
 
-    @bentoml.api(route="/predict_base64")
-    async def predict_base64(
-        self,
-        images: list[Base64Image] = Field(description="Images as base64 strings, with optional names."),
-        top_k: int = Field(settings.DEFAULT_TOP_K, ge=1, le=1000, description="Classes to list per image."),
-        threshold: float = Field(settings.DEFAULT_THRESHOLD, ge=0, le=1, description='Best score under this '
-                                 'answers "unknown".'),
-    ) -> list[Prediction]:
+    @bentoml.api(route="/predict_base64", input_spec=PredictBase64Input)
+    async def predict_base64(self, images: list, top_k: int, threshold: float) -> list[Prediction]:
         """The same as /predict for clients that cannot send multipart: JSON with base64-encoded images."""
-        if not images:
-            return error(400, "no images: send one or more base64 images in `images`")
-        if len(images) > settings.MAX_IMAGES:
-            return error(400, f"{len(images)} images is over the limit of {settings.MAX_IMAGES} per request")
-        decoded = []
-        for i, im in enumerate(images):
-            name = im.name or f"images[{i}]"
-            try:
-                decoded.append((name, base64.b64decode(im.data, validate=True)))
-            except (binascii.Error, ValueError):
-                return error(400, f"{name}: not valid base64")
-        return await self._classify(decoded, top_k, threshold)
+        if isinstance(images, Rejected):
+            return error(images.status, images.message)
+        return await self._classify([(u.name, u.data) for u in images], top_k, threshold)
 
     async def _classify(self, files: list[tuple[str, bytes]], top_k: int, threshold: float):
         if len(files) > settings.MAX_IMAGES:
             return error(400, f"{len(files)} images is over the limit of {settings.MAX_IMAGES} per request")
+        refused = _over_budget(files)
+        if refused:
+            return refused
         jobs_ = [ImageJob(name=n, data=d, top_k=top_k, threshold=threshold) for n, d in files]
         for attempt in range(3):
             try:
@@ -322,6 +309,33 @@ for _service in (Refit, Classifier):
     for _api in _service.apis.values():
         if _api.output_spec.mime_type() == "application/json":
             _api.output_spec.media_type = "application/json"
+
+
+def _over_budget(files: list[tuple[str, bytes]]) -> JSONResponse | None:
+    """The request's decode cost, from the images' headers (microseconds each), against its budget; an error
+    reply naming the image(s) and the limit, or None. Checked here so that the model workers, which every
+    client shares, never start on a request they would spend seconds of CPU on."""
+    from training.preprocess import ImageError, decode_cost
+
+    budget = settings.MAX_REQUEST_MEGAPIXELS
+    costs = []
+    for name, data in files:
+        try:
+            costs.append((decode_cost(data, name, max_pixels=settings.MAX_IMAGE_PIXELS), name))
+        except ImageError as e:
+            return error(400, str(e))
+    how = "(counted as PNG megapixels: a baseline JPEG counts a quarter, a row narrower than 8 pixels as 8)"
+    for cost, name in costs:
+        if cost > budget:
+            return error(400, f"{name}: decoding it costs {cost:.1f} megapixels, over the limit of {budget:g} "
+                              f"megapixels per request {how}; send a smaller image")
+    total = sum(c for c, _ in costs)
+    if total > budget:
+        costliest = ", ".join(f"{n} {c:.1f}" for c, n in sorted(costs, key=lambda t: -t[0])[:3])
+        return error(413, f"these {len(costs)} images cost {total:.1f} megapixels to decode, over the limit of "
+                          f"{budget:g} megapixels per request {how}; costliest: {costliest}. "
+                          "Send them in several requests, or smaller")
+    return None
 
 
 def _seed_from_bento(store) -> None:

@@ -48,3 +48,10 @@ TRAIN_STANDBY = os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false",
 # OpenTelemetry spans for predictions: off unless asked for. With no trace exporter configured they go
 # nowhere, yet creating them cost about a quarter of the model workers' HTTP handling (profiled).
 TRACE_PREDICTIONS = os.environ.get("REFIT_TRACE_PREDICTIONS", "") in ("1", "true", "yes")
+
+# What one predict request may cost to decode, read from the images' headers before any is decoded. The
+# cost is counted in megapixels of a PNG (training.preprocess.decode_cost: a baseline JPEG counts a
+# quarter, a row narrower than 8 pixels as 8 wide); 64 is at most about 1.8 s of one core (measured,
+# docs/service.md), and still takes 20 twelve-megapixel phone photos in one request.
+MAX_REQUEST_MEGAPIXELS = _float("REFIT_MAX_REQUEST_MEGAPIXELS", 64)
+MAX_IMAGE_PIXELS = int(_float("REFIT_MAX_IMAGE_MEGAPIXELS", 50) * 1_000_000)  # one image as stored (400 above)

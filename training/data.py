@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from training.preprocess import IMAGE_SUFFIXES, ImageError, load_image
+from training.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
 
 log = logging.getLogger("refit.data")
 
@@ -39,7 +39,7 @@ class Dataset:
     ignored: list[str] = field(default_factory=list)  # non-image files
     warnings: list[str] = field(default_factory=list)
     # Images the check already decoded (with the contract given to load_dataset), for the run to take
-    # instead of decoding every file a second time.
+    # instead of decoding every file a second time: path -> training.preprocess.Prepared.
     decoded: dict = field(default_factory=dict, repr=False)
 
     def counts(self) -> dict:
@@ -129,7 +129,9 @@ def _scan_classes(folder: Path) -> dict[str, list[Path]]:
 
 def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None, decoded: dict | None = None
             ) -> list[Path]:
-    """Fully decode every image file (a truncated JPEG only fails there); keep the images when asked."""
+    """Fully decode every image file (a truncated JPEG only fails there). When asked, keep what training
+    needs of each (`Prepared`: the model input and a copy bounded by the contract), never the full-size
+    decode: a few 7000 x 7000 PNGs would otherwise hold gigabytes."""
     good = []
     for p in files:
         if p.suffix.lower() not in IMAGE_SUFFIXES:
@@ -141,7 +143,8 @@ def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None
             ds_skipped.append({"path": str(p), "reason": str(e).split(": ", 1)[-1]})
             continue
         if decoded is not None:
-            decoded[p] = im
+            decoded[p] = prepare(im, contract)
+        del im  # the full-size decode goes before the next one is made
         good.append(p)
     return good
 
@@ -149,7 +152,7 @@ def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
                  log_fn=log.info, contract=None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
-    `contract`, images are decoded as training will use them and kept in `Dataset.decoded`."""
+    `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`."""
     data = Path(data)
     if not data.exists():
         raise DatasetError(f"{data}: no such file or folder")

@@ -23,7 +23,7 @@ from training.export import CONTRACT_KEY, VERSION_KEY, export_onnx, read_contrac
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
     fine_tune, fit_head
 from training.metrics import classification_report, save_confusion_png, save_results_csv
-from training.preprocess import eval_array, load_image, preprocess, train_transform
+from training.preprocess import Prepared, load_image, prepare, preprocess, train_transform
 from training.registry import Backbone, create_backbone, get_module
 from training.store import Store, sha256_file
 
@@ -54,16 +54,19 @@ class Run:
         self.contract = input_contract(request).with_classes(ds.classes)
         t0 = time.time()
 
-        def image(path):  # decoded by the dataset check already, unless it ran without this contract
-            im = ds.decoded.pop(path, None)
-            return im if im is not None else load_image(path, self.contract)
+        def image(path) -> Prepared:  # decoded by the dataset check already, unless it ran without this contract
+            kept = ds.decoded.pop(path, None)
+            return kept if kept is not None else prepare(load_image(path, self.contract), self.contract)
 
-        # Each image decoded once (at reduced JPEG scale, exactly as serving does) and kept in memory.
-        self.train_images = [image(p) for p, _ in ds.train]
+        # Each image decoded once (at reduced JPEG scale, exactly as serving does); what is kept is bounded
+        # by the contract (Prepared), so memory grows with the number of images, not their resolution.
+        train = [image(p) for p, _ in ds.train]
+        self.train_images = [t.image for t in train]
         self.train_labels = [y for _, y in ds.train]
-        self.val_arrays = np.stack([eval_array(image(p), self.contract) for p, _ in ds.val])
+        self.train_arrays = np.stack([t.array for t in train])
+        del train  # the per-image arrays: stacked above
+        self.val_arrays = np.stack([image(p).array for p, _ in ds.val])
         self.val_labels = np.array([y for _, y in ds.val], dtype=np.int64)
-        self.train_arrays = np.stack([eval_array(im, self.contract) for im in self.train_images])
         log(f"preprocessed {len(self.train_images)} train + {len(self.val_arrays)} val images in "
             f"{time.time() - t0:.1f}s")
         self._features = None
@@ -72,9 +75,10 @@ class Run:
     @property
     def aug_images(self) -> list:
         """Training crops are taken from a copy no larger than needed, which keeps augmentation cheap;
-        made on first use, since feature extraction never augments."""
+        made on first use, since feature extraction never augments. It replaces the kept images."""
         if self._aug_images is None:
             self._aug_images = [_shrink(im, self.contract.resize_size) for im in self.train_images]
+            self.train_images = self._aug_images
         return self._aug_images
 
     def features(self, bb: Backbone):
