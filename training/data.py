@@ -199,6 +199,13 @@ def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None
     return good
 
 
+def _relative_to(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
                  log_fn=log.info, contract=None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
@@ -232,6 +239,9 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
         per_class = {c: usable(f) for c, f in _scan_classes(root).items()}
     for s in skipped:
         log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
+        # Recorded (metrics, the retrain reply) relative to the dataset, as in dataset.json: the full path
+        # is the server's business and stays in its log.
+        s["path"] = _relative_to(s["path"], root)
     if ignored:
         log_fn(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
     per_class = {c: f for c, f in per_class.items() if f or not has_split}
