@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 from training.data import check_layout
-from training.scratch import sweep
+from training.scratch import scratch_root, sweep
 from training.store import atomic_write_json, now_iso
 
 log = logging.getLogger("refit.jobs")
@@ -422,8 +422,8 @@ def _relative(msg: str, job_dir: Path) -> str:
     from training.paths import refit_home
 
     home = refit_home()
-    # A data_path .zip is unpacked into the run's folder: REFIT_HOME/tmp/run-<pid>-<id>/dataset/...
-    msg = re.sub(re.escape(str(home / "tmp")) + r"/[^/\s]+/dataset/?", "", msg)
+    # A data_path .zip is unpacked into the run's folder: REFIT_HOME/tmp/runs/run-<pid>-<id>/dataset/...
+    msg = re.sub(re.escape(str(scratch_root(home))) + r"/[^/\s]+/dataset/?", "", msg)
     for root, shown in ((job_dir / "data", "."), (os.environ.get("REFIT_DATA_ROOT"), "."),
                         (job_dir, f"job {job_dir.name}"), (home, "REFIT_HOME")):
         if root:

@@ -129,7 +129,7 @@ def _dir_mb(path: Path) -> int:
 
 # Free space left on the tmpfs home after the store is copied in: enough for jobs, logs and one published
 # version, less than the "disk full" uploads below need.
-TMPFS_SPARE_MB = 64
+TMPFS_SPARE_MB = 128
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def first(imagenet_store, tmp_path_factory):
     mounted = os.geteuid() == 0 and _mount_tmpfs(home, _dir_mb(imagenet_store) + TMPFS_SPARE_MB)
     copy_store(imagenet_store, home)
     srv = Server(home, data_root, root / "serve.log", env={"REFIT_TRAIN_STANDBY": "0",
-                                                           "REFIT_MAX_DATASET_MB": "128"})
+                                                           "REFIT_MAX_DATASET_MB": "256"})
     srv.tmpfs = mounted
     srv.start()
     yield srv
@@ -161,6 +161,14 @@ def http(first):
 def _no_server_paths(text: str, srv: Server) -> None:
     for path in (srv.home, srv.data_root, Path(serving.REPO)):
         assert str(path) not in text, f"server path {path} in a reply: {text}"
+
+
+def finished(http, task_id: str) -> str:
+    """Wait for a retrain task; its status, and the job's error in the assertion message when it failed."""
+    status = wait_task(http, task_id, timeout=300)["status"]
+    if status != "completed":
+        return f"{status}: " + http.get("/retrain/get", params={"task_id": task_id}, headers=AUTH).text
+    return status
 
 
 def submit(http, data: bytes, name: str = "colours.zip", **fields) -> httpx.Response:
@@ -204,8 +212,8 @@ BAD_UPLOADS = {
     "name_over_255_bytes": (long_name_zip, 400, "over the limit of 255"),
     "file_and_folder_same_name": (file_and_folder_zip, 400, "both a file and a folder"),
     # Bigger than the free space on the tmpfs home: the upload itself, then what it unpacks to.
-    "disk_full_saving": (lambda: random_zip(TMPFS_SPARE_MB + 16), 507, "disk space"),
-    "disk_full_extracting": (lambda: zeros_zip(TMPFS_SPARE_MB + 16), 507, "disk space"),
+    "disk_full_saving": (lambda: random_zip(TMPFS_SPARE_MB + 32), 507, "disk space"),
+    "disk_full_extracting": (lambda: zeros_zip(TMPFS_SPARE_MB + 32), 507, "disk space"),
 }
 
 
@@ -247,7 +255,7 @@ def test_item01_server_is_still_admitting_after_the_bad_uploads(http):
     r = http.post(SUBMIT, json={"data_path": "colours", "strategy": "feature_extraction", "promote": False,
                                 "int8": False}, headers=AUTH)
     assert r.status_code == 200, r.text
-    assert wait_task(http, r.json()["task_id"], timeout=300)["status"] == "completed"
+    assert finished(http, r.json()["task_id"]) == "completed"
 
 
 # --- item 13: no server paths in replies ------------------------------------------------------------------
@@ -259,7 +267,7 @@ def test_item13_skipped_image_paths_are_relative_to_the_dataset(http, first):
     r = submit(http, make_zip(files), strategy="feature_extraction", promote=False, int8=False)
     assert r.status_code == 200, r.text
     task = r.json()["task_id"]
-    assert wait_task(http, task, timeout=300)["status"] == "completed"
+    assert finished(http, task) == "completed"
     got = http.get("/retrain/get", params={"task_id": task}, headers=AUTH)
     assert got.status_code == 200, got.text
     assert [s["path"] for s in got.json()["skipped"]] == ["red/broken.jpg"], got.json()["skipped"]
@@ -325,7 +333,7 @@ def _leftovers(srv: Server) -> list[str]:
     """What a dead job or upload may leave: partial uploads, unpacked datasets, temp folders."""
     jobs = srv.home / "jobs"
     found = [*jobs.glob(".incoming-*"), *jobs.glob("*/data"), *jobs.glob("*/tmp"),
-             *(srv.home / "tmp").glob("*"), *srv.tmpdir.glob("refit-*")]
+             *(p for p in (srv.home / "tmp").rglob("*") if p.is_file()), *srv.tmpdir.glob("refit-*")]
     return sorted(str(p.relative_to(p.anchor)) for p in found)
 
 

@@ -1,4 +1,4 @@
-"""Temporary folders of training runs, kept under REFIT_HOME/tmp instead of the system temp dir.
+"""Temporary folders of training runs, kept under REFIT_HOME/tmp/runs instead of the system temp dir.
 
 A run killed with SIGKILL never removes its temp folder (an unpacked dataset, ONNX files). Kept under the
 store's home, such folders can be found again; each is held with an flock for as long as its process lives,
@@ -20,12 +20,13 @@ log = logging.getLogger("refit.scratch")
 
 
 def scratch_root(home: Path) -> Path:
-    return home / "tmp"
+    # A folder of its own: REFIT_HOME/tmp also holds the store's staging folders, which are not ours to sweep.
+    return home / "tmp" / "runs"
 
 
 @contextmanager
 def run_folder(home: Path, prefix: str = "run") -> Iterator[Path]:
-    """A fresh folder under REFIT_HOME/tmp, locked while the caller uses it and removed afterwards."""
+    """A fresh folder under REFIT_HOME/tmp/runs, locked while the caller uses it and removed afterwards."""
     path = scratch_root(home) / f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)
     fd = os.open(path, os.O_RDONLY)
