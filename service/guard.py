@@ -7,11 +7,11 @@ submit itself, not minutes later from /retrain/get.
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,8 @@ from service.jobs import AdmissionError, Jobs, public, looks_like_dataset
 from service.schemas import BodyTooLarge, RetrainFields
 
 log = logging.getLogger("refit.guard")
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the server is out of space: 507, not the client's fault
 
 JOB_HEADER = "x-refit-job"  # set by admission, read by the retrain task to find its job
 ADMIT_PATHS = ("/retrain", "/retrain/submit")
@@ -64,6 +66,25 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # BentoML's TimeoutMiddleware, outside this one, waits for the first message of a reply and only
+        # then for the request itself: an exception raised before any reply is neither answered nor logged
+        # until traffic.timeout (an hour here), and the stuck request then holds up a graceful shutdown.
+        # https://github.com/bentoml/BentoML/pull/5670 . So nothing raises past this point unanswered.
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._route(scope, receive, tracked)
+        except Exception:  # noqa: BLE001 - the last line of defence: log it, answer it
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if not started:
+                await _reply(send, 500, {"error": "internal error; the cause is in the server log"})
+
+    async def _route(self, scope, receive, send):
         method, path = scope["method"], scope["path"]
         if needs_token(method, path) and not authorized(scope):
             return await _reply(send, 401, {"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
@@ -126,6 +147,19 @@ class Guard:
         except AdmissionError as e:
             log.info("retrain refused (%s): %s", e.status, e.body["error"])
             return await _reply(send, e.status, e.body)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                log.error("retrain refused (507): out of disk space under %s: %s", self.jobs.root, e)
+                return await _reply(send, 507, {"error": "the server has no disk space left to store and unpack "
+                                                         f"this dataset ({len(body)} bytes uploaded); try again "
+                                                         "later or send a smaller one"})
+            log.exception("retrain refused (503): the server could not store the dataset")
+            return await _reply(send, 503, {"error": f"the server could not store the dataset "
+                                                     f"({e.strerror or type(e).__name__}); try again later"})
+        except Exception as e:  # noqa: BLE001 - whatever it is, the client gets an answer and the log the cause
+            log.exception("retrain refused (503): admission failed")
+            return await _reply(send, 503, {"error": f"the server could not admit this retrain "
+                                                     f"({type(e).__name__}); the cause is in the server log"})
         job_id = job["id"]
         # BentoML gets the validated fields as a small JSON body: the upload is unpacked already, and
         # parsing a large multipart body a second time would only delay the start of training.
@@ -156,12 +190,13 @@ class Guard:
                 self.jobs.update(job_id, status="failed", error={"status": reply.get("status"),
                                                                  "message": "the request was not accepted"})
                 self.jobs.release(job_id)
+                shutil.rmtree(self.jobs.dir(job_id) / "data", ignore_errors=True)
 
     async def _admit(self, scope, body: bytes) -> dict:
         """Validate the request, make the data ready and create the job; raises AdmissionError."""
         ctype = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
         upload_path: Path | None = None
-        incoming = self.jobs.root / f".incoming-{uuid.uuid4().hex}"
+        incoming = self.jobs.incoming_dir()
         try:
             if ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
                 request = Request(scope, _replay(body))
@@ -227,10 +262,15 @@ class Guard:
             job = self.jobs.admit(request=request_fields.model_dump(mode="json", exclude_none=True),
                                   source=source, actor="api")
             job_dir = self.jobs.dir(job["id"])
-            if upload_path is not None:
-                (incoming / "data").rename(job_dir / "data")
-                data = job_dir / "data"
-            return self.jobs.update(job["id"], data=str(data))
+            try:
+                if upload_path is not None:
+                    (incoming / "data").rename(job_dir / "data")
+                    data = job_dir / "data"
+                return self.jobs.update(job["id"], data=str(data))
+            except BaseException as e:
+                # Admitted but not started: give the lock back, or every later submit would be "busy".
+                self.jobs.abandon(job["id"], f"admission failed: {type(e).__name__}")
+                raise
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
 
@@ -260,18 +300,25 @@ def _resolve_data_path(data_path) -> Path:
                                   ".zip in the field `dataset` instead")
     if not isinstance(data_path, str) or not data_path.strip():
         raise AdmissionError(422, "data_path must be a non-empty string")
-    p = (settings.DATA_ROOT / data_path).resolve()
-    if not p.is_relative_to(settings.DATA_ROOT):
-        raise AdmissionError(400, f"data_path {data_path!r} is outside the data root; only datasets under "
-                                  f"the data root can be named")
-    if not p.exists():
-        raise AdmissionError(400, f"data_path {data_path!r} does not exist under the data root")
-    if p.is_dir():
+    if "\0" in data_path:
+        raise AdmissionError(422, "data_path must not contain a NUL character")
+    shown = data_path if len(data_path) <= 200 else data_path[:200] + "..."
+    try:
+        p = (settings.DATA_ROOT / data_path).resolve()
+        if not p.is_relative_to(settings.DATA_ROOT):
+            raise AdmissionError(400, f"data_path {shown!r} is outside the data root; only datasets under "
+                                      f"the data root can be named")
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as e:  # ENAMETOOLONG, ELOOP, EACCES: the name cannot be used, whatever it points to
+        raise AdmissionError(400, f"data_path {shown!r} cannot be opened: {e.strerror}") from None
+    if not exists:
+        raise AdmissionError(400, f"data_path {shown!r} does not exist under the data root")
+    if is_dir:
         problem = looks_like_dataset(p)
         if problem:
             raise AdmissionError(422, problem)
     elif p.suffix.lower() != ".zip":
-        raise AdmissionError(400, f"data_path {data_path!r} is neither a folder nor a .zip")
+        raise AdmissionError(400, f"data_path {shown!r} is neither a folder nor a .zip")
     return p
 
 

@@ -23,14 +23,17 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from training.data import check_layout
+from training.scratch import scratch_root, sweep
 from training.store import atomic_write_json, now_iso
 
 log = logging.getLogger("refit.jobs")
@@ -124,6 +127,19 @@ class Jobs:
         self._held[job_id] = fd
         return job
 
+    def incoming_dir(self) -> Path:
+        """A folder for an upload being saved and unpacked, named for this process so that a restart can
+        tell the leftovers of a dead process from an upload still being received."""
+        return self.root / f".incoming-{os.getpid()}-{uuid.uuid4().hex}"
+
+    def abandon(self, job_id: str, message: str) -> None:
+        """An admitted job that will not run: record why, drop its data and give back the lock."""
+        try:
+            self.update(job_id, status="failed", finished=now_iso(), error={"status": 503, "message": message})
+        finally:
+            self.release(job_id)
+            shutil.rmtree(self.dir(job_id) / "data", ignore_errors=True)
+
     def release(self, job_id: str) -> None:
         fd = self._held.pop(job_id, None)
         if fd is not None:
@@ -133,14 +149,37 @@ class Jobs:
         return job_id in self._held
 
     def recover(self) -> list[str]:
-        """At start: jobs left active by a process that is gone are recorded as failed."""
+        """At start: jobs left active by a process that is gone are recorded as failed, and what dead
+        processes left on disk is removed (partial uploads, unpacked datasets, a killed run's temp files)."""
+        self._sweep_incoming()
+        sweep(self.root.parent)  # temp folders of runs (service or CLI) whose process is gone
         fd = self._try_lock()
         if fd is None:
             return []  # another live worker holds a job; its state is current
         try:
-            return self._fail_stale()
+            failed = self._fail_stale()
+            for job in self.list(limit=100_000):
+                if job.get("status") not in ACTIVE:
+                    self._drop_scratch(job["id"])
+            return failed
         finally:
             os.close(fd)
+
+    def _sweep_incoming(self) -> None:
+        for d in self.root.glob(".incoming-*"):
+            pid = d.name.split("-")[1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # a live worker is still receiving this upload
+            log.warning("removing a partial upload left by a stopped process: %s", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _drop_scratch(self, job_id: str) -> None:
+        """A finished job needs neither its unpacked dataset nor its temp folder."""
+        for name in ("data", "tmp"):
+            d = self.dir(job_id) / name
+            if d.exists():
+                log.warning("removing %s of finished job %s", name, job_id)
+                shutil.rmtree(d, ignore_errors=True)
 
     def _fail_stale(self) -> list[str]:
         failed = []
@@ -234,10 +273,21 @@ class Jobs:
                               result=json.loads((d / "result.json").read_text()))
         else:
             err = _read_json(d / "error.json") or {"status": 500, "message": f"training exited with code {rc}; "
-                                                   f"see {d / 'train.log'}"}
+                                                   f"the job's train.log on the server has the details"}
+            log.error("retrain job %s failed (exit %s); log: %s", job_id, rc, d / "train.log")
             job = self.update(job_id, status="failed", finished=now_iso(), seconds=seconds, error=err)
-        shutil.rmtree(d / "data", ignore_errors=True)  # the extracted upload is not needed any more
+        self._drop_scratch(job_id)  # the extracted upload and the run's temp files are not needed any more
         return job
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_json(path: Path) -> dict | None:
@@ -333,6 +383,12 @@ def run_job(job_dir: Path, *, started: bool = False) -> int:
     if not started:
         _die_with_parent()
         _lower_priority()
+    # Every temp file of this run (ours, onnxruntime's quantizer's) goes under the job, where the service
+    # removes it when the job ends, or at the next start if this process is killed.
+    tmp = job_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = str(tmp)
     job = json.loads((job_dir / "job.json").read_text())
     cap = int(os.environ.get("REFIT_TRAIN_THREADS") or 1)
     request = TrainRequest.model_validate(job["request"])
@@ -346,12 +402,7 @@ def run_job(job_dir: Path, *, started: bool = False) -> int:
     try:
         result = train(request, job["data"], store=Store(), actor=job.get("actor", "api"), log=say)
     except DatasetError as e:
-        # Paths in the message are shown relative to what the client sent, not as server paths.
-        msg = str(e)
-        for root in (job_dir / "data", os.environ.get("REFIT_DATA_ROOT")):
-            if root:
-                msg = msg.replace(f"{root}{os.sep}", "").replace(str(root), ".")
-        atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {msg}"})
+        atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
         print(f"dataset error: {e}", flush=True)
         return 3
     except Exception as e:  # noqa: BLE001 - reported to the client; the traceback goes to the log
@@ -359,10 +410,25 @@ def run_job(job_dir: Path, *, started: bool = False) -> int:
 
         traceback.print_exc()
         atomic_write_json(job_dir / "error.json", {"status": 500, "message": f"training failed: "
-                                                   f"{type(e).__name__}: {e}"})
+                                                   f"{type(e).__name__}: {_relative(str(e), job_dir)}"})
         return 1
     atomic_write_json(job_dir / "result.json", json.loads(json.dumps(result, default=str)))
     return 0
+
+
+def _relative(msg: str, job_dir: Path) -> str:
+    """Server paths out of a message for the client: the dataset's own paths are shown relative to what the
+    client sent (the upload or data_path), anything else under the job or the store by a name."""
+    from training.paths import refit_home
+
+    home = refit_home()
+    # A data_path .zip is unpacked into the run's folder: REFIT_HOME/tmp/runs/run-<pid>-<id>/dataset/...
+    msg = re.sub(re.escape(str(scratch_root(home))) + r"/[^/\s]+/dataset/?", "", msg)
+    for root, shown in ((job_dir / "data", "."), (os.environ.get("REFIT_DATA_ROOT"), "."),
+                        (job_dir, f"job {job_dir.name}"), (home, "REFIT_HOME")):
+        if root:
+            msg = msg.replace(f"{root}{os.sep}", "" if shown == "." else f"{shown}: ").replace(str(root), shown)
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:

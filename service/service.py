@@ -29,6 +29,7 @@ from service import settings
 from service.balance import CloseAfterReply
 from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
+from service.lifeline import die_with_supervisor, record_supervisor
 from service.model import ModelHolder, ModelUnavailable, read_worker_status
 from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
     RetrainInput
@@ -88,6 +89,7 @@ class Classifier:
     def __init__(self) -> None:
         from training.store import Store
 
+        die_with_supervisor()
         self.holder = ModelHolder(Store(), threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
 
     @bentoml.api(batchable=True, max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS)
@@ -124,6 +126,7 @@ class Refit:
 
         from training.store import Store
 
+        die_with_supervisor()
         self.store = Store()
         self.jobs = jobs()
         self.jobs.recover()
@@ -143,6 +146,7 @@ class Refit:
         from training.store import Store
 
         home = refit_home()
+        record_supervisor()  # the workers started after this hook exit when this process dies
         Jobs(home).recover()
         _prepare_task_database()
         if Store(home).promoted() is None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 Strategy = Literal["auto", "feature_extraction", "partial", "full", "scratch"]
 
@@ -42,7 +43,8 @@ class TrainRequest(BaseModel):
     parity_images: int = Field(32, ge=0, le=100_000, description="Validation images (evenly spread) on which "
                                "ONNX Runtime must match PyTorch before anything is published; 0 = all of "
                                "them. Eager PyTorch is the slow side on a CPU: 32 cost about 1 s.")
-    seed: int = Field(0, ge=0, description="Seed for the split, initialisation and augmentation.")
+    # numpy's legacy seeding takes 0 .. 2**32 - 1; a larger seed would only fail once training starts.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for the split, initialisation and augmentation.")
     threads: Optional[int] = Field(None, ge=1, le=256, description="Torch CPU threads (default: all cores).")
     promote: Union[Literal["auto"], bool] = Field("auto", description="auto: promote when at least as good as "
                                                   "the promoted version on the new validation split (same "
@@ -51,6 +53,17 @@ class TrainRequest(BaseModel):
     min_accuracy: float = Field(0.7, ge=0, le=1, description="Accuracy a version with new classes needs for "
                                 "auto promotion.")
     note: Optional[str] = Field(None, max_length=500, description="Free text stored with the version.")
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered_backbone(cls, name: str) -> str:
+        # Checked here, not when the model is built, so a retrain with a wrong name is refused at submit
+        # (and the CLI before reading any data). The registry's names need no torch import.
+        from training.registry import list_backbones, unknown_backbone
+
+        if name not in list_backbones():
+            raise PydanticCustomError("unknown_backbone", "{message}", {"message": unknown_backbone(name)})
+        return name
 
 
 def field_help() -> dict[str, str]:

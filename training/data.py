@@ -5,12 +5,14 @@ skipped; non-image files are ignored; too few classes or images is an error and 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import random
 import stat
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -63,35 +65,86 @@ class Dataset:
                 "ignored": len(self.ignored), "files": files}
 
 
+# Compression methods Python's zipfile can read. Windows Explorer writes Deflate64 (9) for large archives,
+# which zipfile refuses with NotImplementedError; it is named in the error so the client can re-zip.
+READABLE_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                    zipfile.ZIP_LZMA: "lzma"}
+NAME_MAX = 255  # bytes per path component on Linux file systems (ext4, xfs, tmpfs)
+PATH_MAX = 1024  # bytes per entry name, well under the OS limit (4096) once the job folder is prefixed
+# OS errors that an entry's name or shape causes, i.e. the archive's fault, not the server's.
+_ENTRY_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EILSEQ, errno.EINVAL}
+
+
 def safe_extract_zip(zip_path: Path | str, dest: Path | str) -> Path:
-    """Extract a dataset archive, refusing entries that would land outside `dest` (zip-slip),
-    absolute paths, symlinks, and archives that expand past MAX_ZIP_BYTES."""
+    """Extract a dataset archive, refusing entries that would land outside `dest` (zip-slip), absolute
+    paths, symlinks, archives that expand past MAX_ZIP_BYTES, and anything zipfile cannot unpack
+    (encrypted entries, unsupported compression, damaged data, over-long names, a file and a folder of the
+    same name). Every refusal is a DatasetError naming the entry. Running out of disk space is not the
+    archive's fault: that OSError (ENOSPC) is raised as it is, for the caller to report as such."""
     zip_path, dest = Path(zip_path), Path(dest)
     try:
         zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno not in (None, *_ENTRY_ERRNOS):
+            raise
         raise DatasetError(f"{zip_path.name}: not a valid .zip archive ({e})") from None
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_ZIP_FILES:
             raise DatasetError(f"{zip_path.name}: {len(infos)} entries is over the limit of {MAX_ZIP_FILES}")
         total = 0
+        files: set[PurePosixPath] = set()
+        folders: set[PurePosixPath] = set()
         for info in infos:
-            name = info.filename
-            pp = PurePosixPath(name.replace("\\", "/"))
-            if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in pp.parts:
-                raise DatasetError(f"{zip_path.name}: entry {name!r} points outside the archive (unsafe path)")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise DatasetError(f"{zip_path.name}: entry {name!r} is a symbolic link (not allowed)")
+            _check_entry(zip_path.name, info)
+            pp = PurePosixPath(info.filename.replace("\\", "/"))
+            (folders if info.is_dir() else files).add(pp)
+            folders.update(pp.parents)
             total += info.file_size
             if total > MAX_ZIP_BYTES:
                 raise DatasetError(f"{zip_path.name}: expands to more than {MAX_ZIP_BYTES >> 20} MiB")
+        clash = sorted(files & folders)
+        if clash:
+            raise DatasetError(f"{zip_path.name}: {clash[0].as_posix()!r} is both a file and a folder in the "
+                               f"archive; rename one of them")
         dest.mkdir(parents=True, exist_ok=True)
         for info in infos:
             if "__MACOSX" in info.filename.split("/"):
                 continue
-            zf.extract(info, dest)
+            try:
+                zf.extract(info, dest)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # CRC mismatch, corrupt deflate stream
+                raise DatasetError(f"{zip_path.name}: entry {info.filename!r} is damaged ({e}); "
+                                   "make the archive again") from None
+            except OSError as e:
+                if e.errno not in _ENTRY_ERRNOS:
+                    raise  # the server's problem (disk full, permissions): not a bad upload
+                raise DatasetError(f"{zip_path.name}: entry {info.filename!r} cannot be unpacked here "
+                                   f"({e.strerror})") from None
     return dest
+
+
+def _check_entry(archive: str, info: zipfile.ZipInfo) -> None:
+    """Refuse, before anything is written, an entry that is unsafe or that zipfile cannot unpack."""
+    name = info.filename
+    pp = PurePosixPath(name.replace("\\", "/"))
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in pp.parts:
+        raise DatasetError(f"{archive}: entry {name!r} points outside the archive (unsafe path)")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DatasetError(f"{archive}: entry {name!r} is a symbolic link (not allowed)")
+    if info.flag_bits & 0x1:
+        raise DatasetError(f"{archive}: entry {name!r} is encrypted; send an archive without a password")
+    if info.compress_type not in READABLE_METHODS:
+        method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
+        raise DatasetError(f"{archive}: entry {name!r} uses {method} compression, which cannot be read; "
+                           f"re-zip with one of: {', '.join(READABLE_METHODS.values())}")
+    long_part = next((part for part in pp.parts if len(part.encode()) > NAME_MAX), None)
+    if long_part is not None:
+        raise DatasetError(f"{archive}: entry {name[:80]!r}... has a name part of {len(long_part.encode())} bytes, "
+                           f"over the limit of {NAME_MAX}")
+    if len(name.encode()) > PATH_MAX:
+        raise DatasetError(f"{archive}: entry {name[:80]!r}... has a path of {len(name.encode())} bytes, over "
+                           f"the limit of {PATH_MAX}")
 
 
 def class_root(root: Path) -> Path:
@@ -149,6 +202,13 @@ def _usable(files: list[Path], ds_skipped: list, ds_ignored: list, contract=None
     return good
 
 
+def _relative_to(path: str, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
                  log_fn=log.info, contract=None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
@@ -182,6 +242,9 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
         per_class = {c: usable(f) for c, f in _scan_classes(root).items()}
     for s in skipped:
         log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
+        # Recorded (metrics, the retrain reply) relative to the dataset, as in dataset.json: the full path
+        # is the server's business and stays in its log.
+        s["path"] = _relative_to(s["path"], root)
     if ignored:
         log_fn(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
     per_class = {c: f for c, f in per_class.items() if f or not has_split}

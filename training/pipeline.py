@@ -7,7 +7,6 @@ import copy
 import json
 from dataclasses import replace
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, eval
 from training.metrics import classification_report, save_confusion_png, save_results_csv
 from training.preprocess import Prepared, load_image, prepare, preprocess, train_transform
 from training.registry import Backbone, create_backbone, get_module
+from training.scratch import run_folder
 from training.store import Store, sha256_file
 
 # `auto`: below this many training images only the head is trained (unfreezing layers on so little data
@@ -213,8 +213,9 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
         torch.set_num_threads(request.threads)
     seed_everything(request.seed)
     parent = store.promoted()
-    with tempfile.TemporaryDirectory(prefix="refit-run-") as tmp:
-        tmp = Path(tmp)
+    # Under REFIT_HOME, not the system temp dir: a killed run's folder is found and removed at the service's
+    # next start (training/scratch.py).
+    with run_folder(store.home, "run") as tmp:
         ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=tmp, log_fn=log,
                           contract=input_contract(request))
         counts = ds.counts()
@@ -348,8 +349,7 @@ def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str
             return None
         bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
         contract = bb.contract.with_classes(bb.imagenet_classes)
-        with tempfile.TemporaryDirectory(prefix="refit-boot-") as tmp:
-            tmp = Path(tmp)
+        with run_folder(store.home, "bootstrap") as tmp:
             path = export_onnx(bb.model, contract, tmp / "model.onnx")
             rng = np.random.default_rng(0)
             arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)

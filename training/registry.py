@@ -9,12 +9,15 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from training.contract import Contract
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch is imported inside the functions that build models: the names (list_backbones) are needed where
+# no model is, e.g. to validate a training request in the service's front process.
 
 log = logging.getLogger("refit.registry")
 
@@ -45,12 +48,17 @@ def list_backbones(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+def unknown_backbone(name: str) -> str:
+    """The one message for a backbone name that is not registered (CLI, retrain request, create_backbone)."""
+    return f"Unknown backbone {name!r}; available: {', '.join(list_backbones())}"
+
+
 def create_backbone(name: str, num_classes: int | None = None, pretrained: bool = True,
                     weights: str | Path | None = None) -> Backbone:
     """Build a backbone. num_classes=None keeps the pretrained ImageNet head; otherwise a fresh head
     of that size replaces it. `weights` is a local state-dict file used instead of the packaged ones."""
     if name not in _REGISTRY:
-        raise BackboneError(f"Unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise BackboneError(unknown_backbone(name))
     bb = _REGISTRY[name](pretrained=pretrained and weights is None)
     if weights is not None:
         _load_local(bb.model, Path(weights))
@@ -66,6 +74,8 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def replace_head(bb: Backbone, num_classes: int) -> nn.Linear:
+    from torch import nn
+
     old = get_module(bb.model, bb.classifier)
     new = nn.Linear(old.in_features, num_classes)
     parent, _, attr = bb.classifier.rpartition(".")
@@ -75,6 +85,8 @@ def replace_head(bb: Backbone, num_classes: int) -> nn.Linear:
 
 
 def _load_local(model: nn.Module, path: Path) -> None:
+    import torch
+
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
     try:
@@ -105,6 +117,7 @@ def imagenet_categories() -> list[str]:
 
 @register_backbone
 def efficientnet_lite0(pretrained: bool = True) -> Backbone:
+    import torch
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
@@ -144,6 +157,8 @@ def _torchvision(name: str, classifier: str, stage_root: str | None, pretrained:
 
 def _torchvision_state(weights) -> dict:
     """Load from torch's hub cache, downloading when the network allows; otherwise say where the file goes."""
+    import torch
+
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     filename = weights.url.rsplit("/", 1)[-1]
     if (cache / filename).is_file():
