@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -42,11 +43,46 @@ def die_with_supervisor(poll_seconds: float = POLL_SECONDS) -> None:
     threading.Thread(target=watch, name="refit-lifeline", daemon=True).start()
 
 
-def _exit(supervisor: int) -> None:
+def bound_shutdown(seconds: float) -> None:
+    """In a worker: once SIGTERM (or SIGINT) arrives, give the graceful shutdown `seconds`, then stop.
+
+    Uvicorn waits for every open request before it exits, with no limit unless it is given
+    `timeout_graceful_shutdown`; `bentoml serve` passes that only when asked (`--timeout-graceful-shutdown`,
+    hidden, and never to dependency services; https://github.com/bentoml/BentoML/issues/4671), and circus
+    then waits a day before it kills. One long request (a synchronous POST /retrain) would keep the server
+    up for as long as it runs. So the signal handler uvicorn installed is wrapped: it still starts the
+    graceful shutdown, and a timer ends the process (and a training process it runs) when time is up.
+    Must run in the main thread, after uvicorn has installed its handlers (a service's __init__ does)."""
+    if threading.current_thread() is not threading.main_thread():
+        log.warning("bounded shutdown not installed: not on the main thread")
+        return
+    fired = threading.Event()
+
+    def deadline() -> None:
+        fired.wait()
+        time.sleep(seconds)
+        log.error("graceful shutdown took more than %ss; worker %s stops its children and exits",
+                  seconds, os.getpid())
+        _kill_children()
+        os._exit(0)
+
+    threading.Thread(target=deadline, name="refit-shutdown-deadline", daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous):
+            fired.set()
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                raise SystemExit(128 + signum)
+
+        signal.signal(sig, handler)
+
+
+def _kill_children() -> None:
     import psutil  # a dependency of BentoML's
 
-    log.error("the bentoml serve supervisor (pid %s) is gone; worker %s stops its children and exits",
-              supervisor, os.getpid())
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -56,4 +92,10 @@ def _exit(supervisor: int) -> None:
             child.kill()
         except psutil.Error:
             pass
+
+
+def _exit(supervisor: int) -> None:
+    log.error("the bentoml serve supervisor (pid %s) is gone; worker %s stops its children and exits",
+              supervisor, os.getpid())
+    _kill_children()
     os._exit(1)  # no graceful shutdown: there is no supervisor left to finish it for

@@ -29,7 +29,7 @@ from service import settings
 from service.balance import CloseAfterReply
 from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
-from service.lifeline import die_with_supervisor, record_supervisor
+from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
 from service.model import ModelHolder, ModelUnavailable, read_worker_status
 from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
     RetrainInput
@@ -90,6 +90,7 @@ class Classifier:
         from training.store import Store
 
         die_with_supervisor()
+        bound_shutdown(settings.SHUTDOWN_SECONDS)
         self.holder = ModelHolder(Store(), threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
 
     @bentoml.api(batchable=True, max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS)
@@ -127,6 +128,7 @@ class Refit:
         from training.store import Store
 
         die_with_supervisor()
+        bound_shutdown(settings.SHUTDOWN_SECONDS)
         self.store = Store()
         self.jobs = jobs()
         self.jobs.recover()

@@ -55,3 +55,6 @@ TRACE_PREDICTIONS = os.environ.get("REFIT_TRACE_PREDICTIONS", "") in ("1", "true
 # docs/service.md), and still takes 20 twelve-megapixel phone photos in one request.
 MAX_REQUEST_MEGAPIXELS = _float("REFIT_MAX_REQUEST_MEGAPIXELS", 64)
 MAX_IMAGE_PIXELS = int(_float("REFIT_MAX_IMAGE_MEGAPIXELS", 50) * 1_000_000)  # one image as stored (400 above)
+# After SIGTERM, how long a worker waits for open requests (a synchronous retrain, a long upload) before it
+# stops them and exits; `bentoml serve` on its own would wait for them without limit (service/lifeline.py).
+SHUTDOWN_SECONDS = _float("REFIT_SHUTDOWN_SECONDS", 30)

@@ -419,3 +419,43 @@ def test_item14_killing_only_the_supervisor_stops_every_process(second, monkeypa
         assert job["status"] == "failed" and "stopped" in job["error"]["message"], job
         assert predict(c, ("red.jpg", solid(COLOURS["red"]))).json()[0]["version"] == before[-1]
     assert _leftovers(second) == []
+
+
+def test_item01_sigterm_stops_the_server_while_a_slow_upload_runs(imagenet_store, tmp_path):
+    """uvicorn waits without limit for open requests after SIGTERM: a client trickling a dataset upload kept
+    the server up for as long as it kept sending. Now the workers give open requests REFIT_SHUTDOWN_SECONDS,
+    then stop."""
+    import socket
+
+    srv = Server(copy_store(imagenet_store, tmp_path / "home"), tmp_path, tmp_path / "serve.log",
+                 env={"REFIT_SHUTDOWN_SECONDS": "5", "REFIT_TRAIN_STANDBY": "0"})
+    srv.start()
+    host, port = srv.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    try:
+        head = (f"POST /retrain/submit HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 3000000\r\n\r\n"
+                '--x\r\nContent-Disposition: form-data; name="dataset"; filename="slow.zip"\r\n\r\n')
+        sock.sendall(head.encode())
+        for _ in range(20):  # the upload is under way: a few kilobytes a second
+            sock.sendall(b"\0" * 1000)
+            time.sleep(0.1)
+        tree = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+        t0 = time.time()
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree):
+            try:
+                sock.sendall(b"\0" * 1000)  # the client keeps sending
+            except OSError:
+                pass
+            time.sleep(0.2)
+        took = time.time() - t0
+        alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"still running {took:.0f}s after SIGTERM: {[' '.join(p.cmdline())[:80] for p in alive]}"
+        print(f"server gone {took:.1f}s after SIGTERM with an upload still arriving")
+        assert took < 30
+        assert "graceful shutdown took more than 5" in srv.log_path.read_text()
+    finally:
+        sock.close()
+        srv.stop(kill=True)
