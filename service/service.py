@@ -206,7 +206,7 @@ class Refit:
                 continue
             except BentoMLException as e:
                 status = int(getattr(e, "error_code", 503))
-                return error(503 if status >= 500 else status, f"model workers unavailable: {e}")
+                return error(503 if status >= 500 else status, _unavailable(self.store, e))
             results = [r if isinstance(r, dict) else r.model_dump() for r in results]
             bad = [r["error"] for r in results if r.get("error")]
             if bad:
@@ -403,6 +403,13 @@ def _version_row(info: dict) -> dict:
     if info.get("error"):
         row["error"] = info["error"]
     return row
+
+
+def _unavailable(store, e: Exception) -> str:
+    """The reason a predict gets a 503. BentoML replaces a model worker's 5xx message with a generic one,
+    so the common cause, a store with nothing promoted, is read from the store here."""
+    problem = store.pointer_problem()
+    return f"no model to answer with: {problem}" if problem else f"model workers unavailable: {e}"
 
 
 def _refusals_file(home):
