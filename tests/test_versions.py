@@ -133,6 +133,7 @@ def test_item03_pointer_that_is_json_but_not_an_object_leaves_the_watchers_runni
 def test_item04_garbage_pointer_can_be_inspected_and_repaired_through_api_and_cli(http, server):
     """Probe: with a garbage promoted.json, /readyz and /metrics stopped answering, /versions was a text 500,
     and /promote, /rollback, `refit versions` and `refit promote` all failed: no way to repair it."""
+    assert promote(http, "v0002").status_code == 200
     wait_serving(http, "v0002")
     pointer = server.home / "promoted.json"
     garbage = b"\x00\xffnot json{"
@@ -197,23 +198,21 @@ def test_item06_random_request_paths_do_not_grow_the_metrics(http, server):
 
     with ThreadPoolExecutor(6) as pool:
         replies = [x for part in pool.map(send, [requests[i::6] for i in range(6)]) for x in part]
-    statuses = {}
-    for method, path, r in replies:
-        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-        if path.startswith("/jobs/"):
-            assert r.status_code == 401, (method, path, r.text)  # a real route: the token comes first
-        elif not path.startswith("/static_content/"):
-            assert r.status_code == 404, (method, path, r.status_code, r.text)
-            assert "no route" in r.json()["error"], r.text
     t0 = time.time()
     after = http.get("/metrics")
     seconds = time.time() - t0
     assert after.status_code == 200
     leaked = [t for t in tokens if t in after.text]
-    assert not leaked, f"{len(leaked)} request paths became metric labels, e.g. {leaked[:3]}"
-    assert len(after.content) - before < 30_000, (before, len(after.content), statuses)
+    assert not leaked, f"{len(leaked)} of {len(tokens)} request paths became metric labels, e.g. {leaked[:3]}"
+    assert len(after.content) - before < 30_000, (before, len(after.content))
     assert 'endpoint="<unmatched>"' in after.text and 'endpoint="/jobs/{job_id}"' in after.text
     assert seconds < 5, seconds
+    for method, path, r in replies:
+        if path.startswith("/jobs/"):
+            assert r.status_code == 401, (method, path, r.text)  # a real route: the token comes first
+        elif not path.startswith("/static_content/"):
+            assert r.status_code == 404, (method, path, r.status_code, r.text)
+            assert "no route" in r.json()["error"], r.text
     # Known routes still work and are labelled as themselves.
     assert predict(http, RED).status_code == 200
     assert 'endpoint="/predict"' in http.get("/metrics").text
@@ -263,21 +262,21 @@ def test_item09_missing_pointer_promotes_nothing_until_someone_does(versions_sto
             assert not (home / "promoted.json").exists()
             body = c.get("/versions").json()
             assert body["promoted"] is None and all(w["version"] is None for w in body["serving"]), body
-            assert "promoted.json is missing" in body["problem"] and "promote" in body["problem"]
+            assert "(promoted.json is missing)" in body["problem"] and "promote" in body["problem"]
             assert c.get("/readyz").status_code == 503
             r = predict(c, RED)
             assert r.status_code == 503 and "promote" in r.json()["error"], r.text
-            assert "promoted.json is missing" in srv.log_path.read_text()
+            assert "(promoted.json is missing)" in srv.log_path.read_text()
             cli = run_cli("versions", home=home)
-            assert cli.returncode == 0 and "promoted.json is missing" in cli.stderr
+            assert cli.returncode == 0 and "(promoted.json is missing)" in cli.stderr
             assert "*" not in cli.stdout
 
             r = promote(c, "v0002")
-            assert r.status_code == 200 and "missing" in r.json()["repaired"]["reason"], r.text
+            assert r.status_code == 200 and r.json()["previous"] is None, r.text
             wait_serving(c, "v0002")
             assert c.get("/readyz").status_code == 200
             assert predict(c, RED).json()[0]["version"] == "v0002"
             history = json.loads((home / "promoted.json").read_text())["history"]
-            assert [(e["action"], e["version"]) for e in history] == [("repair", None), ("promote", "v0002")]
+            assert [(e["action"], e["version"]) for e in history] == [("promote", "v0002")]
     finally:
         srv.stop()

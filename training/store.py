@@ -187,14 +187,13 @@ class Store:
         except PointerError as e:
             return str(e)
         if state["version"] is None and not self.pointer.exists() and self.versions():
-            return (f"no version is promoted: {self.pointer.name} is missing while the store holds "
+            return (f"no version is promoted ({self.pointer.name} is missing) while the store holds "
                     f"{', '.join(self.versions())}; promote one (`refit promote VERSION` or POST /promote)")
         return None
 
     def _pointer_for_update(self, actor: str) -> tuple[dict, dict | None]:
-        """The pointer state to change, under the lock. A damaged pointer (or a missing one beside existing
-        versions, whose history is gone) starts a new state whose first event records the repair; the
-        damaged file is copied aside first, so nothing is lost."""
+        """The pointer state to change, under the lock. A damaged pointer starts a new state whose first
+        event records the repair; the damaged file is copied aside first, so nothing is lost."""
         try:
             state = self.read_pointer()
         except PointerError as e:
@@ -207,11 +206,6 @@ class Store:
             reason = str(e).split("; " + POINTER_FIX)[0]
             event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
                      "reason": f"{reason}; {where}", "kept_as": kept.name if kept else None}
-            return {"version": None, "history": [event]}, event
-        if state["version"] is None and not self.pointer.exists() and self.versions():
-            event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
-                     "reason": f"{self.pointer.name} was missing while the store held "
-                               f"{', '.join(self.versions())}; its history is lost", "kept_as": None}
             return {"version": None, "history": [event]}, event
         return state, None
 
