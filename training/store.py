@@ -36,10 +36,12 @@ class StoreError(Exception):
 
 
 class PointerError(StoreError):
-    """promoted.json exists but cannot be used: unreadable, not JSON, or not the shape Refit writes."""
+    """promoted.json exists but cannot be used: unreadable, not JSON, or not the shape Refit writes. The
+    message ends with how to repair it; `problem` is what is wrong, alone."""
 
-
-POINTER_FIX = "promote a version to repair it (`refit promote VERSION` or POST /promote)"
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; promote a version to repair it (`refit promote VERSION` or POST /promote)")
+        self.problem = problem
 
 
 def now_iso() -> str:
@@ -160,14 +162,14 @@ class Store:
         except FileNotFoundError:
             return {"version": None, "history": []}
         except OSError as e:
-            raise PointerError(f"{self.pointer.name} cannot be read ({e.strerror}); {POINTER_FIX}") from None
+            raise PointerError(f"{self.pointer.name} cannot be read ({e.strerror})") from None
         try:
             state = json.loads(raw)
         except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
-            raise PointerError(f"{self.pointer.name} is not valid JSON ({e}); {POINTER_FIX}") from None
+            raise PointerError(f"{self.pointer.name} is not valid JSON ({e})") from None
         problem = _pointer_shape_problem(state)
         if problem:
-            raise PointerError(f"{self.pointer.name} {problem}; {POINTER_FIX}")
+            raise PointerError(f"{self.pointer.name} {problem}")
         state.setdefault("version", None)
         state.setdefault("history", [])
         return state
@@ -203,9 +205,8 @@ class Store:
                 where = f"the damaged file is kept as {kept.name}"
             except OSError as copy_error:
                 kept, where = None, f"the damaged file could not be kept ({copy_error.strerror})"
-            reason = str(e).split("; " + POINTER_FIX)[0]
             event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
-                     "reason": f"{reason}; {where}", "kept_as": kept.name if kept else None}
+                     "reason": f"{e.problem}; {where}", "kept_as": kept.name if kept else None}
             return {"version": None, "history": [event]}, event
         return state, None
 
@@ -232,8 +233,8 @@ class Store:
             try:
                 state = self.read_pointer()
             except PointerError as e:
-                raise PointerError(f"cannot roll back: {e} (its history is unreadable, so there is no "
-                                   "previous version to go back to)") from None
+                raise PointerError(f"cannot roll back: {e.problem}, so the versions promoted before are "
+                                   "unknown") from None
             current = state["version"]
             if current is None:
                 raise StoreError("nothing is promoted, so there is nothing to roll back; "
