@@ -3,7 +3,9 @@
 A watcher thread polls the promoted pointer. A new version is verified (checksum), opened and warmed up
 completely before one reference assignment swaps it in, so a batch sees either the old model or the new
 one, never a mix. A version that fails its checksum or does not load is refused: the worker keeps serving
-what it had, logs why, and writes the reason to its status file, which `GET /versions` shows.
+what it had, logs why, and writes the reason to its status file, which `GET /versions` shows. So is a
+pointer that cannot be used (damaged, or missing beside existing versions): whatever the file holds, the
+watcher logs it, keeps the model it has and keeps watching.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 from service import settings
 from training.contract import Contract
 from training.preprocess import preprocess
-from training.store import Store, atomic_write_json, now_iso
+from training.store import Store, StoreError, atomic_write_json, now_iso
 
 log = logging.getLogger("refit.model")
 
@@ -115,10 +117,20 @@ class ModelHolder:
         self._seen = sig
         try:
             target = self.store.promoted()
-        except (OSError, ValueError) as e:  # a hand-edited or unreadable pointer
-            self._refuse(None, f"cannot read {self.store.pointer.name}: {e}")
+        except (OSError, StoreError) as e:  # StoreError: a damaged pointer (PointerError), named and explained
+            self._refuse(None, str(e))
             return
-        if target is None or (self.current is not None and self.current.version == target):
+        if target is None:
+            # Nothing promoted. A worker keeps what it serves (a decision made earlier); one that has nothing
+            # serves nothing until a version is promoted: a missing pointer never promotes one by itself.
+            problem = self.store.pointer_problem()
+            if problem:
+                self._refuse(None, problem)
+            else:
+                self.error = None
+                self._write_status()
+            return
+        if self.current is not None and self.current.version == target:
             self.error = None  # the pointer is back on a version this worker serves: nothing is refused
             self._write_status()
             return
@@ -144,7 +156,11 @@ class ModelHolder:
 
     def _fall_back(self, exclude: str) -> None:
         """A worker that starts while the promoted version is broken serves the last good one before it."""
-        chain = [e["version"] for e in reversed(self.store.history()) if e.get("version")]
+        try:
+            history = self.store.history()
+        except (OSError, StoreError):
+            return  # refresh read this pointer a moment ago; it changed under us, and the next look sees it
+        chain = [e["version"] for e in reversed(history) if e.get("version")]
         for version in dict.fromkeys(v for v in chain if v != exclude):
             try:
                 self.current = open_version(self.store, version, self.threads)
@@ -157,7 +173,10 @@ class ModelHolder:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_seconds):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a watcher that dies leaves this worker on its version for good
+                log.exception("the promoted-pointer watcher failed; it keeps watching")
 
     def _write_status(self) -> None:
         status = {"pid": os.getpid(), "version": self.current.version if self.current else None,

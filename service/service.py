@@ -31,6 +31,7 @@ from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
 from service.model import ModelHolder, ModelUnavailable, read_worker_status
+from service.routes import RouteLabels
 from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
     RetrainInput
 
@@ -59,12 +60,12 @@ def _packed_model():
     """The version promoted now, declared as the service's model so that `bentoml build` packs it into the
     bento. Declared only when BentoML's model store has it, so a start never fails over it; serving itself
     always follows the promoted pointer, not this declaration."""
-    from training.paths import refit_home
+    from training.store import Store, StoreError
 
     try:
-        version = json.loads((refit_home() / "promoted.json").read_text()).get("version")
+        version = Store().promoted()
         return bentoml.models.BentoModel(bentoml.models.get(f"refit:{version}").tag) if version else None
-    except (OSError, ValueError, BentoMLException):
+    except (OSError, StoreError, BentoMLException):
         return None
 
 
@@ -143,7 +144,8 @@ class Refit:
     @bentoml.on_deployment
     def prepare() -> None:
         """Once per `bentoml serve`, before workers start: give an empty store its first model, and record
-        jobs that a previous run of the server left unfinished as failed."""
+        jobs that a previous run of the server left unfinished as failed. A store that holds versions is
+        never given one promoted here: without a usable pointer it serves nothing until someone promotes."""
         from training.paths import refit_home
         from training.store import Store
 
@@ -151,10 +153,13 @@ class Refit:
         record_supervisor()  # the workers started after this hook exit when this process dies
         Jobs(home).recover()
         _prepare_task_database()
-        if Store(home).promoted() is None:
+        problem = Store(home).pointer_problem()
+        if problem:
+            log.error("%s; predictions answer 503 until then", problem)
+        if not Store(home).versions():
             _seed_from_bento(Store(home))
-        if Store(home).promoted() is None:
-            log.info("no promoted version in %s: publishing the pretrained ImageNet model", home)
+        if not Store(home).versions():
+            log.info("no versions in %s: publishing the pretrained ImageNet model", home)
             # In a child process, so this process (the server's supervisor) never holds torch in memory.
             code = "from training.pipeline import bootstrap_imagenet; bootstrap_imagenet()"
             done = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE_ROOT, env={**os.environ})
@@ -194,7 +199,7 @@ class Refit:
                 continue
             except BentoMLException as e:
                 status = int(getattr(e, "error_code", 503))
-                return error(503 if status >= 500 else status, f"model workers unavailable: {e}")
+                return error(503 if status >= 500 else status, _unavailable(self.store, e))
             results = [r if isinstance(r, dict) else r.model_dump() for r in results]
             bad = [r["error"] for r in results if r.get("error")]
             if bad:
@@ -212,19 +217,26 @@ class Refit:
     @admin.get("/versions")
     def versions(self) -> dict[str, Any]:
         """Every version (id, created, strategy, metrics), which one is promoted, and what each model
-        worker serves, with the reason when a worker refused a version."""
-        promoted = self.store.promoted()
+        worker serves, with the reason when a worker refused a version. `problem` says why nothing is
+        promoted when the pointer is damaged or missing (promote a version to repair it)."""
+        from training.store import StoreError
+
+        try:
+            promoted = self.store.promoted()
+        except StoreError:
+            promoted = None
         rows = [_version_row(i) for i in self.store.list_info()]
         workers = read_worker_status(self.store.home)
         refusals = [w["error"] for w in workers if w.get("error")] + _refusals(self.store.home)
-        return {"promoted": promoted, "versions": rows, "serving": workers, "refused": refusals}
+        return {"promoted": promoted, "problem": self.store.pointer_problem(), "versions": rows,
+                "serving": workers, "refused": refusals}
 
     @bentoml.api(route="/promote")
     def promote(self, version: str = Field(description="Version id, e.g. v0003."),
                 reason: str = Field("", max_length=500, description="Why; kept in the promotion history.")
                 ) -> dict[str, Any]:
         """Serve `version`: its checksum and loadability are checked first; every worker follows within
-        seconds."""
+        seconds. Over a damaged pointer this repairs it (the damaged file is kept aside; see `repaired`)."""
         from training.store import StoreError
 
         if version not in self.store.versions():
@@ -234,12 +246,16 @@ class Refit:
         except StoreError as e:
             _record_refusal(self.store.home, version, str(e))
             return error(409, f"refused: {e}")
-        return {"promoted": event["version"], "previous": event["previous"], "event": event}
+        repaired = event.pop("repaired", None)
+        if repaired:
+            log.warning("promoted pointer repaired by promote %s: %s", version, repaired["reason"])
+        return {"promoted": event["version"], "previous": event["previous"], "event": event, "repaired": repaired}
 
     @bentoml.api(route="/rollback")
     def rollback(self, reason: str = Field("", max_length=500, description="Why; kept in the history.")
                  ) -> dict[str, Any]:
-        """Go back to the version promoted before the current one."""
+        """Go back one step along the promotion history (v4 -> v3 -> v2 ...); 409 when there is nothing
+        earlier or the pointer is damaged."""
         from training.store import StoreError
 
         try:
@@ -287,26 +303,40 @@ class Refit:
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
-        return self.store.promoted() is not None
+        """Ready when some model worker serves a version. (BentoML also asks the workers themselves.) A
+        damaged pointer does not make a serving instance unready; a worker with nothing to serve does."""
+        return any(w.get("version") for w in read_worker_status(self.store.home))
 
     @bentoml.on_shutdown
     def close(self) -> None:
         self.jobs.stop_standby()
 
     def __metrics__(self, content: str) -> str:
+        from training.store import StoreError
+
         lines = ["# HELP refit_promoted_version_info The promoted version.",
                  "# TYPE refit_promoted_version_info gauge"]
-        promoted = self.store.promoted()
+        try:
+            promoted = self.store.promoted()
+        except StoreError:  # damaged pointer: shown by refit_promoted_pointer_ok and /versions
+            promoted = None
         if promoted:
             lines.append(f'refit_promoted_version_info{{version="{promoted}"}} 1')
         lines += ["# HELP refit_worker_version_info The version each model worker serves.",
                   "# TYPE refit_worker_version_info gauge"]
         for w in read_worker_status(self.store.home):
             lines.append(f'refit_worker_version_info{{pid="{w["pid"]}",version="{w.get("version")}"}} 1')
+        lines += ["# HELP refit_promoted_pointer_ok 1 when a version is promoted or the store is empty; 0 when "
+                  "the pointer is damaged or missing beside versions (see GET /versions).",
+                  "# TYPE refit_promoted_pointer_ok gauge",
+                  f"refit_promoted_pointer_ok {0 if self.store.pointer_problem() else 1}"]
         return content + "\n".join(lines) + "\n"
 
 
+# RouteLabels first: it gives the real path back to the middleware after it (service/routes.py).
+Refit.add_asgi_middleware(RouteLabels)
 Refit.add_asgi_middleware(Guard, jobs=jobs)
+Classifier.add_asgi_middleware(RouteLabels)
 Classifier.add_asgi_middleware(CloseAfterReply)
 
 # BentoML works out a reply's media type from its output's JSON schema, which it builds again on every
@@ -393,6 +423,13 @@ def _version_row(info: dict) -> dict:
     if info.get("error"):
         row["error"] = info["error"]
     return row
+
+
+def _unavailable(store, e: Exception) -> str:
+    """The reason a predict gets a 503. BentoML replaces a model worker's 5xx message with a generic one,
+    so the common cause, a store with nothing promoted, is read from the store here."""
+    problem = store.pointer_problem()
+    return f"no model to answer with: {problem}" if problem else f"model workers unavailable: {e}"
 
 
 def _refusals_file(home):

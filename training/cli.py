@@ -77,7 +77,11 @@ def cmd_train(args) -> int:
 def cmd_versions(args) -> int:
     from training.store import Store
 
-    rows = Store().list_info()
+    store = Store()
+    rows = store.list_info()
+    problem = store.pointer_problem()
+    if problem:  # the listing still works; what serving lacks goes to stderr, so --json stays one value
+        print(f"refit: warning: {problem}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, default=str))
         return 0
@@ -134,6 +138,8 @@ def main(argv=None) -> int:
             return cmd_versions(args)
         if args.command == "promote":
             e = Store().promote(args.version, actor="cli", reason=args.reason)
+            if e.get("repaired"):
+                print(f"repaired the promoted pointer: {e['repaired']['reason']}")
             print(f"promoted {e['version']} (was {e['previous']})")
             return 0
         if args.command == "rollback":

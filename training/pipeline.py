@@ -337,15 +337,14 @@ def _try_int8(fp32_path: Path, out: Path, run: Run, fp32_acc: float, log: Callab
 
 def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str | None:
     """On an empty store, publish and promote the pretrained backbone with its 1000-class ImageNet head,
-    so a fresh service answers at once. Returns the new version, or None when versions already exist."""
+    so a fresh service answers at once. Returns the new version, or None when versions already exist:
+    those are left as they are, promoted or not (choosing one to serve is a decision, not a default)."""
     import fcntl
 
     store = store or Store()
     with open(store.home / ".bootstrap.lock", "a") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)  # several workers may start together; one bootstraps
         if store.versions():
-            if store.promoted() is None:
-                store.promote(store.versions()[-1], actor="bootstrap", reason="nothing was promoted")
             return None
         bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
         contract = bb.contract.with_classes(bb.imagenet_classes)

@@ -4,6 +4,11 @@ Each version is one immutable store entry `refit:vNNNN` holding model.onnx, conf
 results.csv, dataset.json and confusion_matrix.png. It is built in a staging store and renamed into
 place, so a crash at any point leaves either the whole version or nothing. "promoted" is a small JSON
 file replaced atomically; every promote and rollback is appended to its history.
+
+The pointer is read in one place, `Store.read_pointer`, which checks its shape and raises PointerError for
+anything else, so a hand-edited or damaged file is one typed error for every caller (workers, API, CLI).
+Promoting a version over a damaged pointer repairs it: the damaged file is kept beside it and the
+history records the repair.
 """
 from __future__ import annotations
 
@@ -28,6 +33,15 @@ _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 class StoreError(Exception):
     pass
+
+
+class PointerError(StoreError):
+    """promoted.json exists but cannot be used: unreadable, not JSON, or not the shape Refit writes. The
+    message ends with how to repair it; `problem` is what is wrong, alone."""
+
+    def __init__(self, problem: str):
+        super().__init__(f"{problem}; promote a version to repair it (`refit promote VERSION` or POST /promote)")
+        self.problem = problem
 
 
 def now_iso() -> str:
@@ -140,43 +154,101 @@ class Store:
         return serving
 
     # -- promoted pointer --------------------------------------------------------------------------
-    def _pointer(self) -> dict:
-        if not self.pointer.is_file():
+    def read_pointer(self) -> dict:
+        """The pointer as {"version": str | None, "history": [event, ...]}; a missing file is an empty one.
+        Raises PointerError when the file exists but is not what Refit writes."""
+        try:
+            raw = self.pointer.read_bytes()
+        except FileNotFoundError:
             return {"version": None, "history": []}
-        return json.loads(self.pointer.read_text())
+        except OSError as e:
+            raise PointerError(f"{self.pointer.name} cannot be read ({e.strerror})") from None
+        try:
+            state = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+            raise PointerError(f"{self.pointer.name} is not valid JSON ({e})") from None
+        problem = _pointer_shape_problem(state)
+        if problem:
+            raise PointerError(f"{self.pointer.name} {problem}")
+        state.setdefault("version", None)
+        state.setdefault("history", [])
+        return state
 
     def promoted(self) -> str | None:
-        return self._pointer().get("version")
+        """The promoted version id, None when nothing is promoted; PointerError for a damaged pointer."""
+        return self.read_pointer()["version"]
 
     def history(self) -> list[dict]:
-        return self._pointer().get("history", [])
+        return self.read_pointer()["history"]
+
+    def pointer_problem(self) -> str | None:
+        """Why serving has no promoted version to follow, or None when the pointer is usable: a damaged
+        pointer, or a missing one in a store that holds versions (nothing is promoted without a decision)."""
+        try:
+            state = self.read_pointer()
+        except PointerError as e:
+            return str(e)
+        if state["version"] is None and not self.pointer.exists() and self.versions():
+            return (f"no version is promoted ({self.pointer.name} is missing) while the store holds "
+                    f"{', '.join(self.versions())}; promote one (`refit promote VERSION` or POST /promote)")
+        return None
+
+    def _pointer_for_update(self, actor: str) -> tuple[dict, dict | None]:
+        """The pointer state to change, under the lock. A damaged pointer starts a new state whose first
+        event records the repair; the damaged file is copied aside first, so nothing is lost."""
+        try:
+            state = self.read_pointer()
+        except PointerError as e:
+            kept = self.pointer.with_name(f"{self.pointer.name}.broken-{_stamp()}")
+            try:
+                shutil.copyfile(self.pointer, kept)
+                where = f"the damaged file is kept as {kept.name}"
+            except OSError as copy_error:
+                kept, where = None, f"the damaged file could not be kept ({copy_error.strerror})"
+            event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
+                     "reason": f"{e.problem}; {where}", "kept_as": kept.name if kept else None}
+            return {"version": None, "history": [event]}, event
+        return state, None
 
     def promote(self, version: str, *, actor: str = "cli", reason: str = "") -> dict:
-        """Point serving at `version` after checking its file loads; recorded in the history."""
+        """Point serving at `version` after checking its file loads; recorded in the history. Repairs a
+        damaged pointer (the returned event then carries `repaired`)."""
         with self.lock():
             v = self.resolve(version)
             path = self.verify(v)
             check_loadable(path)
-            state = self._pointer()
-            event = {"action": "promote", "version": v, "previous": state.get("version"), "at": now_iso(),
+            state, repaired = self._pointer_for_update(actor)
+            event = {"action": "promote", "version": v, "previous": state["version"], "at": now_iso(),
                      "actor": actor, "reason": reason}
             state["version"] = v
-            state.setdefault("history", []).append(event)
+            state["history"].append(event)
             atomic_write_json(self.pointer, state)
-            return event
+            return {**event, "repaired": repaired} if repaired else event
 
     def rollback(self, *, actor: str = "cli", reason: str = "") -> dict:
-        """Go back to the version that was promoted before the current one."""
+        """Go back one step along the promotion history: after promoting v2, v3 and v4, rollbacks give v3,
+        then v2, then v1 (versions deleted since are skipped); a StoreError says when there is nothing
+        earlier."""
         with self.lock():
-            state = self._pointer()
-            current = state.get("version")
+            try:
+                state = self.read_pointer()
+            except PointerError as e:
+                raise PointerError(f"cannot roll back: {e.problem}, so the versions promoted before are "
+                                   "unknown") from None
+            current = state["version"]
             if current is None:
-                raise StoreError("nothing is promoted, so there is nothing to roll back")
-            chain = [e["version"] for e in state.get("history", []) if e["action"] in ("promote", "rollback")]
-            # Walk the promotion chain backwards, skipping the current version and any since-deleted one.
-            target = next((v for v in reversed(chain[:-1]) if v != current and v in self.versions()), None)
-            if target is None:
-                raise StoreError(f"{current} is the first promoted version; there is no earlier one")
+                raise StoreError("nothing is promoted, so there is nothing to roll back; "
+                                 "promote a version by name (`refit promote VERSION` or POST /promote)")
+            stack = promotion_stack(state["history"])
+            while stack and stack[-1] == current:
+                stack.pop()
+            existing = set(self.versions())
+            while stack and stack[-1] not in existing:
+                stack.pop()
+            if not stack:
+                raise StoreError(f"nothing to roll back to: {current} is the earliest version in the promotion "
+                                 "history; promote a version by name instead")
+            target = stack[-1]
             check_loadable(self.verify(target))
             event = {"action": "rollback", "version": target, "previous": current, "at": now_iso(),
                      "actor": actor, "reason": reason}
@@ -228,7 +300,11 @@ class Store:
             return version
 
     def list_info(self) -> list[dict]:
-        promoted = self.promoted()
+        """Every version with its metadata; listing works whatever state the pointer is in."""
+        try:
+            promoted = self.promoted()
+        except PointerError:
+            promoted = None
         out = []
         for v in self.versions():
             try:
@@ -238,6 +314,45 @@ class Store:
             i["promoted"] = v == promoted
             out.append(i)
         return out
+
+
+def promotion_stack(history: list[dict]) -> list[str]:
+    """The versions promoted one after another, oldest first, replayed from the history: a promote pushes
+    its version, a rollback pops back to the version it went to, a repair starts afresh. Rollback walks
+    back along this stack, so repeated rollbacks never return to a version just rolled back from."""
+    stack: list[str] = []
+    for e in history:
+        action, version = e.get("action"), e.get("version")
+        if action == "repair":
+            stack = []
+        elif action == "rollback" and version in stack:
+            while stack[-1] != version:
+                stack.pop()
+        elif action in ("promote", "rollback") and version and (not stack or stack[-1] != version):
+            stack.append(version)  # a rollback to a version not on the stack: written before this rule
+    return stack
+
+
+def _pointer_shape_problem(state) -> str | None:
+    """What is wrong with a parsed pointer, in words, or None when it has the shape Refit writes."""
+    if not isinstance(state, dict):
+        return f"holds a JSON {_json_type(state)}, not an object"
+    version = state.get("version")
+    if version is not None and not (isinstance(version, str) and _VERSION_RE.match(version)):
+        return f"names version {version!r}, not a version id like v0003"
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+        return "has a history that is not a list of events"
+    return None
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def _drop_none(obj):

@@ -1,0 +1,111 @@
+"""Bounded route labels for BentoML's HTTP metrics, and one 404 for paths that match no route.
+
+BentoML's traffic-metrics middleware labels every request with its raw path (`endpoint=scope["path"]` in
+`bentoml/_internal/server/http/instruments.py`, https://github.com/bentoml/BentoML/blob/main/src/bentoml/
+_internal/server/http/instruments.py; the label was chosen to be the route in
+https://github.com/bentoml/BentoML/pull/5186). Each distinct path a client sends, even one that only earns
+a 401 or a 404, becomes new series in every worker's metric files: 600 random paths grew `/metrics` from
+40 KB to 2.2 MB and 1.4 s to render, and nothing ever removes them.
+
+Middleware added with `Service.add_asgi_middleware` runs inside BentoML's metrics middleware, which has
+read the path by then. So `RouteLabels`, registered there as the first of ours, puts a small layer in front
+of the whole application when the server starts (the ASGI lifespan hands it the application): that layer
+replaces the path with the template of the route it matches (`/jobs/{job_id}`, `/static_content/{path}`)
+or with `UNMATCHED`, and keeps the real path in the scope. By the time the request reaches
+`RouteLabels` itself the metrics middleware has labelled it; `RouteLabels` puts the real path back for
+routing, and answers a path that matches no route with a 404 `{"error": ...}` of its own.
+"""
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match, Mount
+
+UNMATCHED = "<unmatched>"  # the one label every path that matches no route shares; never a real path
+_REAL_PATH = "refit.path"  # scope key: the path as the client sent it, while the label stands in for it
+
+
+def route_template(routes: list[BaseRoute], scope) -> str | None:
+    """The template of the route Starlette would pick for this request (a route that matches only by path,
+    answered with 405, counts), or None when no route matches. Mounted applications are searched the way
+    BentoML's mounts match: a mount with routes of its own matches only through one of them."""
+    partial = None
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        path = getattr(route, "path", None)
+        path = path if isinstance(path, str) else ""
+        inner = _inner_routes(route)
+        if inner is not None:
+            found = route_template(inner, {**scope, **child})
+            if found is None:
+                continue
+            template = path + found
+        elif isinstance(route, Mount) or not path:  # static files: any name under the mount
+            template = path + "/{path}"
+        else:
+            template = path
+        if match == Match.FULL:
+            return template
+        partial = partial or template
+    return partial
+
+
+def _inner_routes(route: BaseRoute) -> list[BaseRoute] | None:
+    """The routes a route dispatches to: a mounted application's, or (FastAPI 0.16x) those of the router
+    that FastAPI wraps an application's own routes in."""
+    if isinstance(route, Mount):
+        return getattr(route.app, "routes", None)
+    return getattr(getattr(route, "original_router", None), "routes", None)
+
+
+class _Relabel:
+    """In front of the whole application: the path becomes its route template for the layers before
+    RouteLabels (BentoML's metrics, tracing and access log), and the real one is kept in the scope."""
+
+    def __init__(self, app, starlette: Starlette):
+        self.app = app
+        self.starlette = starlette
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            template = route_template(self.starlette.routes, scope) or UNMATCHED
+            if template != scope["path"]:
+                scope = {**scope, "path": template, _REAL_PATH: scope["path"]}
+        await self.app(scope, receive, send)
+
+
+class RouteLabels:
+    """ASGI middleware; register it first with `add_asgi_middleware` so the real path is back before any
+    other middleware of ours reads it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            _install(scope.get("app"))
+        elif scope["type"] == "http" and _REAL_PATH in scope:
+            if scope["path"] == UNMATCHED:
+                return await _not_found(scope, send)
+            scope = {**scope, "path": scope[_REAL_PATH]}
+        await self.app(scope, receive, send)
+
+
+def _install(app) -> None:
+    """Put _Relabel in front of the application's middleware stack, once. Starlette builds the stack on
+    its first call (this lifespan) and reads the attribute on every call after it."""
+    if not isinstance(app, Starlette) or app.middleware_stack is None:
+        return
+    if not isinstance(app.middleware_stack, _Relabel):
+        app.middleware_stack = _Relabel(app.middleware_stack, app)
+
+
+async def _not_found(scope, send) -> None:
+    path = scope[_REAL_PATH]
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    reply = JSONResponse({"error": f"no route {scope['method']} {shown}; the API is listed at / "
+                                   "(OpenAPI spec: /docs.json)"}, status_code=404)
+    await send({"type": "http.response.start", "status": reply.status_code, "headers": reply.raw_headers})
+    await send({"type": "http.response.body", "body": reply.body})
