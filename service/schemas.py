@@ -61,21 +61,26 @@ class Upload(BaseModel):
     data: bytes
 
 
-class PredictInput(bentoml.IODescriptor):
-    """multipart/form-data: one or more files in the field `images`, plus the options."""
-
-    images: list[Path] = Field(description="One or more image files (JPEG, PNG, WebP, BMP, GIF, TIFF).")
-    top_k: int = PredictOptions.model_fields["top_k"]
-    threshold: float = PredictOptions.model_fields["threshold"]
+class SelfParsed(bentoml.IODescriptor):
+    """An input that parses the HTTP request itself (`_parse`). A refusal is handed to the API function as
+    `images=Rejected(...)`, for it to answer with, instead of being raised (see Rejected)."""
 
     @classmethod
     async def from_http_request(cls, request, serde):
-        """Read the form ourselves: file names are kept for error messages, uploads stay in memory (no
-        temp files), and a text value in `images` is refused instead of being fetched as a URL."""
         try:
             return await cls._parse(request)
         except RequestError as e:
             return cls.model_construct(images=Rejected(e.status, str(e)))
+
+
+class PredictInput(SelfParsed):
+    """multipart/form-data: one or more files in the field `images`, plus the options. Read here: file names
+    are kept for error messages, uploads stay in memory (no temp files), and a text value in `images` is
+    refused instead of being fetched as a URL."""
+
+    images: list[Path] = Field(description="One or more image files (JPEG, PNG, WebP, BMP, GIF, TIFF).")
+    top_k: int = PredictOptions.model_fields["top_k"]
+    threshold: float = PredictOptions.model_fields["threshold"]
 
     @classmethod
     async def _parse(cls, request):
@@ -151,21 +156,14 @@ def decode_base64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
-class PredictBase64Input(bentoml.IODescriptor):
-    """application/json: `{"images": [{"data": "<base64>", "name": "a.jpg"}], "top_k": 5, "threshold": 0.0}`."""
+class PredictBase64Input(SelfParsed):
+    """application/json: `{"images": [{"data": "<base64>", "name": "a.jpg"}], "top_k": 5, "threshold": 0.0}`.
+    Read here rather than by BentoML, which takes any content type as JSON (text/plain included) and
+    answers a base64 error as a server error."""
 
     images: list[Base64Image] = Base64Request.model_fields["images"]
     top_k: int = PredictOptions.model_fields["top_k"]
     threshold: float = PredictOptions.model_fields["threshold"]
-
-    @classmethod
-    async def from_http_request(cls, request, serde):
-        """Parsed here rather than by BentoML, which takes any content type as JSON (text/plain
-        included) and answers a base64 error as a server error."""
-        try:
-            return await cls._parse(request)
-        except RequestError as e:
-            return cls.model_construct(images=Rejected(e.status, str(e)))
 
     @classmethod
     async def _parse(cls, request):

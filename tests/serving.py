@@ -78,7 +78,9 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def start(self, timeout: float = 240) -> None:
+    def start(self, timeout: float = 240, ready: bool = True) -> None:
+        """Until both model workers report; and, with `ready`, until /readyz says so (ready=False for a
+        server expected to start without a model to serve)."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "REFIT_HOME": str(self.home), "BENTOML_HOME": str(self.bentoml_home),
@@ -100,10 +102,10 @@ class Server:
             if self.proc.poll() is not None:
                 pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                ready = httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-                if ready and len(httpx.get(self.url + "/versions", timeout=5).json()["serving"]) == 2:
+                up = not ready or httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+                if up and len(httpx.get(self.url + "/versions", timeout=5).json()["serving"]) == 2:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
         self.stop(kill=True)

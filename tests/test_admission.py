@@ -13,10 +13,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import httpx

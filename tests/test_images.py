@@ -206,7 +206,7 @@ def test_item15_predict_base64_accepts_common_encodings_and_refuses_garbage(http
 def train_cli(home, data, *args, timeout: int = 900) -> tuple[dict, float, str]:
     """`refit train DATA ... --json` in a child process; (its JSON line, its peak RSS in MB, its stderr)."""
     # A wrapper process whose only child is the CLI, so RUSAGE_CHILDREN is the CLI's own peak.
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import resource, subprocess, sys
         done = subprocess.run([sys.executable, "-m", "training.cli", "train", *sys.argv[1:]],
                               capture_output=True, text=True)

@@ -8,12 +8,9 @@ The store holds the bootstrap ImageNet version v0001 and three small versions v0
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import string
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +19,7 @@ import httpx
 import pytest
 
 from conftest import run_cli
-from serving import (AUTH, COLOURS, REPO, TOKEN, Server, copy_store, dataset_files, free_port, predict, solid,
-                     wait_serving)
+from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving
 
 RED = ("red.jpg", solid(COLOURS["red"], seed=5))
 
@@ -220,42 +216,14 @@ def test_item06_random_request_paths_do_not_grow_the_metrics(http, server):
 
 # --- item 9 ---------------------------------------------------------------------------------------------
 
-class StartsUnready(Server):
-    """A server that is expected to start without a model: waits until both workers report, ready or not."""
-
-    def start(self, timeout: float = 240) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "REFIT_HOME": str(self.home), "BENTOML_HOME": str(self.home), "REFIT_TOKEN": TOKEN,
-               "REFIT_WORKERS": "2", "REFIT_POLL_SECONDS": "0.25", "REFIT_TRAIN_STANDBY": "0",
-               "BENTOML_DO_NOT_TRACK": "True"}
-        env.pop("REFIT_DATA_ROOT", None)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Refit",
-                                      "--host", "127.0.0.1", "--port", str(port)], cwd=REPO, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if len(httpx.get(self.url + "/versions", timeout=5).json()["serving"]) == 2:
-                    return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        self.stop(kill=True)
-        pytest.fail(f"workers did not report after {timeout}s:\n{self.log_tail()}")
-
-
 def test_item09_missing_pointer_promotes_nothing_until_someone_does(versions_store, tmp_path):
     """Probe: with promoted.json missing, a start promoted the newest version (even one trained with
     promote=false) and began a new history."""
     home = tmp_path / "home"
     shutil.copytree(versions_store, home)
     (home / "promoted.json").unlink()
-    srv = StartsUnready(home, tmp_path, tmp_path / "serve.log")
-    srv.start()
+    srv = Server(home, tmp_path, tmp_path / "serve.log", env={"REFIT_TRAIN_STANDBY": "0"})
+    srv.start(ready=False)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             time.sleep(1.0)  # a few more polls of the pointer
