@@ -90,7 +90,7 @@ class ModelHolder:
         self.poll_seconds = poll_seconds
         self.current: Loaded | None = None
         self.error: dict | None = None  # the last refused version and why
-        self._seen: object = object()  # pointer stat at the last look; a fresh object never matches
+        self._seen: object = object()  # pointer signature at the last look; a fresh object never matches
         # Decoding releases the GIL, so a worker with several cores decodes a batch in parallel; with one
         # core a pool only adds a thread hand-off per image.
         self._decode_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
@@ -102,16 +102,12 @@ class ModelHolder:
         self._thread.start()
 
     # -- keeping up with the promoted pointer -----------------------------------------------------
-    def _pointer_signature(self) -> tuple | None:
-        try:
-            st = self.store.pointer.stat()
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
-
     def refresh(self) -> None:
         """Load the promoted version if it changed since the last look. Never raises."""
-        sig = self._pointer_signature()
+        try:
+            sig = self.store.pointer_signature()
+        except StoreError as e:  # an S3 store that cannot be reached: reported once, not at every look
+            sig = ("unreachable", str(e))
         if sig == self._seen:
             return
         self._seen = sig

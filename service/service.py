@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -382,8 +381,7 @@ def _seed_from_bento(store) -> None:
     for info in bento.info.all_models:
         src = Path(bento.path) / "models" / info.tag.name / info.tag.version
         if info.tag.name == "refit" and (src / "model.yaml").is_file():
-            shutil.copytree(src, store.models_dir / info.tag.version)
-            store.promote(info.tag.version, actor="bootstrap", reason="packed in the bento")
+            store.promote(store.add_entry(src), actor="bootstrap", reason="packed in the bento")
             log.info("seeded %s from the bento", info.tag.version)
             return
 

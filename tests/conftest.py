@@ -89,3 +89,61 @@ def imagenet_store(tmp_path_factory) -> Path:
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return home
+
+
+# --- an S3-compatible endpoint ------------------------------------------------------------------------
+
+S3_BUCKET = "refit-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3-compatible server on a free loopback port, moto's own server application with one bucket;
+    yields the environment a process needs to reach it (endpoint and credentials). Skips where moto's server
+    is not installed (`pip install 'moto[server]'`, in the test extra)."""
+    import socket
+    import time
+
+    try:
+        import boto3
+        import moto.server  # noqa: F401 - only checks that the server part is installed
+    except ImportError as e:
+        pytest.skip(f"moto's S3 server is not installed ({e}); `pip install -e '.[test]'` brings it")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # moto's server application, served one request at a time: its conditional PUT checks the ETag and then
+    # writes without a lock, so on its threaded server two racing conditional writes can both pass (S3
+    # itself applies them atomically). One request at a time makes it the atomic endpoint the store expects.
+    code = ("from werkzeug.serving import run_simple\n"
+            "from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, "
+            "create_backend_app\n"
+            f"run_simple('127.0.0.1', {port}, DomainDispatcherApplication(create_backend_app), threaded=False, "
+            "request_handler=MotoRequestHandler)\n")
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "refit-test",
+           "AWS_SECRET_ACCESS_KEY": "refit-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"moto's S3 server did not start (exit {proc.poll()}); see {log.name}")
+                time.sleep(0.2)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,9 +1,21 @@
-"""Versions in BentoML's model store, and the promoted pointer beside it.
+"""Versions in BentoML's model store layout, and the promoted pointer beside it, in a folder or on S3.
 
-Each version is one immutable store entry `refit:vNNNN` holding model.onnx, config.json, metrics.json,
-results.csv, dataset.json and confusion_matrix.png. It is built in a staging store and renamed into
-place, so a crash at any point leaves either the whole version or nothing. "promoted" is a small JSON
-file replaced atomically; every promote and rollback is appended to its history.
+`REFIT_STORE` names the store: a folder (default: `REFIT_HOME`) or `s3://bucket/prefix` on any S3-compatible
+endpoint. Both hold the same layout: `models/refit/vNNNN/` (model.onnx, model.yaml, config.json,
+metrics.json, results.csv, dataset.json, confusion_matrix.png) and `promoted.json`.
+
+Versions are immutable and appear only when complete. In a folder a version is built in a staging store and
+renamed into place. On S3, where there is no rename, the number is claimed with a create-only write of
+`vNNNN/.claim`, the files are uploaded, and `model.yaml`, the marker `versions()` looks for, goes last; a
+publish killed midway leaves a claimed number that is never reused and no visible version. Each process
+that serves or checks a version from S3 keeps a copy under `REFIT_HOME/models/refit/vNNNN`, downloaded to a
+temp folder, checked against the checksums recorded at publish time, then renamed into place: BentoML's
+local model store is the cache, so `bentoml models list` shows what a replica holds.
+
+"promoted" is a small JSON file; every promote and rollback is appended to its history. It is changed by
+read-modify-write: under a file lock with an atomic rename in a folder, and with a compare-and-swap on S3
+(a write conditional on the ETag that was read, retried when another writer got there first), so two
+promoters at once never lose an update and never leave a torn pointer.
 
 The pointer is read in one place, `Store.read_pointer`, which checks its shape and raises PointerError for
 anything else, so a hand-edited or damaged file is one typed error for every caller (workers, API, CLI).
@@ -17,9 +29,10 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
-
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +41,12 @@ from typing import Callable
 from training.paths import refit_home
 
 MODEL_NAME = "refit"
+POINTER = "promoted.json"
+ENTRIES = f"models/{MODEL_NAME}/"  # where versions live, relative to the store's root (folder or prefix)
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
+_MARKER_RE = re.compile(rf"^{ENTRIES}(v\d{{4,}})/model\.yaml$")
+_CLAIMED_RE = re.compile(rf"^{ENTRIES}v(\d{{4,}})/")
+CAS_ATTEMPTS = 50  # compare-and-swap rounds before a pointer update gives up (each loss means progress)
 
 
 class StoreError(Exception):
@@ -67,20 +85,44 @@ def atomic_write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def store_url(home: Path) -> str:
+    """REFIT_STORE, or the home folder when it is not set."""
+    return os.environ.get("REFIT_STORE") or str(home)
+
+
 class Store:
-    def __init__(self, home: Path | str | None = None):
+    """`home` is this machine's folder (REFIT_HOME: jobs, caches, the version cache of an S3 store); `url`
+    is where versions and the pointer live (default: REFIT_STORE, else `home`)."""
+
+    def __init__(self, home: Path | str | None = None, url: str | None = None):
         self.home = Path(home).resolve() if home else refit_home()
         if home:
             os.environ["BENTOML_HOME"] = str(self.home)
-        self.models_dir = self.home / "models" / MODEL_NAME
+        self.url = url or store_url(self.home)
+        self.remote = None
+        if self.url.startswith("s3://"):
+            from training.s3 import Bucket
+
+            self.remote = Bucket(self.url)
+            self.root = self.home  # local copies of remote versions: the cache
+        elif "://" in self.url:
+            raise StoreError(f"REFIT_STORE={self.url!r} is not a store this version knows; use a folder path "
+                             "or s3://bucket/prefix")
+        else:
+            self.root = Path(self.url).expanduser().resolve()
+        self.models_dir = self.root / "models" / MODEL_NAME
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.pointer = self.home / "promoted.json"
+        self.pointer = None if self.remote else self.root / POINTER  # the local file; None on S3
+
+    def describe(self) -> str:
+        return self.remote.url if self.remote else str(self.root)
 
     # -- locking -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self):
-        """One writer at a time across processes (CLI, service workers, retrain jobs)."""
-        with open(self.home / ".refit.lock", "a") as f:
+        """One writer at a time across processes of one machine (CLI, service workers, retrain jobs); a
+        folder store's writes happen under it. An S3 store needs none: its writes are conditional."""
+        with open(self.root / ".refit.lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -90,15 +132,16 @@ class Store:
     # -- reading -----------------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Version ids in creation order; only complete entries (model.yaml present) count."""
-        out = []
-        for p in self.models_dir.iterdir() if self.models_dir.exists() else []:
-            if _VERSION_RE.match(p.name) and (p / "model.yaml").is_file():
-                out.append(p.name)
+        if self.remote:
+            out = [m.group(1) for k in self.remote.list(ENTRIES) if (m := _MARKER_RE.match(k))]
+        else:
+            out = [p.name for p in (self.models_dir.iterdir() if self.models_dir.exists() else [])
+                   if _VERSION_RE.match(p.name) and (p / "model.yaml").is_file()]
         return sorted(out, key=lambda v: int(v[1:]))
 
     def path(self, version: str) -> Path:
-        version = self.resolve(version)
-        return self.models_dir / version
+        """The version's folder on this machine (downloaded into the cache first for an S3 store)."""
+        return self._local_copy(self.resolve(version))
 
     def resolve(self, version: str) -> str:
         """Accepts vNNNN, refit:vNNNN, 'latest' and 'promoted'."""
@@ -113,24 +156,25 @@ class Store:
             if p is None:
                 raise StoreError("no version is promoted; run `refit promote VERSION`")
             return p
-        if v not in self.versions():
-            raise StoreError(f"unknown version {version!r}; known: {', '.join(self.versions()) or 'none'}")
+        known = self.versions()
+        if v not in known:
+            raise StoreError(f"unknown version {version!r}; known: {', '.join(known) or 'none'}")
         return v
 
     def info(self, version: str) -> dict:
         """The version's metadata (as stored in BentoML's model.yaml) plus its metrics file."""
-        from bentoml._internal.models import ModelStore
+        import yaml  # BentoML's own dependency; model.yaml is plain YAML
 
         v = self.resolve(version)
-        # This store, not BentoML's global one: inside a bento, BentoML points the global store at the
-        # bento's packed models, and retrained versions live under REFIT_HOME.
-        m = ModelStore(self.home / "models").get(f"{MODEL_NAME}:{v}")
-        info = dict(m.info.metadata)
-        info.update(version=v, tag=str(m.tag), path=str(m.path),
-                    created=info.get("created") or m.info.creation_time.isoformat(timespec="seconds"))
-        metrics = Path(m.path) / "metrics.json"
-        if metrics.is_file():
-            info["metrics"] = json.loads(metrics.read_text())
+        entry = yaml.safe_load(self._entry_file(v, "model.yaml"))
+        if not isinstance(entry, dict):
+            raise StoreError(f"{v}: model.yaml is not a BentoML model entry")
+        info = dict(entry.get("metadata") or {})
+        created = info.get("created") or _seconds(entry.get("creation_time"))
+        info.update(version=v, tag=f"{MODEL_NAME}:{v}", path=str(self.models_dir / v), created=created)
+        metrics = self._entry_file(v, "metrics.json", missing_ok=True)
+        if metrics is not None:
+            info["metrics"] = json.loads(metrics)
         return info
 
     def onnx_path(self, version: str, precision: str | None = None) -> Path:
@@ -141,38 +185,85 @@ class Store:
 
     def verify(self, version: str) -> Path:
         """Checksum the version's ONNX files against those recorded at publish time; returns the path of
-        the file to serve (FP32, or INT8 when it was chosen)."""
-        info = self.info(version)
-        root = Path(info["path"])
-        serving = root / info.get("serving_file", "model.onnx")
-        checks = {root / "model.onnx": info.get("onnx_sha256"), serving: info.get("serving_sha256")}
-        for path, want in checks.items():
-            if not path.is_file():
-                raise StoreError(f"{version}: {path.name} is missing")
-            if want and sha256_file(path) != want:
-                raise StoreError(f"{version}: checksum mismatch for {path.name} (file changed since publish)")
-        return serving
+        the file to serve (FP32, or INT8 when it was chosen), on this machine."""
+        v = self.resolve(version)
+        root = self._local_copy(v)
+        return _check_files(v, root, self.info(v))
+
+    def _entry_file(self, version: str, name: str, missing_ok: bool = False) -> bytes | None:
+        """One file of a version: from this machine when it is here (a folder store, or a copy in the
+        cache that was checked when it arrived), else from S3."""
+        local = self.models_dir / version / name
+        if not self.remote or (self.models_dir / version / "model.yaml").is_file():
+            try:
+                return local.read_bytes()
+            except FileNotFoundError:
+                if missing_ok:
+                    return None
+                raise StoreError(f"{version}: {name} is missing") from None
+        got = self.remote.get(f"{ENTRIES}{version}/{name}")
+        if got is None and not missing_ok:
+            raise StoreError(f"{version}: {name} is missing from {self.remote.url}")
+        return got[0] if got else None
+
+    def _local_copy(self, version: str) -> Path:
+        """The version's folder on this machine. From S3: downloaded into a temp folder, checked against the
+        checksums in its model.yaml, then renamed into the cache, so the cache only ever holds whole,
+        checked versions (several processes may race; the first rename wins, the others drop theirs)."""
+        dest = self.models_dir / version
+        if not self.remote or (dest / "model.yaml").is_file():
+            return dest
+        import yaml
+
+        tmp = self.root / "tmp" / f"fetch-{version}-{uuid.uuid4().hex}"
+        try:
+            prefix = f"{ENTRIES}{version}/"
+            for key in self.remote.list(prefix):
+                name = key[len(prefix):]
+                if name and not name.startswith("."):  # .claim is the store's bookkeeping, not the model's
+                    self.remote.download(key, tmp / name)
+            if not (tmp / "model.yaml").is_file():
+                raise StoreError(f"{version}: model.yaml is missing from {self.remote.url}")
+            meta = (yaml.safe_load((tmp / "model.yaml").read_text()) or {}).get("metadata") or {}
+            _check_files(version, tmp, meta, where=f" in {self.remote.url}")
+            if dest.exists() and not (dest / "model.yaml").is_file():
+                shutil.rmtree(dest, ignore_errors=True)  # a copy some crash left half made
+            try:
+                os.rename(tmp, dest)
+            except OSError:
+                if not (dest / "model.yaml").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
 
     # -- promoted pointer --------------------------------------------------------------------------
+    def _pointer_raw(self) -> tuple[bytes | None, str | None]:
+        """The pointer's bytes (None when there is none) and the ETag a conditional write needs (S3)."""
+        if self.remote:
+            got = self.remote.get(POINTER)
+            return (got[0], got[1]) if got else (None, None)
+        try:
+            return self.pointer.read_bytes(), None
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            raise PointerError(f"{POINTER} cannot be read ({e.strerror})") from None
+
+    def pointer_signature(self) -> object:
+        """Changes whenever the pointer does; cheap enough to poll (a stat, or a HEAD request on S3)."""
+        if self.remote:
+            return self.remote.etag(POINTER)
+        try:
+            st = self.pointer.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def read_pointer(self) -> dict:
         """The pointer as {"version": str | None, "history": [event, ...]}; a missing file is an empty one.
         Raises PointerError when the file exists but is not what Refit writes."""
-        try:
-            raw = self.pointer.read_bytes()
-        except FileNotFoundError:
-            return {"version": None, "history": []}
-        except OSError as e:
-            raise PointerError(f"{self.pointer.name} cannot be read ({e.strerror})") from None
-        try:
-            state = json.loads(raw)
-        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
-            raise PointerError(f"{self.pointer.name} is not valid JSON ({e})") from None
-        problem = _pointer_shape_problem(state)
-        if problem:
-            raise PointerError(f"{self.pointer.name} {problem}")
-        state.setdefault("version", None)
-        state.setdefault("history", [])
-        return state
+        return _parse_pointer(self._pointer_raw()[0])
 
     def promoted(self) -> str | None:
         """The promoted version id, None when nothing is promoted; PointerError for a damaged pointer."""
@@ -183,58 +274,97 @@ class Store:
 
     def pointer_problem(self) -> str | None:
         """Why serving has no promoted version to follow, or None when the pointer is usable: a damaged
-        pointer, or a missing one in a store that holds versions (nothing is promoted without a decision)."""
+        pointer, an unreachable store, or a missing pointer in a store that holds versions (nothing is
+        promoted without a decision)."""
         try:
-            state = self.read_pointer()
-        except PointerError as e:
+            raw, _ = self._pointer_raw()
+            _parse_pointer(raw)
+            versions = self.versions() if raw is None else []
+        except StoreError as e:
             return str(e)
-        if state["version"] is None and not self.pointer.exists() and self.versions():
-            return (f"no version is promoted ({self.pointer.name} is missing) while the store holds "
-                    f"{', '.join(self.versions())}; promote one (`refit promote VERSION` or POST /promote)")
+        if versions:
+            return (f"no version is promoted ({POINTER} is missing) while the store holds "
+                    f"{', '.join(versions)}; promote one (`refit promote VERSION` or POST /promote)")
         return None
 
-    def _pointer_for_update(self, actor: str) -> tuple[dict, dict | None]:
-        """The pointer state to change, under the lock. A damaged pointer starts a new state whose first
-        event records the repair; the damaged file is copied aside first, so nothing is lost."""
+    def _update_pointer(self, change: Callable[[dict, dict | None], dict], *, actor: str, repair: bool) -> dict:
+        """Read the pointer, apply `change(state, repaired)` (which edits state and returns the event), write it
+        back. A folder store does this under the lock; an S3 store writes only over the ETag it read (or only
+        where there is no pointer yet) and starts again from a fresh read when another writer came first."""
+        for attempt in range(CAS_ATTEMPTS):
+            with self.lock() if not self.remote else contextlib.nullcontext():
+                raw, etag, exists = None, None, True  # a pointer that cannot even be read is there
+                try:
+                    raw, etag = self._pointer_raw()
+                    exists = raw is not None
+                    state, repaired = _parse_pointer(raw), None
+                except PointerError as e:
+                    if not repair:
+                        raise PointerError(f"cannot roll back: {e.problem}, so the versions promoted before "
+                                           "are unknown") from None
+                    state, repaired = self._repair(e, raw, actor)
+                event = change(state, repaired)
+                if self._write_pointer(state, etag, exists=exists):
+                    return event
+            time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))  # let the winner finish
+        raise StoreError(f"{POINTER} in {self.describe()} kept changing under this update ({CAS_ATTEMPTS} "
+                         "tries); try again")
+
+    def _write_pointer(self, state: dict, etag: str | None, *, exists: bool) -> bool:
+        """False when an S3 compare-and-swap lost the race."""
+        if not self.remote:
+            atomic_write_json(self.pointer, state)
+            return True
+        from training.s3 import Conflict
+
+        data = json.dumps(state, indent=2, sort_keys=True).encode()
         try:
-            state = self.read_pointer()
-        except PointerError as e:
-            kept = self.pointer.with_name(f"{self.pointer.name}.broken-{_stamp()}")
-            try:
-                shutil.copyfile(self.pointer, kept)
-                where = f"the damaged file is kept as {kept.name}"
-            except OSError as copy_error:
-                kept, where = None, f"the damaged file could not be kept ({copy_error.strerror})"
-            event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
-                     "reason": f"{e.problem}; {where}", "kept_as": kept.name if kept else None}
-            return {"version": None, "history": [event]}, event
-        return state, None
+            self.remote.put(POINTER, data, if_match=etag if exists else None, create_only=not exists)
+        except Conflict:
+            return False
+        return True
+
+    def _repair(self, damage: PointerError, raw: bytes | None, actor: str) -> tuple[dict, dict]:
+        """A new pointer state whose first event records the repair of a damaged one; the damaged bytes are
+        kept beside it first, so nothing is lost."""
+        kept = f"{POINTER}.broken-{_stamp()}"
+        try:
+            self._keep_aside(kept, raw)
+            where = f"the damaged file is kept as {kept}"
+        except (OSError, StoreError) as e:
+            where = f"the damaged file could not be kept ({getattr(e, 'strerror', None) or e})"
+            kept = None
+        event = {"action": "repair", "version": None, "previous": None, "at": now_iso(), "actor": actor,
+                 "reason": f"{damage.problem}; {where}", "kept_as": kept}
+        return {"version": None, "history": [event]}, event
+
+    def _keep_aside(self, name: str, raw: bytes | None) -> None:
+        if self.remote:
+            self.remote.put(name, raw or b"", create_only=True)
+        else:
+            shutil.copyfile(self.pointer, self.pointer.with_name(name))
 
     def promote(self, version: str, *, actor: str = "cli", reason: str = "") -> dict:
         """Point serving at `version` after checking its file loads; recorded in the history. Repairs a
         damaged pointer (the returned event then carries `repaired`)."""
-        with self.lock():
-            v = self.resolve(version)
-            path = self.verify(v)
-            check_loadable(path)
-            state, repaired = self._pointer_for_update(actor)
+        v = self.resolve(version)
+        check_loadable(self.verify(v))  # versions never change, so this holds for every round below
+
+        def change(state: dict, repaired: dict | None) -> dict:
             event = {"action": "promote", "version": v, "previous": state["version"], "at": now_iso(),
                      "actor": actor, "reason": reason}
             state["version"] = v
             state["history"].append(event)
-            atomic_write_json(self.pointer, state)
             return {**event, "repaired": repaired} if repaired else event
+
+        return self._update_pointer(change, actor=actor, repair=True)
 
     def rollback(self, *, actor: str = "cli", reason: str = "") -> dict:
         """Go back one step along the promotion history: after promoting v2, v3 and v4, rollbacks give v3,
         then v2, then v1 (versions deleted since are skipped); a StoreError says when there is nothing
         earlier."""
-        with self.lock():
-            try:
-                state = self.read_pointer()
-            except PointerError as e:
-                raise PointerError(f"cannot roll back: {e.problem}, so the versions promoted before are "
-                                   "unknown") from None
+
+        def change(state: dict, _repaired) -> dict:
             current = state["version"]
             if current is None:
                 raise StoreError("nothing is promoted, so there is nothing to roll back; "
@@ -254,20 +384,27 @@ class Store:
                      "actor": actor, "reason": reason}
             state["version"] = target
             state["history"].append(event)
-            atomic_write_json(self.pointer, state)
             return event
+
+        return self._update_pointer(change, actor=actor, repair=False)
 
     # -- writing -----------------------------------------------------------------------------------
     def publish(self, files: dict[str, Path], metadata: dict, labels: dict | None = None,
                 stamp: Callable[[str], dict] | None = None) -> str:
         """Create the next version from files (name in the entry -> source path). All or nothing.
-        `stamp(version)` runs under the lock once the id is known (to write it into the files) and
-        returns extra metadata."""
-        import bentoml
-        from bentoml._internal.models import ModelStore
-
+        `stamp(version)` runs once the id is known and is this publish's own (to write it into the files)
+        and returns extra metadata."""
+        if self.remote:
+            version = self._claim(None)
+            built, staging = self._build(version, files, metadata, labels, stamp)
+            try:
+                self._upload(version, built)
+                self._into_cache(version, built)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return version
         with self.lock():
-            tmp_root = self.home / "tmp"
+            tmp_root = self.root / "tmp"
             tmp_root.mkdir(exist_ok=True)
             # Anything left in staging while we hold the lock belongs to a crashed publish.
             for stale in tmp_root.glob("staging-*"):
@@ -279,15 +416,7 @@ class Store:
             n = max([int(v[1:]) for v in existing] + [int(p.name[1:]) for p in partial
                                                         if _VERSION_RE.match(p.name)] + [0]) + 1
             version = f"v{n:04d}"
-            staging = tmp_root / f"staging-{uuid.uuid4().hex}"
-            extra = stamp(version) if stamp else {}
-            # BentoML's metadata takes basic types only; absent values (None) are left out.
-            metadata = _drop_none({**metadata, **extra, "version": version, "created": now_iso()})
-            with bentoml.models.create(f"{MODEL_NAME}:{version}", labels=labels or {}, metadata=metadata,
-                                       _model_store=ModelStore(staging)) as m:
-                for name, src in files.items():
-                    shutil.copyfile(src, m.path_of(name))
-            built = staging / MODEL_NAME / version
+            built, staging = self._build(version, files, metadata, labels, stamp)
             for f in built.rglob("*"):
                 if f.is_file():
                     with open(f, "rb") as fh:
@@ -299,11 +428,77 @@ class Store:
             shutil.rmtree(staging, ignore_errors=True)
             return version
 
+    def add_entry(self, src: Path) -> str:
+        """Add a complete entry folder made elsewhere (the version packed into a bento) under its own id."""
+        version = src.name
+        if self.remote:
+            self._claim(version)
+            self._upload(version, src)
+        else:
+            shutil.copytree(src, self.models_dir / version)
+        return version
+
+    def _build(self, version, files, metadata, labels, stamp) -> tuple[Path, Path]:
+        """The entry built by BentoML in a staging store of its own; returns (entry folder, staging root)."""
+        import bentoml
+        from bentoml._internal.models import ModelStore  # no public API names a store other than the global one
+
+        staging = self.root / "tmp" / f"staging-{uuid.uuid4().hex}"
+        staging.mkdir(parents=True)
+        try:
+            extra = stamp(version) if stamp else {}
+            # BentoML's metadata takes basic types only; absent values (None) are left out.
+            metadata = _drop_none({**metadata, **extra, "version": version, "created": now_iso()})
+            with bentoml.models.create(f"{MODEL_NAME}:{version}", labels=labels or {}, metadata=metadata,
+                                       _model_store=ModelStore(staging)) as m:
+                for name, src in files.items():
+                    shutil.copyfile(src, m.path_of(name))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging / MODEL_NAME / version, staging
+
+    def _claim(self, version: str | None) -> str:
+        """Make a version number this publish's own with a create-only write of its claim object: the next
+        free number (None), or exactly `version`. A number once claimed is never handed out again, even when
+        the publish that claimed it died before its model.yaml was written."""
+        from training.s3 import Conflict
+
+        note = json.dumps({"at": now_iso(), "pid": os.getpid(), "host": os.uname().nodename}).encode()
+        if version is not None:
+            try:
+                self.remote.put(f"{ENTRIES}{version}/.claim", note, create_only=True)
+                return version
+            except Conflict:
+                raise StoreError(f"{version} is already taken in {self.remote.url}") from None
+        taken = {int(m.group(1)) for k in self.remote.list(ENTRIES) if (m := _CLAIMED_RE.match(k))}
+        n = max(taken, default=0) + 1
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                self.remote.put(f"{ENTRIES}v{n:04d}/.claim", note, create_only=True)
+                return f"v{n:04d}"
+            except Conflict:
+                n += 1  # another publisher claimed it a moment ago
+        raise StoreError(f"could not claim a version number in {self.remote.url} ({CAS_ATTEMPTS} tries)")
+
+    def _upload(self, version: str, folder: Path) -> None:
+        """Every file, model.yaml last: until it is there, the version is not listed."""
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "model.yaml")
+        for p in files:
+            self.remote.upload(f"{ENTRIES}{version}/{p.relative_to(folder).as_posix()}", p)
+
+    def _into_cache(self, version: str, built: Path) -> None:
+        """The publisher has the files it just uploaded: they become its cached copy at no cost."""
+        try:
+            os.rename(built, self.models_dir / version)
+        except OSError:
+            pass  # another process of this machine cached it first
+
     def list_info(self) -> list[dict]:
         """Every version with its metadata; listing works whatever state the pointer is in."""
         try:
             promoted = self.promoted()
-        except PointerError:
+        except StoreError:
             promoted = None
         out = []
         for v in self.versions():
@@ -314,6 +509,40 @@ class Store:
             i["promoted"] = v == promoted
             out.append(i)
         return out
+
+
+def _parse_pointer(raw: bytes | None) -> dict:
+    if raw is None:
+        return {"version": None, "history": []}
+    try:
+        state = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise PointerError(f"{POINTER} is not valid JSON ({e})") from None
+    problem = _pointer_shape_problem(state)
+    if problem:
+        raise PointerError(f"{POINTER} {problem}")
+    state.setdefault("version", None)
+    state.setdefault("history", [])
+    return state
+
+
+def _check_files(version: str, root: Path, meta: dict, where: str = "") -> Path:
+    """Check the ONNX files in `root` against the checksums recorded at publish; returns the file to serve."""
+    serving = root / meta.get("serving_file", "model.onnx")
+    checks = {root / "model.onnx": meta.get("onnx_sha256"), serving: meta.get("serving_sha256")}
+    for path, want in checks.items():
+        if not path.is_file():
+            raise StoreError(f"{version}: {path.name} is missing{where}")
+        if want and sha256_file(path) != want:
+            raise StoreError(f"{version}: checksum mismatch for {path.name} (file changed since publish){where}")
+    return serving
+
+
+def _seconds(iso) -> str | None:
+    try:
+        return datetime.fromisoformat(str(iso)).isoformat(timespec="seconds")
+    except ValueError:
+        return None if iso is None else str(iso)
 
 
 def promotion_stack(history: list[dict]) -> list[str]:
