@@ -307,3 +307,39 @@ def test_s3_version_published_by_one_replica_is_served_from_anothers_cache(tmp_p
         assert sha256_file(b.models_dir / v2 / "model.onnx") == b.info(v2)["onnx_sha256"]
     finally:
         holder.close()
+
+
+def test_s3_service_serves_the_promoted_version_and_follows_a_cli_promote(tmp_path, s3_endpoint):
+    """`bentoml serve` with REFIT_STORE=s3://... serves the promoted version from its cache, lists the
+    store's versions, and follows a promote made by the `refit` CLI on another REFIT_HOME within 5 s."""
+    import httpx
+
+    from serving import AUTH, Server, predict, wait_serving
+
+    url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    publisher = Store(tmp_path / "publisher", url=url)
+    v1, v2 = publish(publisher, tmp_path, 1), publish(publisher, tmp_path, 2)
+    publisher.promote(v1, actor="setup")
+    (tmp_path / "data").mkdir()
+    server = Server(tmp_path / "replica", tmp_path / "data", tmp_path / "serve.log",
+                    env={"REFIT_STORE": url, "REFIT_TRAIN_STANDBY": "0"})
+    server.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            wait_serving(http, v1)
+            r = predict(http, ("red.jpg", jpeg_bytes("red")))
+            assert r.status_code == 200 and r.json()[0]["version"] == v1, r.text
+            listed = http.get("/versions").json()
+            assert [row["id"] for row in listed["versions"]] == [v1, v2] and listed["promoted"] == v1
+            assert (server.home / "models" / "refit" / v1 / "model.yaml").is_file()
+            cli = subprocess.run([sys.executable, "-m", "training.cli", "promote", v2, "--reason", "from the CLI"],
+                                 cwd=ROOT, env=child_env({"url": url, "env": s3_endpoint}, tmp_path / "operator"),
+                                 capture_output=True, text=True, timeout=300)
+            assert cli.returncode == 0, cli.stdout + cli.stderr
+            assert wait_serving(http, v2, timeout=5) < 5
+            assert predict(http, ("red.jpg", jpeg_bytes("red"))).json()[0]["version"] == v2
+            rolled = http.post("/rollback", json={"reason": "back"}, headers=AUTH)
+            assert rolled.status_code == 200 and rolled.json()["promoted"] == v1, rolled.text
+            assert publisher.promoted() == v1
+    finally:
+        server.stop()
