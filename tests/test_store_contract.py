@@ -295,9 +295,9 @@ def test_s3_version_published_by_one_replica_is_served_from_anothers_cache(tmp_p
         item = {"name": "red.jpg", "data": jpeg_bytes("red"), "top_k": 2, "threshold": 0.0}
         assert holder.classify([item])[0]["version"] == v1
         assert (b.models_dir / v1 / "model.yaml").is_file() and not (b.models_dir / v2).exists()
-        listed = subprocess.run([str(Path(sys.executable).parent / "bentoml"), "models", "list", "-o", "json"], cwd=ROOT,
-                                env={**os.environ, "BENTOML_HOME": str(b.home)}, capture_output=True, text=True,
-                                timeout=120)
+        bentoml_cli = str(Path(sys.executable).parent / "bentoml")
+        listed = subprocess.run([bentoml_cli, "models", "list", "-o", "json"], cwd=ROOT, capture_output=True,
+                                env={**os.environ, "BENTOML_HOME": str(b.home)}, text=True, timeout=120)
         assert f"refit:{v1}" in listed.stdout, listed.stdout + listed.stderr
         a.promote(v2, actor="replica-a")
         deadline = time.monotonic() + 5
