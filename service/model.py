@@ -3,13 +3,13 @@
 A watcher thread polls the promoted pointer. A new version is verified (checksum), opened and warmed up
 completely before one reference assignment swaps it in, so a batch sees either the old model or the new
 one, never a mix. A version that fails its checksum or does not load is refused: the worker keeps serving
-what it had, logs why, and writes the reason to its status file, which `GET /versions` shows. So is a
-pointer that cannot be used (damaged, or missing beside existing versions): whatever the file holds, the
-watcher logs it, keeps the model it has and keeps watching.
+what it had, logs why, and writes the reason to its status record in the store (`service/replicas.py`),
+which `GET /versions` on every replica shows. So is a pointer that cannot be used (damaged, or missing beside
+existing versions): whatever the file holds, the watcher logs it, keeps the model it has and keeps watching.
+A second thread rewrites the status record at every heartbeat, so that it expires when this worker dies.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from service import settings
+from service.replicas import StatusBoard, replica_id
 from training.contract import Contract
 from training.preprocess import preprocess
-from training.store import Store, StoreError, atomic_write_json, now_iso
+from training.store import Store, StoreError, now_iso
 
 log = logging.getLogger("refit.model")
 
@@ -96,10 +97,19 @@ class ModelHolder:
         self._decode_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
                              if threads > 1 else None)
         self._stop = threading.Event()
-        self.status_file = store.home / "serving" / f"worker-{os.getpid()}.json"
+        self.replica = replica_id()
+        self.board = StatusBoard(store)
+        self._status_lock = threading.Lock()  # the watcher and the heartbeat write the same record
+        self._closed = False
+        self._status_failing = False
         self.refresh()
         self._thread = threading.Thread(target=self._watch, name="refit-model-watch", daemon=True)
         self._thread.start()
+        # Its own thread, not the watcher's: loading a large version from S3 can take longer than the TTL,
+        # and the record must not expire (and the replica look unready) while the old version still serves.
+        self._beat = threading.Thread(target=self._heartbeat, args=(settings.HEARTBEAT_SECONDS,),
+                                      name="refit-heartbeat", daemon=True)
+        self._beat.start()
 
     # -- keeping up with the promoted pointer -----------------------------------------------------
     def refresh(self) -> None:
@@ -174,20 +184,40 @@ class ModelHolder:
             except Exception:  # noqa: BLE001 - a watcher that dies leaves this worker on its version for good
                 log.exception("the promoted-pointer watcher failed; it keeps watching")
 
+    def _heartbeat(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            self._write_status()
+
     def _write_status(self) -> None:
-        status = {"pid": os.getpid(), "version": self.current.version if self.current else None,
-                  "loaded_at": self.current.loaded_at if self.current else None, "error": self.error,
-                  "updated": now_iso()}
-        try:
-            atomic_write_json(self.status_file, status)
-        except OSError as e:
-            log.warning("cannot write %s: %s", self.status_file, e)
+        """This worker's record in the store. A store that cannot be written is logged once per outage: the
+        worker keeps serving, and its record expires on the other replicas until the store is back."""
+        with self._status_lock:  # the state is read under the lock, so an older state never lands last
+            if self._closed:
+                return
+            model, error = self.current, self.error
+            status = {"version": model.version if model else None, "loaded_at": model.loaded_at if model else None,
+                      "error": error}
+            try:
+                self.board.publish(self.replica, os.getpid(), status)
+            except (OSError, StoreError) as e:
+                if not self._status_failing:
+                    log.warning("cannot write this worker's status record to %s: %s", self.store.describe(), e)
+                self._status_failing = True
+                return
+            if self._status_failing:
+                log.info("status record written to %s again", self.store.describe())
+            self._status_failing = False
 
     def close(self) -> None:
         self._stop.set()
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.status_file.unlink(missing_ok=True)
+        with self._status_lock:
+            self._closed = True
+            try:
+                self.board.withdraw(self.replica, os.getpid())
+            except (OSError, StoreError) as e:  # it expires on its own
+                log.warning("cannot remove this worker's status record: %s", e)
 
     # -- inference --------------------------------------------------------------------------------
     def classify(self, items: list[dict]) -> list[dict]:
@@ -229,18 +259,3 @@ class ModelHolder:
         label = best["label"] if best["score"] >= threshold else "unknown"
         return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
 
-
-def read_worker_status(home: Path) -> list[dict]:
-    """Status of every live model worker (files of dead processes are removed)."""
-    out = []
-    for f in sorted((home / "serving").glob("worker-*.json")):
-        try:
-            status = json.loads(f.read_text())
-            os.kill(int(status["pid"]), 0)
-        except ProcessLookupError:
-            f.unlink(missing_ok=True)
-            continue
-        except (OSError, ValueError, KeyError):
-            continue
-        out.append(status)
-    return out

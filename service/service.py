@@ -8,7 +8,6 @@ routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adapti
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -29,7 +28,8 @@ from service.balance import CloseAfterReply
 from service.guard import JOB_HEADER, Guard
 from service.jobs import PACKAGE_ROOT, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
-from service.model import ModelHolder, ModelUnavailable, read_worker_status
+from service.model import ModelHolder, ModelUnavailable
+from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
     RetrainInput
@@ -130,6 +130,8 @@ class Refit:
         die_with_supervisor()
         bound_shutdown(settings.SHUTDOWN_SECONDS)
         self.store = Store()
+        self.replica = replica_id()
+        self.board = StatusBoard(self.store)
         self.jobs = jobs()
         self.jobs.recover()
         if settings.TRAIN_STANDBY:
@@ -150,6 +152,7 @@ class Refit:
 
         home = refit_home()
         record_supervisor()  # the workers started after this hook exit when this process dies
+        log.info("replica %s, store %s", replica_id(), Store(home).describe())  # a bad REFIT_REPLICA stops here
         Jobs(home).recover()
         _prepare_task_database()
         problem = Store(home).pointer_problem()
@@ -216,8 +219,9 @@ class Refit:
     @admin.get("/versions")
     def versions(self) -> dict[str, Any]:
         """Every version (id, created, strategy, metrics), which one is promoted, and what each model
-        worker serves, with the reason when a worker refused a version. `problem` says why nothing is
-        promoted when the pointer is damaged or missing (promote a version to repair it)."""
+        worker of every live replica serves, with the reason when a worker refused a version. `replica` is
+        the replica that answered. `problem` says why nothing is promoted when the pointer is damaged or
+        missing (promote a version to repair it)."""
         from training.store import StoreError
 
         try:
@@ -225,10 +229,14 @@ class Refit:
         except StoreError:
             promoted = None
         rows = [_version_row(i) for i in self.store.list_info()]
-        workers = read_worker_status(self.store.home)
-        refusals = [w["error"] for w in workers if w.get("error")] + _refusals(self.store.home)
+        try:
+            workers, refused = self.board.live(), self.board.refusals()
+        except StoreError as e:  # the store is unreachable: `problem` says so too
+            log.error("cannot read the replicas' status from the store: %s", e)
+            workers, refused = [], []
+        refusals = [w["error"] for w in workers if w.get("error")] + refused
         return {"promoted": promoted, "problem": self.store.pointer_problem(), "versions": rows,
-                "serving": workers, "refused": refusals}
+                "replica": self.replica, "serving": workers, "refused": refusals}
 
     @bentoml.api(route="/promote")
     def promote(self, version: str = Field(description="Version id, e.g. v0003."),
@@ -243,7 +251,11 @@ class Refit:
         try:
             event = self.store.promote(version, actor="api", reason=reason)
         except StoreError as e:
-            _record_refusal(self.store.home, version, str(e))
+            log.error("promotion of %s refused: %s", version, e)
+            try:
+                self.board.record_refusal(version, str(e), self.replica)
+            except StoreError as why:
+                log.error("cannot record the refusal in the store: %s", why)
             return error(409, f"refused: {e}")
         repaired = event.pop("repaired", None)
         if repaired:
@@ -302,9 +314,18 @@ class Refit:
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
-        """Ready when some model worker serves a version. (BentoML also asks the workers themselves.) A
-        damaged pointer does not make a serving instance unready; a worker with nothing to serve does."""
-        return any(w.get("version") for w in read_worker_status(self.store.home))
+        """Ready when a model worker of this replica serves a version. (BentoML also asks a worker itself.)
+        A damaged pointer does not make a serving instance unready; a worker with nothing to serve does."""
+        from training.store import StoreError
+
+        try:
+            return any(w.get("version") for w in self.board.live(self.replica))
+        except StoreError as e:
+            # The workers serve from this machine's cache while the store is away; taking every replica out
+            # of service at once for it would turn a store outage into a full one. BentoML's own check of a
+            # worker still answers for this one.
+            log.warning("readiness without the store's status records: %s", e)
+            return True
 
     @bentoml.on_shutdown
     def close(self) -> None:
@@ -321,10 +342,15 @@ class Refit:
             promoted = None
         if promoted:
             lines.append(f'refit_promoted_version_info{{version="{promoted}"}} 1')
-        lines += ["# HELP refit_worker_version_info The version each model worker serves.",
+        lines += ["# HELP refit_worker_version_info The version each model worker of this replica serves.",
                   "# TYPE refit_worker_version_info gauge"]
-        for w in read_worker_status(self.store.home):
-            lines.append(f'refit_worker_version_info{{pid="{w["pid"]}",version="{w.get("version")}"}} 1')
+        try:
+            workers = self.board.live(self.replica)
+        except StoreError:
+            workers = []  # /versions names the store's problem
+        for w in workers:
+            lines.append(f'refit_worker_version_info{{replica="{self.replica}",pid="{w["pid"]}",'
+                         f'version="{w.get("version")}"}} 1')
         lines += ["# HELP refit_promoted_pointer_ok 1 when a version is promoted or the store is empty; 0 when "
                   "the pointer is damaged or missing beside versions (see GET /versions).",
                   "# TYPE refit_promoted_pointer_ok gauge",
@@ -429,21 +455,3 @@ def _unavailable(store, e: Exception) -> str:
     problem = store.pointer_problem()
     return f"no model to answer with: {problem}" if problem else f"model workers unavailable: {e}"
 
-
-def _refusals_file(home):
-    return home / "serving" / "refused.json"
-
-
-def _refusals(home) -> list[dict]:
-    try:
-        return json.loads(_refusals_file(home).read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def _record_refusal(home, version: str, reason: str) -> None:
-    from training.store import atomic_write_json, now_iso
-
-    log.error("promotion of %s refused: %s", version, reason)
-    atomic_write_json(_refusals_file(home), (_refusals(home) + [{"version": version, "reason": reason,
-                                                                 "at": now_iso()}])[-20:])

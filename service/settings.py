@@ -40,6 +40,11 @@ MAX_REQUEST_MB = _float("REFIT_MAX_REQUEST_MB", 32)  # predict body size limit (
 MAX_DATASET_MB = _float("REFIT_MAX_DATASET_MB", 1024)  # retrain upload size limit (413 above it)
 
 POLL_SECONDS = _float("REFIT_POLL_SECONDS", 0.25)  # how often each worker checks the promoted pointer
+# Each model worker keeps a status record in the store (what it serves), rewritten every heartbeat; a record
+# not rewritten for the TTL belongs to a worker that died without removing it (kill -9, a lost machine), and
+# readers drop it. The TTL is a few heartbeats, so one late write never makes a live worker disappear.
+HEARTBEAT_SECONDS = _float("REFIT_HEARTBEAT_SECONDS", 5)
+STATUS_TTL_SECONDS = _float("REFIT_STATUS_TTL_SECONDS", 3 * HEARTBEAT_SECONDS)
 # Training threads are capped below the core count so predictions keep a core while a retrain runs.
 TRAIN_THREADS = _int("REFIT_TRAIN_THREADS", max(1, CPUS - 1))
 # Keep one training process warm (imports done, feature graph exported): about 5 s off every retrain, for

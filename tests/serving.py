@@ -77,6 +77,7 @@ class Server:
         self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.replica = ""  # its replica id, from /versions once it has started
 
     def start(self, timeout: float = 240, ready: bool = True) -> None:
         """Until both model workers report; and, with `ready`, until /readyz says so (ready=False for a
@@ -103,7 +104,9 @@ class Server:
                 pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 up = not ready or httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-                if up and len(httpx.get(self.url + "/versions", timeout=5).json()["serving"]) == 2:
+                listing = httpx.get(self.url + "/versions", timeout=5).json() if up else None
+                if listing and len(own_workers(listing)) == 2:
+                    self.replica = listing["replica"]
                     return
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
@@ -149,11 +152,17 @@ def wait_task(http, task_id: str, timeout: float = 180) -> dict:
     pytest.fail(f"retrain task {task_id} did not finish in {timeout}s")
 
 
+def own_workers(versions: dict) -> list[dict]:
+    """The workers of the replica that answered a GET /versions (a server killed earlier on the same store
+    stays listed until its records expire)."""
+    return [w for w in versions["serving"] if w.get("replica") == versions["replica"]]
+
+
 def wait_serving(http, version: str, timeout: float = 15) -> float:
-    """Until every model worker reports `version`; returns the seconds it took."""
+    """Until every model worker of the replica `http` talks to reports `version`; returns the seconds it took."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        serving = http.get("/versions").json()["serving"]
+        serving = own_workers(http.get("/versions").json())
         if len(serving) == 2 and all(w["version"] == version for w in serving):
             return time.time() - t0
         time.sleep(0.1)

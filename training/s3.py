@@ -90,6 +90,11 @@ class Bucket:
         with self._errors(rel):
             self.client.download_file(self.bucket, self.key(rel), str(path))
 
+    def delete(self, rel: str) -> None:
+        """Remove the object; removing one that is not there is not an error (S3 answers 204 either way)."""
+        with self._errors(rel):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(rel))
+
     def list(self, rel_prefix: str) -> list[str]:
         """Keys (relative to the store's prefix) that start with `rel_prefix`."""
         out = []

@@ -494,6 +494,44 @@ class Store:
         except OSError:
             pass  # another process of this machine cached it first
 
+    # -- small records beside the versions (what each replica serves) ------------------------------
+    def put_record(self, rel: str, data: dict) -> None:
+        """Write a small JSON object whole: an atomic rename in a folder, one PUT on S3."""
+        if self.remote:
+            self.remote.put(rel, json.dumps(data, sort_keys=True).encode())
+        else:
+            atomic_write_json(self.root / rel, data)
+
+    def records(self, prefix: str) -> dict[str, object]:
+        """Every JSON record under `prefix` (key relative to the store -> parsed object). One that is gone or
+        does not parse by the time it is read (another reader removed it) is left out."""
+        raw: dict[str, bytes] = {}
+        if self.remote:
+            for key in self.remote.list(prefix):
+                got = self.remote.get(key) if key.endswith(".json") else None
+                if got is not None:
+                    raw[key] = got[0]
+        else:
+            base = self.root / prefix
+            for p in sorted(base.rglob("*.json")) if base.is_dir() else []:
+                try:
+                    raw[p.relative_to(self.root).as_posix()] = p.read_bytes()
+                except OSError:
+                    continue
+        out = {}
+        for key, data in raw.items():
+            try:
+                out[key] = json.loads(data)
+            except ValueError:
+                continue
+        return out
+
+    def delete_record(self, rel: str) -> None:
+        if self.remote:
+            self.remote.delete(rel)
+        else:
+            (self.root / rel).unlink(missing_ok=True)
+
     def list_info(self) -> list[dict]:
         """Every version with its metadata; listing works whatever state the pointer is in."""
         try:

@@ -1,0 +1,113 @@
+"""What every model worker of every replica serves, kept in the store where all replicas can read it.
+
+Each `bentoml serve` is one replica, named by `replica_id()`. Each of its model workers keeps one record,
+`serving/<replica>/<pid>.json` in the store (a folder: an atomic rename; S3: one PUT), with the version it
+serves, when it loaded it, the version it refused and why, and `updated`. The worker rewrites it when
+something changes and at every heartbeat (`REFIT_HEARTBEAT_SECONDS`), and removes it when it shuts down
+cleanly. A worker that dies without doing so (kill -9, the OOM killer, a machine that is gone) stops
+rewriting it; readers treat a record older than `REFIT_STATUS_TTL_SECONDS` as gone and remove it. No
+process ids are checked: a reader on another machine could not check them.
+
+A refused promote is kept the same way, one record per refusal under `refused/`, so every replica lists it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+
+from service import settings
+from service.lifeline import SUPERVISOR_ENV
+from training.store import Store, StoreError
+
+log = logging.getLogger("refit.replicas")
+
+SERVING = "serving/"
+REFUSED = "refused/"
+KEEP_REFUSALS = 20
+_RECORD_RE = re.compile(r"^serving/([^/]+)/(\d+)\.json$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def replica_id() -> str:
+    """`REFIT_REPLICA`, else this machine's hostname and the `bentoml serve` supervisor's pid: the same in
+    the front and every model worker of one `bentoml serve`, and different for the next one."""
+    given = os.environ.get("REFIT_REPLICA")
+    if given:
+        if not _ID_RE.match(given):
+            raise ValueError(f"REFIT_REPLICA={given!r} cannot name a replica: use 1 to 100 letters, digits, "
+                             "'.', '_' or '-', starting with a letter or digit")
+        return given
+    host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-._") or "host"
+    return f"{host}-{os.environ.get(SUPERVISOR_ENV) or os.getppid()}"
+
+
+def _stamp() -> str:
+    # Milliseconds: the TTL may be a few seconds, and whole seconds would age a record by up to one more.
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _age(updated) -> float:
+    try:
+        return time.time() - datetime.fromisoformat(str(updated)).timestamp()
+    except ValueError:
+        return float("inf")  # not a time Refit writes: nobody keeps it fresh
+
+
+class StatusBoard:
+    """Worker status records and refusals in one store."""
+
+    def __init__(self, store: Store, ttl: float | None = None):
+        self.store = store
+        self.ttl = settings.STATUS_TTL_SECONDS if ttl is None else ttl
+
+    # -- written by a model worker ----------------------------------------------------------------
+    def publish(self, replica: str, pid: int, status: dict) -> None:
+        """Write (or refresh) one worker's record. Raises StoreError or OSError when the store refuses."""
+        self.store.put_record(f"{SERVING}{replica}/{pid}.json",
+                              {**status, "replica": replica, "pid": pid, "updated": _stamp()})
+
+    def withdraw(self, replica: str, pid: int) -> None:
+        self.store.delete_record(f"{SERVING}{replica}/{pid}.json")
+
+    # -- read by every replica --------------------------------------------------------------------
+    def live(self, replica: str | None = None) -> list[dict]:
+        """The records of live workers (of one replica, or of all), by replica and pid. Expired records are
+        removed on the way, best effort: a worker that is alive after all writes its record again at its next
+        heartbeat."""
+        out = []
+        for key, record in self.store.records(f"{SERVING}{replica}/" if replica else SERVING).items():
+            m = _RECORD_RE.match(key)
+            if not m or not isinstance(record, dict) or record.get("replica") != m.group(1):
+                continue  # not a worker record (an older release's serving/worker-<pid>.json, say)
+            if _age(record.get("updated")) > self.ttl:
+                self._remove(key)
+                continue
+            out.append(record)
+        return sorted(out, key=lambda r: (str(r["replica"]), int(r.get("pid") or 0)))
+
+    def _remove(self, key: str) -> None:
+        try:
+            self.store.delete_record(key)
+        except (OSError, StoreError) as e:
+            log.warning("cannot remove %s from the store: %s", key, e)
+
+    # -- refusals ---------------------------------------------------------------------------------
+    def record_refusal(self, version: str, reason: str, replica: str) -> None:
+        """One record per refusal (no read-modify-write, so refusals on two replicas at once both stay); only
+        the newest KEEP_REFUSALS are kept."""
+        at = datetime.now(timezone.utc)
+        key = f"{REFUSED}{at.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:8]}.json"
+        self.store.put_record(key, {"version": version, "reason": reason, "at": at.isoformat(timespec="seconds"),
+                                    "replica": replica})
+        for old in sorted(self.store.records(REFUSED))[:-KEEP_REFUSALS]:
+            self._remove(old)
+
+    def refusals(self) -> list[dict]:
+        """The newest refused promotes, oldest first (their keys sort by time)."""
+        found = self.store.records(REFUSED)
+        return [found[k] for k in sorted(found)[-KEEP_REFUSALS:] if isinstance(found[k], dict)]
