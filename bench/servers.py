@@ -92,7 +92,9 @@ def refit_server(home: Path, log_path: Path, target: str = REFIT, **settings: st
 def _refit_ready(url: str) -> bool:
     if httpx.get(url + "/readyz", timeout=2).status_code != 200:
         return False
-    serving = httpx.get(url + "/versions", timeout=5).json()["serving"]
+    listing = httpx.get(url + "/versions", timeout=5).json()
+    # This server's own workers: a server stopped earlier on the same store stays listed until its records expire.
+    serving = [w for w in listing["serving"] if w.get("replica") == listing.get("replica")]
     return bool(serving) and all(w.get("version") for w in serving)
 
 
