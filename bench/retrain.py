@@ -161,7 +161,7 @@ def submit_to_answer(data: Path, workdir: Path, plan: Plan) -> dict:
 
 
 def _task_result(client: httpx.Client, task_id: str, wait: float = 60) -> dict:
-    """The job's own timings (training process wall time, fit time), once BentoML has the result."""
+    """The job's own timings (training process wall time, fit time), once the job has ended."""
     deadline = time.perf_counter() + wait
     while time.perf_counter() < deadline:
         r = client.get("/retrain/get", params={"task_id": task_id})

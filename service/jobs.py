@@ -40,6 +40,7 @@ log = logging.getLogger("refit.jobs")
 
 ACTIVE = ("queued", "running")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding service/ and training/
+_JOB_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")
 
 
 class AdmissionError(Exception):
@@ -62,7 +63,8 @@ class Jobs:
 
     # -- state ------------------------------------------------------------------------------------
     def dir(self, job_id: str) -> Path:
-        if not job_id or "/" in job_id or job_id.startswith("."):
+        # A client names jobs (GET /jobs/{id}, task ids): only a name a job could have reaches the file system.
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
             raise KeyError(job_id)
         return self.root / job_id
 
@@ -119,7 +121,7 @@ class Jobs:
             job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
             self.dir(job_id).mkdir(parents=True)
             job = {"id": job_id, "status": "queued", "created": now_iso(), "actor": actor, "source": source,
-                   "request": request, "task_id": None, "result": None, "error": None}
+                   "request": request, "task_id": job_id, "result": None, "error": None}
             atomic_write_json(self.dir(job_id) / "job.json", job)
         except BaseException:
             os.close(fd)

@@ -235,14 +235,24 @@ class RetrainFields(TrainRequest):
         return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
-class RetrainInput(RetrainFields):
-    """multipart/form-data with a `.zip` in `dataset` (one folder per class, optionally under train/ and
-    val/), or JSON/form with `data_path` under the server's data root; plus any training-request field."""
+def _retrain_body() -> dict:
+    """The retrain routes' request body for the OpenAPI page. The routes read the request themselves
+    (service/admission.py), so its shape is stated here: multipart/form-data with a `.zip` in `dataset` (one
+    folder per class, optionally under train/ and val/), or JSON with `data_path` under the server's data
+    root; plus any training-request field."""
+    schema = RetrainFields.model_json_schema()
+    schema["properties"].pop("weights", None)  # CLI only
+    data_path = {"type": "string", "description": "Instead of an upload: a dataset folder or .zip under the "
+                                                  "server's data root (REFIT_DATA_ROOT), relative to it."}
+    dataset = {"type": "string", "format": "binary", "description": "The dataset as a .zip upload: one folder "
+                                                                   "per class."}
+    form = {**schema, "properties": {"dataset": dataset, "data_path": data_path, **schema["properties"]}}
+    json_ = {**schema, "properties": {"data_path": data_path, **schema["properties"]}, "required": ["data_path"]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                                          "application/json": {"schema": json_}}}}
 
-    # Path with a None default: BentoML 1.4 cannot build a schema for Optional[Path].
-    dataset: Path = Field(None, description="The dataset as a .zip upload: one folder per class.")
-    data_path: Optional[str] = Field(None, description="Instead of an upload: a dataset folder or .zip "
-                                     "under the server's data root (REFIT_DATA_ROOT), relative to it.")
+
+RETRAIN_BODY = _retrain_body()
 
 
 class PromoteInput(BaseModel):

@@ -8,6 +8,7 @@ routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adapti
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -18,38 +19,27 @@ from typing import Any
 import aiohttp
 import bentoml
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
-from fastapi import FastAPI
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse as FastJSON
 from pydantic import Field
 from starlette.responses import JSONResponse
 
 from service import settings
+from service.admission import admit
 from service.balance import CloseAfterReply
-from service.guard import JOB_HEADER, Guard
-from service.jobs import PACKAGE_ROOT, Jobs, public
+from service.guard import Guard
+from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
 from service.model import ModelHolder, ModelUnavailable
 from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
-from service.schemas import Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, Rejected, \
-    RetrainInput
+from service.runner import LocalRunner, task_result, task_status
+from service.schemas import RETRAIN_BODY, Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, \
+    Rejected
 
 log = logging.getLogger("refit.service")
 # BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
 logging.getLogger("refit").setLevel(logging.INFO)
-
-_jobs: Jobs | None = None
-
-
-def jobs() -> Jobs:
-    """One Jobs per process, shared by the middleware (admission) and the retrain task (running)."""
-    global _jobs
-    if _jobs is None:
-        from training.paths import refit_home
-
-        _jobs = Jobs(refit_home())
-    return _jobs
-
 
 def error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
@@ -111,6 +101,7 @@ class Classifier:
 
 
 admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
+admin.add_exception_handler(AdmissionError, lambda request, e: FastJSON(e.body, status_code=e.status))
 
 
 @bentoml.asgi_app(admin, path="/")
@@ -125,6 +116,7 @@ class Refit:
     def __init__(self) -> None:
         import prometheus_client as prom  # here, not at import: the worker has set up multiprocess metrics
 
+        from training.paths import refit_home
         from training.store import Store
 
         die_with_supervisor()
@@ -132,8 +124,9 @@ class Refit:
         self.store = Store()
         self.replica = replica_id()
         self.board = StatusBoard(self.store)
-        self.jobs = jobs()
+        self.jobs = Jobs(refit_home())
         self.jobs.recover()
+        self.runner = LocalRunner(self.jobs, train_threads=settings.TRAIN_THREADS, on_finish=self._finished)
         if settings.TRAIN_STANDBY:
             self.jobs.start_standby(settings.TRAIN_THREADS)
         self.m_predictions = prom.Counter("refit_predictions", "Images classified, by version and label",
@@ -154,7 +147,6 @@ class Refit:
         record_supervisor()  # the workers started after this hook exit when this process dies
         log.info("replica %s, store %s", replica_id(), Store(home).describe())  # a bad REFIT_REPLICA stops here
         Jobs(home).recover()
-        _prepare_task_database()
         problem = Store(home).pointer_problem()
         if problem:
             log.error("%s; predictions answer 503 until then", problem)
@@ -276,28 +268,59 @@ class Refit:
         return {"promoted": event["version"], "previous": event["previous"], "event": event}
 
     # -- retrain ---------------------------------------------------------------------------------
-    @bentoml.task(route="/retrain", input_spec=RetrainInput)
-    async def retrain(self, ctx: bentoml.Context, **_fields) -> dict[str, Any]:
-        """Train a new version on the dataset and publish it; the result names the version, its metrics
-        and the promotion decision. Use /retrain/submit, then /retrain/status and /retrain/get."""
-        # The admission middleware validated the request, unpacked the data and created the job.
-        job_id = ctx.request.headers.get(JOB_HEADER)
-        if not job_id or not self.jobs.holds(job_id):
-            ctx.response.status_code = 409
-            return error(409, "this retrain was not admitted (use POST /retrain/submit)")
+    @admin.post("/retrain/submit", openapi_extra=RETRAIN_BODY)
+    async def retrain_submit(self, request: Request) -> dict[str, str]:
+        """Train a new version on the dataset and publish it, in the background: answers at once with a
+        `task_id` (409 while another retrain runs); follow it with /retrain/status and /retrain/get."""
+        job = await admit(request, self.jobs)
+        self.runner.submit(job["id"])
+        return {"task_id": job["id"], "status": "in_progress"}
+
+    @admin.post("/retrain", openapi_extra=RETRAIN_BODY)
+    async def retrain(self, request: Request) -> dict[str, Any]:
+        """The same as /retrain/submit, answered when the job ends, with what /retrain/get gives; a client
+        that hangs up before then stops the job."""
+        job = await admit(request, self.jobs)
+        job = await _unless_hung_up(request, self.runner.run(job["id"]))
+        if job is None:
+            return error(499, "the client closed the request; the job was stopped")
+        status, body = task_result(job)
+        return FastJSON(body, status_code=status)
+
+    @admin.get("/retrain/status")
+    def retrain_status(self, task_id: str = Query("", description="The id /retrain/submit answered with.")):
+        """`in_progress` (queued or training), `completed` or `failed` (see /retrain/get for why), with the
+        job's id and times; tasks outlive restarts (a job cut short by one is `failed`)."""
+        job = self._task(task_id)
+        return task_status(job) if isinstance(job, dict) else job
+
+    @admin.get("/retrain/get")
+    def retrain_get(self, task_id: str = Query("", description="The id /retrain/submit answered with.")):
+        """The result of a completed task: `job_id`, `version`, `metrics`, `promoted`, `promotion`, ...; a
+        failed task answers with its error and status code (422 a dataset problem, 500 a training failure);
+        400 while it runs."""
+        job = self._task(task_id)
+        if not isinstance(job, dict):
+            return job
+        status, body = task_result(job)
+        return FastJSON(body, status_code=status)
+
+    def _task(self, task_id: str) -> dict | JSONResponse:
+        """The job of a task id, or the error reply. A task id is its job's id; records made when BentoML
+        gave task ids keep them in `task_id`."""
+        if not task_id:
+            return error(400, "task_id is required (the id /retrain/submit answered with)")
         try:
-            job = await self.jobs.run(job_id, train_threads=settings.TRAIN_THREADS)
-        finally:
-            self.jobs.release(job_id)
+            return self.runner.get(task_id)
+        except KeyError:
+            job = next((j for j in self.jobs.list(limit=100_000) if j.get("task_id") == task_id), None)
+        shown = task_id if len(task_id) <= 100 else task_id[:100] + "..."
+        return job or error(404, f"unknown task_id {shown!r}")
+
+    def _finished(self, job: dict) -> None:
         self.m_retrains.labels(status=job["status"]).inc()
         if job.get("seconds") is not None:
             self.m_retrain_seconds.observe(job["seconds"])
-        if job["status"] == "succeeded":
-            return {"job_id": job_id, **job["result"]}
-        err = job.get("error") or {}
-        status = int(err.get("status") or 500)
-        ctx.response.status_code = status  # BentoML applies the context's status to a returned Response
-        return error(status, err.get("message") or "training failed", job_id=job_id)
 
     @admin.get("/jobs")
     def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -328,7 +351,8 @@ class Refit:
             return True
 
     @bentoml.on_shutdown
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.runner.drain()  # as an open request would be: until done, or the worker's time is up
         self.jobs.stop_standby()
 
     def __metrics__(self, content: str) -> str:
@@ -360,7 +384,7 @@ class Refit:
 
 # RouteLabels first: it gives the real path back to the middleware after it (service/routes.py).
 Refit.add_asgi_middleware(RouteLabels)
-Refit.add_asgi_middleware(Guard, jobs=jobs)
+Refit.add_asgi_middleware(Guard)
 Classifier.add_asgi_middleware(RouteLabels)
 Classifier.add_asgi_middleware(CloseAfterReply)
 
@@ -412,26 +436,26 @@ def _seed_from_bento(store) -> None:
             return
 
 
-def _prepare_task_database() -> None:
-    """Two fixes around BentoML's task database, before it creates the database and starts the workers.
+async def _unless_hung_up(request: Request, work):
+    """Await `work`, or cancel it when the client disconnects first (Starlette would let it run on); None
+    then. The request's body has been read, so the next message the server sends is the disconnect."""
+    work = asyncio.ensure_future(work)
 
-    BentoML deletes the database at start but not its WAL journal; after a crash the orphaned journal
-    makes the new database fail with "disk I/O error" and the server cannot start: drop it.
+    async def hung_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
-    And name the database file for the workers. BentoML derives it from BENTOML_HOME, which the
-    supervisor resolved before importing this module when it serves a bento (the container: /home/bentoml/),
-    while importing training.paths points BENTOML_HOME at REFIT_HOME and the workers inherit that: they
-    would look for the task table in another file ("no such table: result" on every retrain submit)."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    db = BentoMLContainer.result_store_file.get()
-    os.environ["BENTOML_RESULT_STORE"] = db  # the workers start after this hook, with this environment
-    if db != ":memory:":
-        for suffix in ("-wal", "-shm", "-journal"):
-            try:
-                os.remove(db + suffix)
-            except FileNotFoundError:
-                pass
+    watch = asyncio.ensure_future(hung_up())
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()  # also when this request itself is cancelled
+    if work not in done:
+        await asyncio.wait({work})  # the job records its cancellation
+        return None
+    return work.result()
 
 
 def _version_row(info: dict) -> dict:

@@ -430,8 +430,8 @@ def test_restart_during_retrain_marks_the_job_failed_and_publishes_nothing(http,
 
 
 def test_retrain_works_when_bentoml_home_is_not_refit_home(server, tmp_path):
-    """As in the container (BENTOML_HOME=/home/bentoml/, REFIT_HOME=/home/bentoml/refit): the supervisor
-    and the workers must agree on BentoML's task database, or every submit fails."""
+    """As in the container (BENTOML_HOME=/home/bentoml/, REFIT_HOME=/home/bentoml/refit): a retrain submitted
+    there is found again by its task id."""
     home = tmp_path / "refit"
     shutil.copytree(server.home / "models", home / "models")  # the versions, without the running server's state
     shutil.copy(server.home / "promoted.json", home / "promoted.json")
@@ -443,6 +443,6 @@ def test_retrain_works_when_bentoml_home_is_not_refit_home(server, tmp_path):
                                                 "promote": False}, headers=AUTH)
             assert r.status_code == 200, r.text
             assert wait_task(c, r.json()["task_id"])["status"] == "completed"
-        assert (tmp_path / "bentoml" / "task_result.db").is_file()
+        assert (home / "jobs" / r.json()["task_id"] / "job.json").is_file()  # the task is its job, in REFIT_HOME
     finally:
         other.stop()
