@@ -47,6 +47,10 @@ def targets(results: dict) -> list[list]:
                          f"p99 {h['p99_ms']:.0f} ms / p50 {h['p50_ms']:.0f} ms = {tail:.2f}, {h['errors']} errors"
                          if tail else "no answers",
                          "p99 ≤ 3 × p50", tail is not None and tail <= 3 and h["errors"] == 0))
+        mem = s.get("idle_memory")
+        if mem:
+            rows.append(_row("Idle serving replica memory, no training process in it",
+                             f"{mem['replica_mb']:.0f} MB RSS", "< 600 MB", mem["replica_mb"] < 600))
         errors, where = served.all_errors(s), served.error_levels(s)
         rows.append(_row("Errors at every Refit load level (batching on and off, open loop)",
                          f"{errors}" + (f": {where}" if where else ""), "0", errors == 0))

@@ -43,6 +43,9 @@ def run(plan: Plan) -> dict:
             out["servers"]["refit_unbatched"] = _sweep(srv, images, plan)
         with refit_server(homes["batched"], logs / "refit.log") as srv:
             wait_standby_warm(homes["batched"])
+            out["idle_memory"] = idle_memory(srv.proc.pid)
+            log(f"served: idle replica {out['idle_memory']['replica_mb']:.0f} MB RSS without training processes "
+                f"(training standby {out['idle_memory']['training_mb']:.0f} MB)")
             out["servers"]["refit"] = sweep = _sweep(srv, images, plan)
             best = max(sweep["levels"], key=lambda r: r["throughput"])
             rate = HALF * best["throughput"]
@@ -78,6 +81,27 @@ def _measure(srv: Server, fn) -> dict:
     # the front's share is the price of serving over HTTP.
     row["server_cpu_cores_by_role"] = {role: (server1[role] - server0.get(role, 0.0)) / wall for role in server1}
     return row
+
+
+def idle_memory(pid: int) -> dict:
+    """RSS of a started, idle serving tree, by role; the training processes (the warm standby) apart, since
+    a serving replica without local training does not hold them."""
+    root = psutil.Process(pid)
+    by_role: dict[str, float] = {}
+    training = 0.0
+    for p in [root] + root.children(recursive=True):
+        try:
+            mb, cmd = p.memory_info().rss / 2**20, " ".join(p.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "service.jobs" in cmd:
+            training += mb
+        elif cmd.startswith(("timeout", "env ")):  # a wrapper, not part of the server
+            continue
+        else:
+            role = "supervisor" if "bentoml serve" in cmd and "_bentoml_impl" not in cmd else _role(p)
+            by_role[role] = by_role.get(role, 0.0) + mb
+    return {"replica_mb": sum(by_role.values()), "by_role_mb": by_role, "training_mb": training}
 
 
 def _role(p: psutil.Process) -> str:
@@ -165,4 +189,14 @@ def tables(result: dict) -> str:
             f"{result['ort_threads']} ONNX Runtime threads; each level is a closed loop of N clients after a "
             "warm-up, and the open-loop level starts requests on a fixed schedule at half the best throughput. "
             "The load generator runs on the same 2 cores; its CPU use is shown because it is CPU the server "
-            "did not get.")
+            "did not get." + _memory_line(result))
+
+
+def _memory_line(result: dict) -> str:
+    m = result.get("idle_memory")
+    if not m:
+        return ""
+    parts = ", ".join(f"{role} {mb:.0f} MB" for role, mb in m["by_role_mb"].items())
+    return (f"\n\nIdle memory of the Refit replica, started and warmed up, before the load: "
+            f"{m['replica_mb']:.0f} MB RSS without training processes ({parts}); the warm training "
+            f"standby adds {m['training_mb']:.0f} MB.")
