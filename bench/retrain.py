@@ -196,7 +196,7 @@ def tables(result: dict) -> str:
     subset = f" (smoke test: {result['subset']} images per class and split)" if result["subset"] else ""
     text = md_table(["strategy", "kept", "fine-tuning epochs", "val accuracy", "INT8 val accuracy",
                      "train s", "CLI total s", "wall s (with start-up)"], rows)
-    text += (f"\n\nDataset: {result['data']}{subset}. `train s` is the fit alone as the CLI reports it; `CLI "
+    text += (f"\n\nDataset: {Path(result['data']).name}{subset}. `train s` is the fit alone as the CLI reports it; `CLI "
              "total s` adds decoding, export, the parity check, INT8 quantization and publishing; the wall time "
              "adds Python and torch start-up. Epoch caps apply to fine-tuning; feature extraction and warm-ups "
              "fit the head on cached features with early stopping.\n\n")

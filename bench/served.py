@@ -96,10 +96,8 @@ def idle_memory(pid: int) -> dict:
             continue
         if "service.jobs" in cmd:
             training += mb
-        elif cmd.startswith(("timeout", "env ")):  # a wrapper, not part of the server
-            continue
         else:
-            role = "supervisor" if "bentoml serve" in cmd and "_bentoml_impl" not in cmd else _role(p)
+            role = "supervisor" if p.pid == root.pid else _role(p)
             by_role[role] = by_role.get(role, 0.0) + mb
     return {"replica_mb": sum(by_role.values()), "by_role_mb": by_role, "training_mb": training}
 
