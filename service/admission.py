@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from service import settings
-from service.jobs import AdmissionError, Jobs, looks_like_dataset, public
+from service.jobs import AdmissionError, Jobs, looks_like_dataset, public  # Jobs or service.queue.SharedJobs
 from service.schemas import BodyTooLarge, RetrainFields
 
 log = logging.getLogger("refit.admission")
@@ -126,9 +126,10 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
                          source=source, actor="api")
         try:
             if upload_path is not None:
-                (incoming / "data").rename(jobs.dir(job["id"]) / "data")
-                data = jobs.dir(job["id"]) / "data"
-            return jobs.update(job["id"], data=str(data))
+                return await anyio.to_thread.run_sync(lambda: jobs.attach(
+                    job["id"], upload=upload_path, extracted=incoming / "data", data=None))
+            return await anyio.to_thread.run_sync(lambda: jobs.attach(job["id"], upload=None, extracted=None,
+                                                                      data=data))
         except BaseException as e:
             # Admitted but not started: give the lock back, or every later submit would be "busy".
             jobs.abandon(job["id"], f"admission failed: {type(e).__name__}")

@@ -134,6 +134,14 @@ class Jobs:
         tell the leftovers of a dead process from an upload still being received."""
         return self.root / f".incoming-{os.getpid()}-{uuid.uuid4().hex}"
 
+    def attach(self, job_id: str, *, upload: Path | None, extracted: Path | None, data: Path | None) -> dict:
+        """Give the admitted job its dataset: the unpacked upload moves into the job's folder; a folder or
+        .zip named by data_path is read where it is."""
+        if extracted is not None:
+            data = self.dir(job_id) / "data"
+            extracted.rename(data)
+        return self.update(job_id, data=str(data))
+
     def abandon(self, job_id: str, message: str) -> None:
         """An admitted job that will not run: record why, drop its data and give back the lock."""
         try:
@@ -302,7 +310,7 @@ def _read_json(path: Path) -> dict | None:
 def public(job: dict) -> dict:
     """What a client sees of a job (the log stays on the server)."""
     keys = ("id", "task_id", "status", "created", "started", "finished", "seconds", "actor", "source",
-            "request", "result", "error")
+            "request", "progress", "worker", "heartbeat", "result", "error")
     return {k: job.get(k) for k in keys if k in job}
 
 
@@ -375,8 +383,9 @@ def standby() -> int:
     return run_job(job_dir, started=True)
 
 
-def run_job(job_dir: Path, *, started: bool = False) -> int:
-    """Run one job; `started`: the process has already tied itself to the service and lowered its priority."""
+def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
+    """Run one job; `started`: the process has already tied itself to the service and lowered its priority;
+    `progress` is called with each line of the training log (a queue worker's heartbeat carries it)."""
     from training.config import TrainRequest
     from training.data import DatasetError
     from training.pipeline import train
@@ -399,6 +408,8 @@ def run_job(job_dir: Path, *, started: bool = False) -> int:
 
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+        if progress:
+            progress(msg)
 
     say(f"job {job['id']}: training on {job['data']} with {request.threads} thread(s) in process {os.getpid()}")
     try:

@@ -9,6 +9,7 @@ routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adapti
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import subprocess
@@ -31,6 +32,7 @@ from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
 from service.model import ModelHolder, ModelUnavailable
+from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
@@ -124,10 +126,17 @@ class Refit:
         self.store = Store()
         self.replica = replica_id()
         self.board = StatusBoard(self.store)
-        self.jobs = Jobs(refit_home())
-        self.jobs.recover()
-        self.runner = LocalRunner(self.jobs, train_threads=settings.TRAIN_THREADS, on_finish=self._finished)
-        if settings.TRAIN_STANDBY:
+        Jobs(refit_home()).recover()
+        # Retraining: on the job queue's workers when REFIT_QUEUE is set, else in a training process here, when
+        # this install has the training code (the serving image has not: it answers retrains with a 503).
+        self.trains_here = not settings.QUEUE and importlib.util.find_spec("torch") is not None
+        if settings.QUEUE:
+            self.jobs = SharedJobs(self.store, settings.QUEUE)
+            self.runner = QueueRunner(self.jobs)
+        else:
+            self.jobs = Jobs(refit_home())
+            self.runner = LocalRunner(self.jobs, train_threads=settings.TRAIN_THREADS, on_finish=self._finished)
+        if self.trains_here and settings.TRAIN_STANDBY:
             self.jobs.start_standby(settings.TRAIN_THREADS)
         self.m_predictions = prom.Counter("refit_predictions", "Images classified, by version and label",
                                           ["version", "label"])
@@ -272,14 +281,16 @@ class Refit:
     async def retrain_submit(self, request: Request) -> dict[str, str]:
         """Train a new version on the dataset and publish it, in the background: answers at once with a
         `task_id` (409 while another retrain runs); follow it with /retrain/status and /retrain/get."""
+        self._can_retrain()
         job = await admit(request, self.jobs)
-        self.runner.submit(job["id"])
+        await asyncio.to_thread(self.runner.submit, job["id"]) if settings.QUEUE else self.runner.submit(job["id"])
         return {"task_id": job["id"], "status": "in_progress"}
 
     @admin.post("/retrain", openapi_extra=RETRAIN_BODY)
     async def retrain(self, request: Request) -> dict[str, Any]:
         """The same as /retrain/submit, answered when the job ends, with what /retrain/get gives; a client
         that hangs up before then stops the job."""
+        self._can_retrain()
         job = await admit(request, self.jobs)
         job = await _unless_hung_up(request, self.runner.run(job["id"]))
         if job is None:
@@ -317,6 +328,11 @@ class Refit:
         shown = task_id if len(task_id) <= 100 else task_id[:100] + "..."
         return job or error(404, f"unknown task_id {shown!r}")
 
+    def _can_retrain(self) -> None:
+        if not settings.QUEUE and not self.trains_here:
+            raise AdmissionError(503, "this server cannot train: its install has no training code (torch); "
+                                      "run `refit worker` on a machine that has it and set REFIT_QUEUE here")
+
     def _finished(self, job: dict) -> None:
         self.m_retrains.labels(status=job["status"]).inc()
         if job.get("seconds") is not None:
@@ -353,7 +369,8 @@ class Refit:
     @bentoml.on_shutdown
     async def close(self) -> None:
         await self.runner.drain()  # as an open request would be: until done, or the worker's time is up
-        self.jobs.stop_standby()
+        if isinstance(self.jobs, Jobs):
+            self.jobs.stop_standby()
 
     def __metrics__(self, content: str) -> str:
         from training.store import StoreError

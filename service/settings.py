@@ -63,3 +63,12 @@ MAX_IMAGE_PIXELS = int(_float("REFIT_MAX_IMAGE_MEGAPIXELS", 50) * 1_000_000)  # 
 # After SIGTERM, how long a worker waits for open requests (a synchronous retrain, a long upload) before it
 # stops them and exits; `bentoml serve` on its own would wait for them without limit (service/lifeline.py).
 SHUTDOWN_SECONDS = _float("REFIT_SHUTDOWN_SECONDS", 30)
+
+# Retrain jobs on a Redis queue for `refit worker`s on any machine (service/queue.py); unset, jobs run in a
+# training process of this machine, with nothing else to install.
+QUEUE = os.environ.get("REFIT_QUEUE") or None
+# A running job's worker rewrites its record every JOB_TTL/6 s; a record older than JOB_TTL belongs to a dead
+# worker, and the first reader records the job as failed. Long enough that a worker starved of CPU by its own
+# training is not declared dead (the write happens from a thread that waits for the GIL).
+JOB_TTL = _float("REFIT_JOB_TTL_SECONDS", 60)
+JOB_TIMEOUT = _int("REFIT_JOB_TIMEOUT_SECONDS", 6 * 3600)  # a job running longer is stopped by its worker

@@ -147,3 +147,43 @@ def s3_endpoint(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- a Redis server -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real `redis-server` on a free loopback port, nothing persisted; yields its URL. Skips where the
+    server is not installed (Debian: `apt-get install redis-server`; `.ci/run` installs it)."""
+    import shutil
+    import socket
+    import time
+
+    exe = shutil.which("redis-server")
+    if not exe:
+        pytest.skip("redis-server is not installed (Debian package redis-server; .ci/run installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path_factory.mktemp("redis")
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        from redis import Redis
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                Redis.from_url(url).ping()
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server did not start (exit {proc.poll()}); see {log.name}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()

@@ -343,3 +343,26 @@ def test_s3_service_serves_the_promoted_version_and_follows_a_cli_promote(tmp_pa
             assert publisher.promoted() == v1
     finally:
         server.stop()
+
+
+def test_records_are_written_whole_and_conditionally(backend, tmp_path):
+    """Job state and the one-job line are records two machines write: create-only and compare-and-swap must
+    refuse the second writer on both backends, never tear the record."""
+    shared = backend["url"] is None  # a folder store is its home folder: two writers share it
+    a, b = open_store(backend, tmp_path / "a"), open_store(backend, tmp_path / ("a" if shared else "b"))
+    assert a.record("jobs/line.json") == (None, None)
+    assert a.put_record("jobs/line.json", {"job": "one"}, create_only=True)
+    assert not b.put_record("jobs/line.json", {"job": "two"}, create_only=True)  # it exists now
+    got, tag = b.record("jobs/line.json")
+    assert got == {"job": "one"} and tag
+    assert a.put_record("jobs/line.json", {"job": "three"}, if_tag=tag)
+    assert not b.put_record("jobs/line.json", {"job": "four"}, if_tag=tag)  # the record changed since b read it
+    assert a.record("jobs/line.json")[0] == {"job": "three"}
+    src = tmp_path / "dataset.zip"
+    src.write_bytes(b"PK\x05\x06" + bytes(18))
+    a.put_file("jobs/x/dataset.zip", src)
+    b.get_file("jobs/x/dataset.zip", tmp_path / "copy.zip")
+    assert (tmp_path / "copy.zip").read_bytes() == src.read_bytes()
+    b.delete_file("jobs/x/dataset.zip")
+    with pytest.raises(FileNotFoundError):
+        a.get_file("jobs/x/dataset.zip", tmp_path / "again.zip")

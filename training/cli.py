@@ -4,6 +4,7 @@
     refit versions | refit promote v0003 | refit rollback
     refit predict cat.jpg [--version v0003] [--top-k 5]
     refit backbones
+    refit worker                     # take retrain jobs from REFIT_QUEUE (redis://...), publish to REFIT_STORE
 """
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--top-k", type=int, default=3)
     pd.add_argument("--json", action="store_true")
     sub.add_parser("backbones", help="list backbone names")
+    w = sub.add_parser("worker", help="run retrain jobs from the job queue (REFIT_QUEUE) against the shared store")
+    w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    w.add_argument("--name", default=None, help="worker name shown in job records (default: host-pid)")
     return ap
 
 
@@ -148,6 +152,10 @@ def main(argv=None) -> int:
             return 0
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "worker":
+            from service.worker import main as work
+
+            return work(burst=args.burst, name=args.name)
         if args.command == "backbones":
             print("\n".join(list_backbones()))
             return 0

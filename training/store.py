@@ -495,12 +495,71 @@ class Store:
             pass  # another process of this machine cached it first
 
     # -- small records beside the versions (what each replica serves) ------------------------------
-    def put_record(self, rel: str, data: dict) -> None:
-        """Write a small JSON object whole: an atomic rename in a folder, one PUT on S3."""
+    def put_record(self, rel: str, data: dict, *, if_tag: str | None = None, create_only: bool = False) -> bool:
+        """Write a small JSON object whole: an atomic rename in a folder, one PUT on S3. With `if_tag` (from
+        `record`) only over that state of it, with `create_only` only where there is none: False when that
+        condition does not hold (another writer came first), which is how job state and the one-job lock
+        are shared between machines without a lock server."""
         if self.remote:
-            self.remote.put(rel, json.dumps(data, sort_keys=True).encode())
-        else:
+            from training.s3 import Conflict
+
+            try:
+                self.remote.put(rel, json.dumps(data, sort_keys=True).encode(), if_match=if_tag,
+                                create_only=create_only)
+            except Conflict:
+                return False
+            return True
+        if if_tag is None and not create_only:
             atomic_write_json(self.root / rel, data)
+            return True
+        with self.lock():  # a folder store's conditional write: compare and write under the machine's lock
+            _, tag = self.record(rel)
+            if (tag is not None) if create_only else (tag != if_tag):
+                return False
+            atomic_write_json(self.root / rel, data)
+            return True
+
+    def record(self, rel: str) -> tuple[dict | None, str | None]:
+        """One JSON record and the tag a conditional write over it needs; (None, None) when there is none or
+        it does not parse (a record is only ever written whole, so that is damage, not a half write)."""
+        if self.remote:
+            got = self.remote.get(rel)
+            raw, tag = got if got else (None, None)
+        else:
+            try:
+                raw = (self.root / rel).read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                raw = None
+            tag = hashlib.sha256(raw).hexdigest() if raw is not None else None
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None, tag
+        return (data, tag) if isinstance(data, dict) else (None, tag)
+
+    def put_file(self, rel: str, path: Path) -> None:
+        """A file beside the records (a job's dataset): an upload, or an atomic copy in a folder store."""
+        if self.remote:
+            self.remote.upload(rel, path)
+            return
+        dest = self.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+    def get_file(self, rel: str, dest: Path) -> None:
+        """FileNotFoundError when the store has no such file."""
+        if self.remote:
+            if self.remote.etag(rel) is None:
+                raise FileNotFoundError(f"{self.describe()}/{rel}")
+            self.remote.download(rel, dest)
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.root / rel, dest)
+
+    def delete_file(self, rel: str) -> None:
+        self.delete_record(rel)
 
     def records(self, prefix: str) -> dict[str, object]:
         """Every JSON record under `prefix` (key relative to the store -> parsed object). One that is gone or

@@ -1,0 +1,154 @@
+"""`refit worker`: take retrain jobs from the queue (REFIT_QUEUE) and run them against the shared store
+(REFIT_STORE), on any machine that has the training code. Run as many as you like: the model line admits one
+job at a time (service/queue.py), and each worker takes one job at a time.
+
+The worker imports torch and exports the default backbone's feature graph once, before its first job; RQ
+then forks a work horse per job, which starts warm. The horse dies with its worker (PDEATHSIG), so a worker
+killed mid-job publishes nothing; its job's heartbeat stops, and the job is recorded as failed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from service import settings
+from service.jobs import ACTIVE, _die_with_parent, _lower_priority, _read_json, run_job, warm_up
+from service.queue import QUEUE_NAME, SharedJobs, dataset_key, record_key, redis_connection
+from training.store import Store, atomic_write_json, now_iso
+
+log = logging.getLogger("refit.worker")
+
+
+def main(*, burst: bool = False, name: str | None = None) -> int:
+    if not settings.QUEUE:
+        print("refit: error: REFIT_QUEUE is not set; a worker needs the job queue's URL, e.g. "
+              "REFIT_QUEUE=redis://localhost:6379/0 (and REFIT_STORE for the shared store)", file=sys.stderr)
+        return 2
+    from redis.exceptions import ConnectionError as RedisDown
+    from rq import Worker
+
+    from training.scratch import sweep
+
+    store = Store()
+    sweep(store.home)  # temp folders of runs killed on this machine
+    try:
+        warm_up()
+    except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
+        log.warning("warm-up failed (%s: %s); jobs start cold", type(e).__name__, e)
+    os.environ["REFIT_PARENT_PID"] = str(os.getpid())  # the work horses die with this process
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        worker = Worker([QUEUE_NAME], connection=redis_connection(settings.QUEUE), name=name)
+        log.info("worker %s: store %s, queue %s", name, store.describe(), QUEUE_NAME)
+        worker.work(burst=burst, logging_level="INFO")
+    except RedisDown as e:
+        print(f"refit: error: the job queue cannot be reached ({e})", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_queued(job_id: str) -> str:
+    """One job, in RQ's work horse: train on the job's dataset, publish, and record the outcome."""
+    _die_with_parent()
+    _lower_priority()
+    store = Store()
+    jobs = SharedJobs(store, settings.QUEUE or "")
+    job, tag = store.record(record_key(job_id))
+    if job is None or job.get("status") != "queued":
+        log.warning("job %s is %s; not running it", job_id, job and job.get("status"))
+        return "skipped"
+    me = f"{os.environ.get('RQ_WORKER_ID') or socket.gethostname()}/{os.getpid()}"  # worker name / horse pid
+    job = {**job, "status": "running", "started": now_iso(), "heartbeat": now_iso(), "worker": me,
+           "updated": now_iso()}
+    if not store.put_record(record_key(job_id), job, if_tag=tag):
+        return "skipped"  # changed under us (cancelled, or recorded lost)
+    folder = store.home / "jobs" / job_id
+    beat = _Heartbeat(store, job_id)
+    beat.start()
+    try:
+        outcome = _train(store, job, folder, beat)
+    finally:
+        beat.stop()
+    # The last write: only over a record still saying running, so a job already recorded lost stays failed.
+    for _ in range(10):
+        current, tag = store.record(record_key(job_id))
+        if current is None or current.get("status") not in ACTIVE:
+            break
+        if store.put_record(record_key(job_id), {**current, **outcome, "finished": now_iso(),
+                                                 "updated": now_iso()}, if_tag=tag):
+            break
+    store.delete_file(dataset_key(job_id))
+    shutil.rmtree(folder, ignore_errors=True)
+    jobs.release(job_id)
+    return outcome["status"]
+
+
+def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
+    from training.data import DatasetError, safe_extract_zip
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        store.get_file(dataset_key(job["id"]), folder / "dataset.zip")
+        safe_extract_zip(folder / "dataset.zip", folder / "data")
+    except FileNotFoundError:
+        return {"status": "failed", "error": {"status": 500, "message": "the job's dataset is not in the store"}}
+    except DatasetError as e:
+        return {"status": "failed", "error": {"status": 422, "message": f"dataset: {e}"}}
+    except Exception as e:  # noqa: BLE001 - the store or this machine's disk: the job says so, not a stale heartbeat
+        log.exception("job %s: the dataset could not be fetched", job["id"])
+        return {"status": "failed", "error": {"status": 503, "message": f"the worker could not fetch the dataset "
+                                                                        f"({type(e).__name__}); try again"}}
+    (folder / "dataset.zip").unlink()
+    atomic_write_json(folder / "job.json", {**job, "data": str(folder / "data")})
+    rc = run_job(folder, started=True, progress=beat.say)
+    result = _read_json(folder / "result.json")
+    if result is not None:
+        return {"status": "succeeded", "result": result, "progress": beat.last}
+    err = _read_json(folder / "error.json") or {"status": 500, "message": f"training exited with code {rc}; the "
+                                                f"worker's log has the details"}
+    return {"status": "failed", "error": err, "progress": beat.last}
+
+
+class _Heartbeat(threading.Thread):
+    """Rewrites the running job's record every JOB_TTL/6 s with the last line of its training log. When the
+    record no longer says running (a reader declared this worker dead after a stall), the job stops here at
+    once: the line has been given to the next job, and two jobs must never train on one line together."""
+
+    def __init__(self, store: Store, job_id: str):
+        super().__init__(name=f"heartbeat {job_id}", daemon=True)
+        self.store, self.job_id = store, job_id
+        self.last: str | None = None
+        self._halt = threading.Event()
+
+    def say(self, line: str) -> None:
+        self.last = line
+
+    def run(self) -> None:
+        while not self._halt.wait(settings.JOB_TTL / 6):
+            try:
+                job, tag = self.store.record(record_key(self.job_id))
+                if job is not None and job.get("status") != "running":
+                    log.error("job %s was recorded %s while it ran here; stopping it", self.job_id, job.get("status"))
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if job is not None:
+                    self.store.put_record(record_key(self.job_id), {**job, "heartbeat": now_iso(),
+                                                                   "progress": self.last}, if_tag=tag)
+            except Exception as e:  # noqa: BLE001 - a store hiccup: try again next beat
+                log.warning("job %s: heartbeat not written (%s)", self.job_id, e)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+
+if __name__ == "__main__":  # python -m service.worker
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(main(burst="--burst" in sys.argv))
+
