@@ -79,7 +79,7 @@ class Server:
         self.url = ""
         self.replica = ""  # its replica id, from /versions once it has started
 
-    def start(self, timeout: float = 240, ready: bool = True) -> None:
+    def start(self, timeout: float = 240, ready: bool = True, attempt: int = 1) -> None:
         """Until both model workers report; and, with `ready`, until /readyz says so (ready=False for a
         server expected to start without a model to serve)."""
         port = free_port()
@@ -101,6 +101,9 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if "Address already in use" in self.log_tail(5) and attempt < 3:
+                    # free_port() gives the port back before bentoml binds it; another process took it.
+                    return self.start(timeout, ready, attempt + 1)
                 pytest.fail(f"bentoml serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 up = not ready or httpx.get(self.url + "/readyz", timeout=2).status_code == 200
