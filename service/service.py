@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -442,13 +443,25 @@ def _over_budget(files: list[tuple[str, bytes]]) -> JSONResponse | None:
 
 def _seed_from_bento(store) -> None:
     """In a container whose store volume is still empty, start from the version packed into the bento."""
+    from training.store import StoreError
+
     bento = Refit.bento
     if bento is None or store.versions():
         return
     for info in bento.info.all_models:
         src = Path(bento.path) / "models" / info.tag.name / info.tag.version
         if info.tag.name == "refit" and (src / "model.yaml").is_file():
-            store.promote(store.add_entry(src), actor="bootstrap", reason="packed in the bento")
+            try:
+                version = store.add_entry(src)
+            except StoreError as e:
+                # Replicas started together on an empty shared store: one claims the version, the others wait
+                # for it to appear instead of failing their start.
+                log.info("another replica is seeding the store (%s); waiting for it", e)
+                deadline = time.monotonic() + 300
+                while not store.versions() and time.monotonic() < deadline:
+                    time.sleep(1)
+                return
+            store.promote(version, actor="bootstrap", reason="packed in the bento")
             log.info("seeded %s from the bento", info.tag.version)
             return
 
