@@ -30,11 +30,14 @@ test: install
 bench: install
 	$(BIN)/python -m bench.run
 
-# Packs the service, the training code and the promoted version; needs podman (or CONTAINER_BACKEND=docker)
+# Two images; needs podman (or CONTAINER_BACKEND=docker). refit:latest serves (no torch; the bento packs the
+# service, the code and the promoted version); refit-worker:latest adds torch and trains (`refit worker`).
 CONTAINER_BACKEND ?= podman
 container: install
 	$(BIN)/bentoml build
 	$(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) -t refit:latest
+	$(CONTAINER_BACKEND) build -f container/Containerfile.worker --build-arg SERVING_IMAGE=refit:latest \
+		-t refit-worker:latest container
 
 clean:
 	rm -rf $(VENV) build *.egg-info
