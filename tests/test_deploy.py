@@ -71,8 +71,7 @@ def settings_read_by_code() -> set[str]:
     names = set()
     for path in list((ROOT / "service").glob("*.py")) + list((ROOT / "training").glob("*.py")):
         names |= set(re.findall(r"REFIT_[A-Z0-9_]+", path.read_text()))
-    # The job queue's URL, read by the queue (the service's retrain routes and `refit worker`).
-    return names | {"REFIT_QUEUE"}
+    return names
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------------
