@@ -33,7 +33,7 @@ from service.admission import admit
 from service.batcher import Batcher, Overloaded
 from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
-from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
+from service.lifeline import bound_shutdown, die_with_supervisor, limit_malloc_arenas, record_supervisor
 from service.model import ModelHolder
 from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
@@ -86,6 +86,7 @@ class Refit:
         from training.paths import refit_home
         from training.store import Store
 
+        limit_malloc_arenas()
         die_with_supervisor()
         bound_shutdown(settings.SHUTDOWN_SECONDS)
         self.store = Store()
