@@ -20,10 +20,14 @@ import bentoml
 import numpy as np
 
 MODEL_ENV = "REFIT_PEER_MODEL"
+try:  # the key the service reads the contract by, without importing torch (training.export does)
+    from service.model import CONTRACT_KEY
+except ImportError:
+    CONTRACT_KEY = "refit.contract"
 WORKERS = 2
-# ONNX Runtime runs on every core by default; with two worker processes on two cores that is two threads
-# fighting for each core. One thread per worker is ONNX Runtime's advice for several processes, and keeps
-# the peer honest: the comparison should not be won by a setting the peer got wrong.
+# ONNX Runtime starts a thread per core by default; with two worker processes on two cores, two threads
+# would fight over each core. Each worker gets its share of the cores, as Refit's workers do, so that the
+# comparison is not won by a setting the peer got wrong.
 ORT_THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS)
 # Batch 32 is ONNX Runtime's best batch for this model on 2 cores (benchmark 1). The latency bound is
 # generous so that the dispatcher never sheds a request under the heaviest level (64 connections): a
@@ -37,7 +41,6 @@ class Peer:
     def __init__(self) -> None:
         import onnxruntime as ort
 
-        from service.model import CONTRACT_KEY
         from training.contract import Contract
 
         path = os.environ.get(MODEL_ENV)
@@ -46,6 +49,7 @@ class Peer:
         so = ort.SessionOptions()
         so.intra_op_num_threads = ORT_THREADS
         self.session = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+        # The preprocessing contract the project stores in every model file (training/export.py writes it).
         self.contract = Contract.from_json(self.session.get_modelmeta().custom_metadata_map[CONTRACT_KEY])
         self.labels = list(self.contract.class_names)
         self.version = Path(path).parent.name  # the store keeps each version's files in a folder of its name

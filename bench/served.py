@@ -34,8 +34,10 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
 
     images = jpeg_files()
     logs = plan.results_dir / "logs"
-    out = {"images": len(images), "levels": list(CONCURRENCY), "max_batch_size": settings.MAX_BATCH_SIZE,
-           "workers": settings.WORKERS, "ort_threads": getattr(settings, "ORT_THREADS", None), "servers": {}}
+    # getattr: the bench runs against whatever service/ is checked out, whose settings may be named otherwise
+    out = {"images": len(images), "levels": list(CONCURRENCY), "servers": {},
+           **{key: getattr(settings, name, None) for key, name in (("max_batch_size", "MAX_BATCH_SIZE"),
+                                                                  ("workers", "WORKERS"), ("ort_threads", "ORT_THREADS"))}}
     v = bench_version.trained(plan)
     out["version"] = bench_version.describe(v)
     out["inprocess"] = inprocess.served_baseline(v, [data for _, data in images], plan, model_result)
@@ -248,12 +250,14 @@ def tables(result: dict) -> str:
     h = result["half_load"]
     rows.append([f"Refit, open loop at {h['rate']:.1f} req/s", "aiohttp", "open", h["requests"], h["throughput"],
                  h["p50_ms"], h.get("p90_ms"), h["p99_ms"], _errors(h), h["server_cpu_cores"], h["client_cpu_cores"]])
-    workers = f"{result['workers']} model worker(s)" + (f", {result['ort_threads']} ONNX Runtime thread(s) each"
-                                                         if result.get("ort_threads") else "")
+    defaults = ", ".join(text for key, text in (("workers", "{} model worker(s)"),
+                                                 ("ort_threads", "{} ONNX Runtime thread(s) each"),
+                                                 ("max_batch_size", "max batch {}")) if result.get(key)
+                         for text in [text.format(result[key])])
     return (md_table(["server", "load generator", "concurrency", "requests", "req/s (= images/s)", "p50 ms", "p90 ms",
                       "p99 ms", "errors", "server CPU (cores)", "load generator CPU (cores)"], rows)
             + f"\n\nRefit serves {_model(result)}; {result['images']} real JPEGs cycled, one per request; Refit's "
-            f"defaults: {workers}, max batch {result['max_batch_size']}. Each level is a closed loop of N "
+            f"defaults: {defaults}. Each level is a closed loop of N "
             "connections after a warm-up; wrk runs min(N, 2) threads. The open-loop level starts requests on a "
             "fixed schedule at half Refit's best wrk throughput. The load generators run on the same 2 cores; "
             "their CPU use is shown because it is CPU the server did not get." + _baseline_line(result)
