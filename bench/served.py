@@ -32,6 +32,9 @@ SERVERS = ("refit", "peer", "naive")
 def run(plan: Plan, model_result: dict | None = None) -> dict:
     from service import settings  # only to record the defaults the server will read from the same env
 
+    if not wrkgen.available():  # before minutes of training and measuring
+        raise RuntimeError("wrk is not installed: the served benchmark drives its servers with it "
+                           "(Debian/Ubuntu: apt-get install wrk)")
     images = jpeg_files()
     logs = plan.results_dir / "logs"
     # getattr: the bench runs against whatever service/ is checked out, whose settings may be named otherwise
