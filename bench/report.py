@@ -194,7 +194,8 @@ def plots(results: dict, where: Path) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for n, (key, label) in enumerate(series):
+    # One Refit series is enough here: the generators' latencies differ less than the servers'.
+    for n, (key, label) in enumerate((k, lb) for k, lb in series if k != "refit_aiohttp"):
         levels = s["servers"][key]["levels"]
         c = [lv["concurrency"] for lv in levels]
         ax.plot(c, [lv["p50_ms"] for lv in levels], "o-", color=f"C{n}", label=f"{label} p50")

@@ -142,9 +142,6 @@ def memory(pid: int) -> dict:
             "training_mb": training}
 
 
-idle_memory = memory  # the name earlier results and callers know
-
-
 def _role(p: psutil.Process, root: int) -> str:
     """The job of one process of a served tree. Model workers are the processes that have ONNX Runtime
     loaded, whatever their service is called: with a separate HTTP front they are the classifier's workers,
