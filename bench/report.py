@@ -167,6 +167,7 @@ def notes(results: dict, mach: dict) -> list[str]:
 
 SERIES = (("refit", "Refit (wrk)"), ("refit_aiohttp", "Refit (aiohttp generator)"),
           ("peer", "peer: BentoML docs"), ("naive", "naive PyTorch eager"), ("refit_unbatched", "Refit, batching off"))
+COLORS = {key: f"C{n}" for n, (key, _) in enumerate(SERIES)}
 
 
 def plots(results: dict, where: Path) -> list[str]:
@@ -184,7 +185,8 @@ def plots(results: dict, where: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for key, label in series:
         levels = s["servers"][key]["levels"]
-        ax.plot([lv["concurrency"] for lv in levels], [lv["throughput"] for lv in levels], "o-", label=label)
+        ax.plot([lv["concurrency"] for lv in levels], [lv["throughput"] for lv in levels], "o-", color=COLORS[key],
+                label=label)
     base, _ = _baseline(s, results.get("inprocess"))
     if base:
         ax.axhline(base["limit_images_per_s"], color="grey", ls="--", label="in-process limit")
@@ -195,11 +197,13 @@ def plots(results: dict, where: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     # One Refit series is enough here: the generators' latencies differ less than the servers'.
-    for n, (key, label) in enumerate((k, lb) for k, lb in series if k != "refit_aiohttp"):
+    for key, label in series:
+        if key == "refit_aiohttp":
+            continue
         levels = s["servers"][key]["levels"]
         c = [lv["concurrency"] for lv in levels]
-        ax.plot(c, [lv["p50_ms"] for lv in levels], "o-", color=f"C{n}", label=f"{label} p50")
-        ax.plot(c, [lv["p99_ms"] for lv in levels], "o:", color=f"C{n}", label=f"{label} p99")
+        ax.plot(c, [lv["p50_ms"] for lv in levels], "o-", color=COLORS[key], label=f"{label} p50")
+        ax.plot(c, [lv["p99_ms"] for lv in levels], "o:", color=COLORS[key], label=f"{label} p99")
     ax.set_yscale("log")
     _axes(ax, "latency, ms (log scale)", "Latency vs concurrency")
     fig.savefig(where / "benchmarks-latency.png", dpi=110, bbox_inches="tight")
