@@ -42,7 +42,8 @@ class Level:
         lat = self.latencies_ms
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         out.update(requests=self.ok + self.errors, throughput=self.throughput, p50_ms=percentile(lat, 50),
-                   p90_ms=percentile(lat, 90), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99), max_ms=max(lat) if lat else None)
+                   p90_ms=percentile(lat, 90), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+                   max_ms=max(lat) if lat else None)
         return out
 
     def record(self, started: float, outcome: str | None) -> None:

@@ -41,7 +41,8 @@ def targets(results: dict) -> list[list]:
     if _ok(s):
         rows += _served_targets(s, i)
     else:
-        rows.append(_row("Served throughput at best concurrency vs in-process limit", "not measured", "≥ 0.90 ×", None))
+        rows.append(_row("Served throughput at best concurrency vs in-process limit", "not measured", "≥ 0.90 ×",
+                         None))
     if _ok(m):
         fp32, int8 = model.best(m, "ort_fp32"), model.best(m, "ort_int8")
         ratio = int8["images_per_s"] / fp32["images_per_s"]
@@ -67,8 +68,8 @@ def _served_targets(s: dict, i: dict | None) -> list[list]:
     if refit64 and peer64:
         ratio = refit64["throughput"] / peer64["throughput"] if peer64["throughput"] else float("inf")
         rows.append(_row("Served vs the BentoML-docs peer at 64 connections",
-                         f"{refit64['throughput']:.1f} vs {peer64['throughput']:.1f} req/s = {ratio:.2f} ×", "≥ 1.5 ×",
-                         ratio >= 1.5))
+                         f"{refit64['throughput']:.1f} vs {peer64['throughput']:.1f} req/s = {ratio:.2f} ×",
+                         "≥ 1.5 ×", ratio >= 1.5))
     one, single = served.level(s, "refit", 1), (base or {}).get("single_image")
     if one and single and one.get("p50_ms"):
         ratio = one["p50_ms"] / single["p50_ms"]
@@ -136,12 +137,12 @@ def notes(results: dict, mach: dict) -> list[str]:
         best, naive = served.best_level(s, "refit"), served.best_level(s, "naive")
         limit = base["limit_images_per_s"] if base else None
         if limit and 4 * naive["throughput"] > limit:
-            out.append(f"Served ≥ 4 × naive needs {4 * naive['throughput']:.1f} req/s, more than the in-process limit "
-                       f"of {limit:.1f} images/s for the served model: no serving overhead, however small, reaches it "
+            out.append(f"Served ≥ 4 × naive needs {4 * naive['throughput']:.1f} req/s, more than the in-process "
+                       f"limit of {limit:.1f} images/s for the served model: no serving overhead, however small, reaches it "
                        "here.")
-        out.append(f"At the best level (c={best['concurrency']}, {best.get('generator', 'aiohttp')}) the Refit processes "
-                   f"used {best['server_cpu_cores']:.2f} cores and the load generator {best['client_cpu_cores']:.2f} of "
-                   f"the {mach['cores']} cores.")
+        out.append(f"At the best level (c={best['concurrency']}, {best.get('generator', 'aiohttp')}) the Refit "
+                   f"processes used {best['server_cpu_cores']:.2f} cores and the load generator "
+                   f"{best['client_cpu_cores']:.2f} of the {mach['cores']} cores.")
         # CPU cores over the level's wall time (warm-up included) / answered requests per second
         split = {role: 1000 * cores / best["throughput"]
                  for role, cores in best.get("server_cpu_cores_by_role", {}).items() if cores >= 0.005}

@@ -38,9 +38,9 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
     images = jpeg_files()
     logs = plan.results_dir / "logs"
     # getattr: the bench runs against whatever service/ is checked out, whose settings may be named otherwise
+    named = (("max_batch_size", "MAX_BATCH_SIZE"), ("workers", "WORKERS"), ("ort_threads", "ORT_THREADS"))
     out = {"images": len(images), "levels": list(CONCURRENCY), "servers": {},
-           **{key: getattr(settings, name, None) for key, name in (("max_batch_size", "MAX_BATCH_SIZE"),
-                                                                  ("workers", "WORKERS"), ("ort_threads", "ORT_THREADS"))}}
+           **{key: getattr(settings, name, None) for key, name in named}}
     v = bench_version.trained(plan)
     out["version"] = bench_version.describe(v)
     out["inprocess"] = inprocess.served_baseline(v, [data for _, data in images], plan, model_result)
@@ -72,8 +72,8 @@ def _sweep(srv: Server, images: list, plan: Plan, generator) -> dict:
     for c in CONCURRENCY:
         row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
                                     warmup_seconds=plan.level_warmup_seconds, max_requests=plan.level_max_requests))
-        log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, p50 {row['p50_ms']:.1f} ms, "
-            f"p99 {row['p99_ms']:.1f} ms, errors {row['errors']}")
+        log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
+            f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, errors {row['errors']}")
         levels.append(row)
     return {"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": levels}
 
@@ -214,7 +214,8 @@ def error_levels(result: dict) -> str:
 
 def _refit_levels(result: dict) -> list[tuple[str, dict]]:
     levels = [(f"{r.get('generator', 'aiohttp')} c={r['concurrency']}", r)
-              for s in ("refit", "refit_aiohttp", "refit_unbatched") for r in result["servers"].get(s, {}).get("levels", [])]
+              for s in ("refit", "refit_aiohttp", "refit_unbatched")
+              for r in result["servers"].get(s, {}).get("levels", [])]
     return levels + [("open loop", result["half_load"])]
 
 
@@ -237,7 +238,8 @@ def _model(result: dict) -> str:
 
 
 LABELS = {"refit": "Refit", "refit_aiohttp": "Refit", "refit_unbatched": "Refit, batching off",
-          "peer": "peer: BentoML docs, batchable API, 2 workers", "naive": "naive: PyTorch eager, 1 request = 1 forward"}
+          "peer": "peer: BentoML docs, batchable API, 2 workers",
+          "naive": "naive: PyTorch eager, 1 request = 1 forward"}
 
 
 def tables(result: dict) -> str:

@@ -51,7 +51,8 @@ def _run(url: str, image_dir: str, count: int, concurrency: int, seconds: float,
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    raise RuntimeError(f"wrk gave no result (exit {proc.returncode}): {proc.stderr.strip()[-1000:] or proc.stdout[-1000:]}")
+    said = proc.stderr.strip()[-1000:] or proc.stdout[-1000:]
+    raise RuntimeError(f"wrk gave no result (exit {proc.returncode}): {said}")
 
 
 def summary(raw: dict, concurrency: int) -> dict:
