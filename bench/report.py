@@ -138,8 +138,8 @@ def notes(results: dict, mach: dict) -> list[str]:
         limit = base["limit_images_per_s"] if base else None
         if limit and 4 * naive["throughput"] > limit:
             out.append(f"Served ≥ 4 × naive needs {4 * naive['throughput']:.1f} req/s, more than the in-process "
-                       f"limit of {limit:.1f} images/s for the served model: no serving overhead, however small, reaches it "
-                       "here.")
+                       f"limit of {limit:.1f} images/s for the served model: no serving overhead, however small, "
+                       "reaches it here.")
         out.append(f"At the best level (c={best['concurrency']}, {best.get('generator', 'aiohttp')}) the Refit "
                    f"processes used {best['server_cpu_cores']:.2f} cores and the load generator "
                    f"{best['client_cpu_cores']:.2f} of the {mach['cores']} cores.")
