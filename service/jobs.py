@@ -9,12 +9,13 @@ versions are published atomically, so such a job never leaves a partial version 
 
 A training process pays about five seconds of imports (torch, the ONNX exporter, the quantizer,
 torch.optim's compiler hooks) before it reads a single image. The service therefore keeps one standby
-process that has done them, and exported the default backbone's feature graph, ahead of time; a job is
-handed to it over stdin, and a fresh standby is started once that job ends. Each job still runs in a
-process of its own that exits with it.
+process that has done them, and exported the default backbone's feature graph, ahead of time. It waits on a
+unix socket in the jobs folder, so whichever server worker admits a job hands it over; the worker that
+started it starts a fresh one once it has taken a job. Each job still runs in a process of its own that
+exits with it.
 
     python -m service.jobs run REFIT_HOME/jobs/<id>     # one job in a fresh process
-    python -m service.jobs standby                      # warm up, then run the job dir read from stdin
+    python -m service.jobs standby REFIT_HOME/jobs/.standby.sock   # warm up, then run the job dir sent to it
 """
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -221,73 +224,135 @@ class Jobs:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child reports through its files, not metrics
         return env
 
+    @property
+    def _socket(self) -> Path:
+        return self.root / ".standby.sock"
+
     def start_standby(self, train_threads: int) -> None:
-        """Start the warm training process the next job will run in. Call it from the thread that stays
-        (the event loop's): the child's PDEATHSIG fires when the thread that forked it exits."""
+        """Start the warm training process the next job will run in, whichever worker admits that job: it
+        waits on a unix socket in the jobs folder for a job folder. One worker of a replica owns it and starts
+        a fresh one whenever it has taken a job. Call it from the thread that stays (the event loop's): the
+        child's PDEATHSIG fires when the thread that forked it exits."""
         self._standby_threads = train_threads
         if self._standby is not None and self._standby.poll() is None:
             return
         log_path = self.root / ".standby.log"
         with open(log_path, "ab") as logf:
-            self._standby = subprocess.Popen([sys.executable, "-m", "service.jobs", "standby"],
-                                             stdin=subprocess.PIPE, stdout=logf, stderr=subprocess.STDOUT,
-                                             env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
+            self._standby = proc = subprocess.Popen(
+                [sys.executable, "-m", "service.jobs", "standby", str(self._socket)], stdin=subprocess.DEVNULL,
+                stdout=logf, stderr=subprocess.STDOUT, env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
+        loop = asyncio.get_running_loop() if _in_loop() else None
+        if loop is not None:
+            # When it has run a job (or died), the next one is started from the event loop's thread.
+            started = time.monotonic()
 
-    def _take_standby(self, job_dir: Path) -> subprocess.Popen | None:
-        """Hand the job to the standby process; None when there is none alive to take it."""
-        proc, self._standby = self._standby, None
-        if proc is None or proc.poll() is not None:
-            return None
-        try:
-            proc.stdin.write(f"{job_dir}\n".encode())
-            proc.stdin.close()
-        except OSError:  # it died between the poll and the write
-            proc.kill()
-            return None
-        return proc
+            def replace() -> None:
+                proc.wait()
+                if time.monotonic() - started < 10 and proc.returncode != 0:
+                    log.warning("the warm training process exited at once (code %s); retrains start cold",
+                                proc.returncode)
+                    return  # a standby that cannot start would be restarted in a tight loop
+                if self._standby is proc and self._standby_threads is not None:
+                    try:
+                        loop.call_soon_threadsafe(self.start_standby, self._standby_threads)
+                    except RuntimeError:  # the loop is closed: the worker is stopping
+                        pass
+
+            threading.Thread(target=replace, name="refit-standby-wait", daemon=True).start()
+
+    def _take_standby(self, job_dir: Path) -> int | None:
+        """Hand the job to the standby process (whichever worker started it): its pid once it has taken the
+        job (after its warm-up, if that is still going on), or None when there is none to take it."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            try:
+                conn.connect(str(self._socket))
+                conn.sendall(f"{job_dir}\n".encode())
+                reply = conn.makefile("r").readline().strip()
+            except OSError:  # no standby listening (none started, or it has taken a job), or it died
+                return None
+        return int(reply) if reply.isdigit() else None
 
     def stop_standby(self) -> None:
+        self._standby_threads = None
         proc, self._standby = self._standby, None
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
 
     async def run(self, job_id: str, *, train_threads: int) -> dict:
-        """Train in a child process and wait for it without blocking the event loop. Returns the job."""
+        """Train in a child process (the warm standby, or a fresh one) and wait for it without blocking the
+        event loop. Returns the job."""
         d = self.dir(job_id)
         job = self.update(job_id, status="running", started=now_iso())
         t0 = time.monotonic()
-        proc = self._take_standby(d) if self._standby_threads == train_threads else None
-        if proc is None:
+        pid = await asyncio.to_thread(self._take_standby, d) if settings_standby() else None
+        proc = None
+        if pid is None:
             with open(d / "train.log", "ab") as logf:
                 proc = subprocess.Popen([sys.executable, "-m", "service.jobs", "run", str(d)], stdout=logf,
                                         stderr=subprocess.STDOUT, env=self._env(train_threads),
                                         cwd=str(PACKAGE_ROOT))
-        self.update(job_id, pid=proc.pid)
+            pid = proc.pid
+        self.update(job_id, pid=pid)
         try:
-            rc = await asyncio.to_thread(proc.wait)
+            rc = await asyncio.to_thread(proc.wait) if proc else await _exited(pid)
         except asyncio.CancelledError:
             # The request that ran this job went away (a client that called POST /retrain and hung up,
             # or a worker shutting down): stop training too, or it would run on unaccounted for.
-            proc.kill()
-            await asyncio.shield(asyncio.to_thread(proc.wait))
+            _kill(pid)
+            await asyncio.shield(asyncio.to_thread(proc.wait) if proc else _exited(pid))
             self.update(job_id, status="failed", finished=now_iso(),
                         error={"status": 499, "message": "the request running this job was cancelled"})
             raise
-        finally:
-            if self._standby_threads is not None:
-                self.start_standby(self._standby_threads)  # warm for the next job while this one is judged
         seconds = round(time.monotonic() - t0, 2)
         if (d / "result.json").is_file():
             job = self.update(job_id, status="succeeded", finished=now_iso(), seconds=seconds,
                               result=json.loads((d / "result.json").read_text()))
         else:
-            err = _read_json(d / "error.json") or {"status": 500, "message": f"training exited with code {rc}; "
+            code = f" with code {rc}" if rc is not None else ""
+            err = _read_json(d / "error.json") or {"status": 500, "message": f"training exited{code}; "
                                                    f"the job's train.log on the server has the details"}
             log.error("retrain job %s failed (exit %s); log: %s", job_id, rc, d / "train.log")
             job = self.update(job_id, status="failed", finished=now_iso(), seconds=seconds, error=err)
         self._drop_scratch(job_id)  # the extracted upload and the run's temp files are not needed any more
         return job
+
+
+def settings_standby() -> bool:
+    return os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false", "no")
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+async def _exited(pid: int) -> None:
+    """Until a process that is not our child exits (the standby another worker started): a pidfd becomes
+    readable when the process ends, zombie or reaped."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return None
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -361,19 +426,30 @@ def warm_up() -> None:
     feature_session(bb, bb.contract.input_size, Store().home / "cache")
 
 
-def standby() -> int:
-    """Warm up, then wait for one job folder on stdin and run it with stdout/stderr in its log."""
+def standby(address: Path) -> int:
+    """Listen on a unix socket in the jobs folder, warm up, then take one job folder from the first worker
+    that connects, answer with this pid, and run the job with stdout/stderr in its log."""
     _die_with_parent()
     _lower_priority()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staging = address.with_name(f".standby-{os.getpid()}.sock")
+    staging.unlink(missing_ok=True)
+    server.bind(str(staging))
+    server.listen(1)
+    os.replace(staging, address)  # listening from now on: a job handed over during warm-up waits for it
     t0 = time.monotonic()
     try:
         warm_up()
         print(f"standby {os.getpid()}: warm in {time.monotonic() - t0:.1f}s", flush=True)
     except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the job its start-up time
         print(f"standby {os.getpid()}: warm-up failed ({type(e).__name__}: {e}); continuing cold", flush=True)
-    line = sys.stdin.readline().strip()
-    if not line:
-        return 0  # the service closed our stdin: it is stopping
+    conn, _ = server.accept()
+    with conn:
+        line = conn.makefile("r").readline().strip()
+        if not line:
+            return 0
+        conn.sendall(f"{os.getpid()}\n".encode())
+    server.close()  # one job per standby: later connections are refused, and a fresh standby replaces it
     job_dir = Path(line)
     fd = os.open(job_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stdout.flush()
@@ -446,8 +522,8 @@ def _relative(msg: str, job_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv == ["standby"]:
-        return standby()
+    if len(argv) == 2 and argv[0] == "standby":
+        return standby(Path(argv[1]))
     if len(argv) != 2 or argv[0] != "run":
         print(__doc__, file=sys.stderr)
         return 2

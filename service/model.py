@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,10 +91,6 @@ class ModelHolder:
         self.current: Loaded | None = None
         self.error: dict | None = None  # the last refused version and why
         self._seen: object = object()  # pointer signature at the last look; a fresh object never matches
-        # Decoding releases the GIL, so a worker with several cores decodes a batch in parallel; with one
-        # core a pool only adds a thread hand-off per image.
-        self._decode_pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="refit-decode")
-                             if threads > 1 else None)
         self._stop = threading.Event()
         self.replica = replica_id()
         self.board = StatusBoard(store)
@@ -210,8 +205,6 @@ class ModelHolder:
 
     def close(self) -> None:
         self._stop.set()
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
         with self._status_lock:
             self._closed = True
             try:
@@ -220,36 +213,40 @@ class ModelHolder:
                 log.warning("cannot remove this worker's status record: %s", e)
 
     # -- inference --------------------------------------------------------------------------------
+    @staticmethod
+    def decode(model: Loaded, files: list[tuple[str, bytes]]) -> list:
+        """Each image decoded and preprocessed with `model`'s contract: an array, or a ValueError naming the
+        image that cannot be decoded."""
+        out = []
+        for name, data in files:
+            try:
+                # The front checked the request's decode budget from the headers; the per-image limit is held
+                # here too, at decode time.
+                out.append(preprocess(data, model.contract, name=name, max_pixels=settings.MAX_IMAGE_PIXELS))
+            except Exception as e:  # noqa: BLE001 - ImageError, decompression-bomb guard, anything PIL raises
+                msg = str(e)
+                out.append(ValueError(msg if msg.startswith(name) else f"{name}: {msg}"))
+        return out
+
     def classify(self, items: list[dict]) -> list[dict]:
-        """items: {"name", "data" (bytes), "top_k", "threshold"}. One result per item, in order: a
-        prediction, or {"error": ...} for an image that cannot be decoded. Every result names the version."""
-        model = self.current  # read once: the whole batch runs on this version even if a swap happens now
+        """items: {"name", "data" (bytes), "top_k", "threshold"}; one result per item, in order, all on one
+        version: a prediction, or {"error": ...} for an image that cannot be decoded. (The service batches
+        across requests itself; this is the one-call path.)"""
+        model = self.current  # read once: the whole call runs on this version even if a swap happens now
         if model is None:
             reason = f" ({self.error['reason']})" if self.error else ""
             raise ModelUnavailable(f"no model is loaded yet{reason}")
-
-        def decode(item: dict):
-            try:
-                # The front checked the request's decode budget from the headers; the per-image limit
-                # is held here too, at decode time, for anything that reaches a worker another way.
-                return preprocess(item["data"], model.contract, name=item["name"],
-                                  max_pixels=settings.MAX_IMAGE_PIXELS)
-            except Exception as e:  # noqa: BLE001 - ImageError, decompression-bomb guard, anything PIL raises
-                msg = str(e)
-                return ValueError(msg if msg.startswith(item["name"]) else f"{item['name']}: {msg}")
-
-        pool = self._decode_pool if len(items) > 1 else None
-        arrays = list(pool.map(decode, items)) if pool else [decode(item) for item in items]
+        arrays = self.decode(model, [(i["name"], i["data"]) for i in items])
         good = [i for i, a in enumerate(arrays) if isinstance(a, np.ndarray)]
         probs = model.run(np.stack([arrays[i] for i in good])) if good else None
         out: list[dict] = [{"error": str(a), "version": model.version} if not isinstance(a, np.ndarray) else {}
                            for a in arrays]
         for row, i in enumerate(good):
-            out[i] = self._answer(model, probs[row], items[i]["top_k"], items[i]["threshold"])
+            out[i] = self.answer(model, probs[row], items[i]["top_k"], items[i]["threshold"])
         return out
 
     @staticmethod
-    def _answer(model: Loaded, p: np.ndarray, top_k: int, threshold: float) -> dict:
+    def answer(model: Loaded, p: np.ndarray, top_k: int, threshold: float) -> dict:
         k = max(1, min(int(top_k), len(p)))
         top = np.argpartition(-p, k - 1)[:k]
         top = top[np.argsort(-p[top], kind="stable")]
@@ -258,4 +255,3 @@ class ModelHolder:
         best = ranked[0]
         label = best["label"] if best["score"] >= threshold else "unknown"
         return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
-

@@ -199,23 +199,6 @@ class PredictBase64Input(SelfParsed):
         return cls.model_construct(images=uploads, top_k=req.top_k, threshold=req.threshold)
 
 
-# --- between the HTTP front and the model workers -------------------------------------------------------
-
-class ImageJob(BaseModel):
-    name: str
-    data: bytes
-    top_k: int
-    threshold: float
-
-
-class Classified(BaseModel):
-    version: str
-    label: Optional[str] = None
-    score: Optional[float] = None
-    top_k: list[ScoredLabel] = []
-    error: Optional[str] = None  # set instead of a prediction when the image cannot be decoded
-
-
 # --- retrain --------------------------------------------------------------------------------------------
 
 class RetrainFields(TrainRequest):

@@ -2,9 +2,10 @@
 
     bentoml serve service.service:Refit --port 3000        # or: make serve
 
-Two services, as in BentoML's YOLO example: `Refit` is the HTTP front (parsing, validation, admin
-routes, retrain jobs) and `Classifier` holds the onnxruntime model behind adaptive batching. Each
-`Classifier` worker watches the promoted pointer and swaps versions without a restart.
+One service, `Refit`, with one worker process per core: each worker parses requests, decodes them with the
+served model's contract and runs onnxruntime itself, batching concurrent requests in process
+(`service/batcher.py`); it also serves the admin routes and admits retrain jobs. Each worker watches the
+promoted pointer and swaps versions without a restart.
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import bentoml
-from bentoml.exceptions import BentoMLException, ServiceUnavailable
+import numpy as np
+from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse as FastJSON
 from pydantic import Field
@@ -28,16 +30,16 @@ from starlette.responses import JSONResponse
 
 from service import settings
 from service.admission import admit
-from service.balance import CloseAfterReply
+from service.batcher import Batcher, Overloaded
 from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor
-from service.model import ModelHolder, ModelUnavailable
+from service.model import ModelHolder
 from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
-from service.schemas import RETRAIN_BODY, Classified, ImageJob, PredictBase64Input, PredictInput, Prediction, \
+from service.schemas import RETRAIN_BODY, PredictBase64Input, PredictInput, Prediction, \
     Rejected
 
 log = logging.getLogger("refit.service")
@@ -61,46 +63,8 @@ def _packed_model():
         return None
 
 
-# BentoML's client for a dependency replaces its HTTP session every `max_requests` calls or `max_age`
-# seconds by closing the old one, which drops the calls still in flight on it ("Server disconnected").
-# Between two processes on one machine there is nothing to rebalance, so the session is kept.
-_KEEP_SESSION = {"max_requests": 2**31 - 1, "max_age": 10.0**9}
-
-
-# The front logs every request already; an access line per internal classify call would double the log.
-# Tracing config per service: BentoML's OpenTelemetry middleware skips the URLs that match these patterns.
-_UNTRACED = {} if settings.TRACE_PREDICTIONS else {"tracing": {"excluded_urls": ["/classify", "/predict"]}}
-
-
-@bentoml.service(name="refit-classifier", workers=settings.WORKERS, traffic={"timeout": 60},
-                 runner_connection=_KEEP_SESSION, logging={"access": {"enabled": False}}, **_UNTRACED)
-class Classifier:
-    """Model workers: decode + preprocess with the model's own contract, then one onnxruntime run per batch."""
-
-    packed = _packed_model()
-
-    def __init__(self) -> None:
-        from training.store import Store
-
-        die_with_supervisor()
-        bound_shutdown(settings.SHUTDOWN_SECONDS)
-        self.holder = ModelHolder(Store(), threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
-
-    @bentoml.api(batchable=True, max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS)
-    def classify(self, images: list[ImageJob]) -> list[Classified]:
-        """Classify a batch of encoded images; a bad image gets an error entry, not a failed batch."""
-        items = [{"name": i.name, "data": i.data, "top_k": i.top_k, "threshold": i.threshold} for i in images]
-        try:
-            return self.holder.classify(items)
-        except ModelUnavailable as e:
-            raise ServiceUnavailable(str(e)) from None
-
-    def __is_ready__(self) -> bool:
-        return self.holder.current is not None
-
-    @bentoml.on_shutdown
-    def close(self) -> None:
-        self.holder.close()
+# Tracing config: BentoML's OpenTelemetry middleware skips the URLs that match these patterns.
+_UNTRACED = {} if settings.TRACE_PREDICTIONS else {"tracing": {"excluded_urls": ["/predict"]}}
 
 
 admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
@@ -108,13 +72,13 @@ admin.add_exception_handler(AdmissionError, lambda request, e: FastJSON(e.body, 
 
 
 @bentoml.asgi_app(admin, path="/")
-@bentoml.service(name="refit", traffic={"timeout": 3600}, workers=1, **_UNTRACED)
+@bentoml.service(name="refit", traffic={"timeout": 3600}, workers=settings.WORKERS, **_UNTRACED)
 class Refit:
     """Image classification with versioned transfer-learned models: predict, list/promote/rollback
     versions, and retrain on an uploaded dataset. Retrain, promote and rollback need
     `Authorization: Bearer $REFIT_TOKEN` when the server has a token."""
 
-    classifier = bentoml.depends(Classifier)
+    packed = _packed_model()
 
     def __init__(self) -> None:
         import prometheus_client as prom  # here, not at import: the worker has set up multiprocess metrics
@@ -137,10 +101,19 @@ class Refit:
         else:
             self.jobs = Jobs(refit_home())
             self.runner = LocalRunner(self.jobs, train_threads=settings.TRAIN_THREADS, on_finish=self._finished)
-        if self.trains_here and settings.TRAIN_STANDBY:
+        # One warm training process per replica, not per worker: it holds about 1 GB. A job admitted by
+        # another worker starts a fresh process (about 5 s more).
+        if self.trains_here and settings.TRAIN_STANDBY and bentoml.server_context.worker_index in (None, 1):
             self.jobs.start_standby(settings.TRAIN_THREADS)
         self.m_predictions = prom.Counter("refit_predictions", "Images classified, by version and label",
                                           ["version", "label"])
+        self.m_batch = prom.Histogram("refit_batch_size", "Images per onnxruntime run (adaptive batching)",
+                                      buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, settings.MAX_BATCH_SIZE})))
+        self.holder = ModelHolder(self.store, threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
+        self.batcher = Batcher(max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS,
+                               on_batch=self.m_batch.observe)
+        # Decoding releases the GIL: on its own thread it overlaps the event loop's parsing and the model run.
+        self.decoder = ThreadPoolExecutor(max_workers=settings.ORT_THREADS, thread_name_prefix="refit-decode")
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
         self.m_retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
                                                 buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
@@ -192,26 +165,20 @@ class Refit:
         refused = _over_budget(files)
         if refused:
             return refused
-        jobs_ = [ImageJob(name=n, data=d, top_k=top_k, threshold=threshold) for n, d in files]
-        for attempt in range(3):
-            try:
-                results = await self.classifier.to_async.classify(jobs_)
-            except aiohttp.ClientConnectionError as e:
-                # A pooled connection the model worker had just closed; classify has no side effects.
-                if attempt == 2:
-                    return error(503, f"model workers unreachable: {e}")
-                continue
-            except BentoMLException as e:
-                status = int(getattr(e, "error_code", 503))
-                return error(503 if status >= 500 else status, _unavailable(self.store, e))
-            results = [r if isinstance(r, dict) else r.model_dump() for r in results]
-            bad = [r["error"] for r in results if r.get("error")]
-            if bad:
-                return error(400, "; ".join(bad))
-            if len({r["version"] for r in results}) == 1:
-                break
-            # A large request was split over two batches and a new version arrived in between: ask again,
-            # so one reply never mixes versions.
+        model = self.holder.current  # read once: the whole request runs on this version even if a swap happens now
+        if model is None:
+            return error(503, _unavailable(self.store, self.holder))
+        arrays = await asyncio.get_running_loop().run_in_executor(self.decoder, self.holder.decode, model, files)
+        bad = [str(a) for a in arrays if not isinstance(a, np.ndarray)]
+        if bad:
+            return error(400, "; ".join(bad))
+        try:
+            probs = await self.batcher.run(model, np.stack(arrays))
+        except Overloaded as e:
+            return error(503, str(e))
+        except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
+            return error(503, f"the model failed on this batch ({type(e).__name__}); try again")
+        results = [ModelHolder.answer(model, p, top_k, threshold) for p in probs]
         for r in results:
             self.m_predictions.labels(version=r["version"], label=r["label"]).inc()
         return [Prediction(label=r["label"], score=r["score"], top_k=r["top_k"], version=r["version"])
@@ -354,21 +321,14 @@ class Refit:
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
-        """Ready when a model worker of this replica serves a version. (BentoML also asks a worker itself.)
-        A damaged pointer does not make a serving instance unready; a worker with nothing to serve does."""
-        from training.store import StoreError
-
-        try:
-            return any(w.get("version") for w in self.board.live(self.replica))
-        except StoreError as e:
-            # The workers serve from this machine's cache while the store is away; taking every replica out
-            # of service at once for it would turn a store outage into a full one. BentoML's own check of a
-            # worker still answers for this one.
-            log.warning("readiness without the store's status records: %s", e)
-            return True
+        """Ready while this worker serves a version. A damaged pointer does not make a serving worker unready;
+        a worker with nothing to serve is."""
+        return self.holder.current is not None
 
     @bentoml.on_shutdown
     async def close(self) -> None:
+        self.batcher.close()
+        self.holder.close()
         await self.runner.drain()  # as an open request would be: until done, or the worker's time is up
         if isinstance(self.jobs, Jobs):
             self.jobs.stop_standby()
@@ -403,12 +363,10 @@ class Refit:
 # RouteLabels first: it gives the real path back to the middleware after it (service/routes.py).
 Refit.add_asgi_middleware(RouteLabels)
 Refit.add_asgi_middleware(Guard)
-Classifier.add_asgi_middleware(RouteLabels)
-Classifier.add_asgi_middleware(CloseAfterReply)
 
 # BentoML works out a reply's media type from its output's JSON schema, which it builds again on every
 # call: a fifth of the front's CPU under load (py-spy). These replies are always JSON; say so once.
-for _service in (Refit, Classifier):
+for _service in (Refit,):
     for _api in _service.apis.values():
         if _api.output_spec.mime_type() == "application/json":
             _api.output_spec.media_type = "application/json"
@@ -503,9 +461,11 @@ def _version_row(info: dict) -> dict:
     return row
 
 
-def _unavailable(store, e: Exception) -> str:
-    """The reason a predict gets a 503. BentoML replaces a model worker's 5xx message with a generic one,
-    so the common cause, a store with nothing promoted, is read from the store here."""
+def _unavailable(store, holder: ModelHolder) -> str:
+    """Why a predict gets a 503: the store's problem when it has one (nothing promoted, a damaged pointer),
+    else the version this worker refused."""
     problem = store.pointer_problem()
-    return f"no model to answer with: {problem}" if problem else f"model workers unavailable: {e}"
-
+    if problem:
+        return f"no model to answer with: {problem}"
+    reason = f" ({holder.error['reason']})" if holder.error else ""
+    return f"no model is loaded yet{reason}"
