@@ -203,13 +203,18 @@ def plots(results: dict, where: Path) -> list[str]:
             continue
         levels = s["servers"][key]["levels"]
         c = [lv["concurrency"] for lv in levels]
-        ax.plot(c, [lv["p50_ms"] for lv in levels], "o-", color=COLORS[key], label=f"{label} p50")
-        ax.plot(c, [lv["p99_ms"] for lv in levels], "o:", color=COLORS[key], label=f"{label} p99")
+        # nan (a gap in the line) where no answer came back within the level
+        ax.plot(c, [_nan(lv["p50_ms"]) for lv in levels], "o-", color=COLORS[key], label=f"{label} p50")
+        ax.plot(c, [_nan(lv["p99_ms"]) for lv in levels], "o:", color=COLORS[key], label=f"{label} p99")
     ax.set_yscale("log")
     _axes(ax, "latency, ms (log scale)", "Latency vs concurrency")
     fig.savefig(where / "benchmarks-latency.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return ["benchmarks-throughput.png", "benchmarks-latency.png"]
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _axes(ax, ylabel: str, title: str) -> None:

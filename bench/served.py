@@ -73,9 +73,13 @@ def _sweep(srv: Server, images: list, plan: Plan, generator) -> dict:
         row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
                                     warmup_seconds=plan.level_warmup_seconds, max_requests=plan.level_max_requests))
         log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
-            f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, errors {row['errors']}")
+            f"p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, errors {row['errors']}")
         levels.append(row)
     return {"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": levels}
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} ms"  # None: no answer came back within the level
 
 
 def _measure(srv: Server, fn) -> dict:
