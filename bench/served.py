@@ -59,6 +59,7 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
             log(f"served: open loop at {rate:.1f} requests/s (half of {best['throughput']:.1f})")
             out["half_load"] = _measure(srv, partial(loadgen.open_loop, srv.url, images, rate,
                                                      seconds=plan.level_seconds, max_requests=plan.level_max_requests))
+            out["half_load"]["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
             out["memory"] = _memory_after(srv, images, plan, out, best)
     with peer_server(v["serving_file"], logs / "peer.log") as srv:
         out["servers"]["peer"] = _sweep(srv, images, plan, wrkgen.closed_loop)
@@ -72,6 +73,8 @@ def _sweep(srv: Server, images: list, plan: Plan, generator) -> dict:
     for c in CONCURRENCY:
         row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
                                     warmup_seconds=plan.level_warmup_seconds, max_requests=plan.level_max_requests))
+        # After each level, so that growth with the number of predictions shows, not only its end point.
+        row["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
         log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
             f"p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, errors {row['errors']}")
         levels.append(row)
@@ -247,26 +250,30 @@ LABELS = {"refit": "Refit", "refit_aiohttp": "Refit", "refit_unbatched": "Refit,
 
 
 def tables(result: dict) -> str:
-    rows = []
-    for key in ("refit", "peer", "naive", "refit_aiohttp", "refit_unbatched"):
-        for r in result["servers"].get(key, {}).get("levels", []):
-            rows.append([LABELS[key], r.get("generator", "aiohttp"), r["concurrency"], r["requests"], r["throughput"],
-                         r["p50_ms"], r.get("p90_ms"), r["p99_ms"], _errors(r), r["server_cpu_cores"],
-                         r["client_cpu_cores"]])
     h = result["half_load"]
-    rows.append([f"Refit, open loop at {h['rate']:.1f} req/s", "aiohttp", "open", h["requests"], h["throughput"],
-                 h["p50_ms"], h.get("p90_ms"), h["p99_ms"], _errors(h), h["server_cpu_cores"], h["client_cpu_cores"]])
-    defaults = ", ".join(text for key, text in (("workers", "{} model worker(s)"),
+    # Refit's rows in the order they ran on its one server, so that the RSS column follows the predictions.
+    levels = [(LABELS[key], r) for key in ("refit", "refit_aiohttp") for r in result["servers"].get(key, {})
+              .get("levels", [])]
+    levels.append((f"Refit, open loop at {h['rate']:.1f} req/s", {**h, "concurrency": "open"}))
+    levels += [(LABELS[key], r) for key in ("peer", "naive", "refit_unbatched")
+               for r in result["servers"].get(key, {}).get("levels", [])]
+    rows = [[label, r.get("generator", "aiohttp"), r["concurrency"], r["requests"], r["throughput"], r["p50_ms"],
+             r.get("p90_ms"), r["p99_ms"], _errors(r), r["server_cpu_cores"], r["client_cpu_cores"], r.get("rss_mb")]
+            for label, r in levels]
+    defaults = ", ".join(text for key, text in (("workers", "{} worker process(es)"),
                                                  ("ort_threads", "{} ONNX Runtime thread(s) each"),
                                                  ("max_batch_size", "max batch {}")) if result.get(key)
                          for text in [text.format(result[key])])
     return (md_table(["server", "load generator", "concurrency", "requests", "req/s (= images/s)", "p50 ms", "p90 ms",
-                      "p99 ms", "errors", "server CPU (cores)", "load generator CPU (cores)"], rows)
+                      "p99 ms", "errors", "server CPU (cores)", "load generator CPU (cores)",
+                      "server RSS after, MB"], rows)
             + f"\n\nRefit serves {_model(result)}; {result['images']} real JPEGs cycled, one per request; Refit's "
             f"defaults: {defaults}. Each level is a closed loop of N "
             "connections after a warm-up; wrk runs min(N, 2) threads. The open-loop level starts requests on a "
             "fixed schedule at half Refit's best wrk throughput. The load generators run on the same 2 cores; "
-            "their CPU use is shown because it is CPU the server did not get." + _baseline_line(result)
+            "their CPU use is shown because it is CPU the server did not get. The RSS is the server's processes "
+            "(training processes apart) read after the level; Refit's levels ran in the order shown, on one "
+            "server, so its column follows the predictions made so far." + _baseline_line(result)
             + _memory_line(result))
 
 
