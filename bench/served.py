@@ -3,9 +3,11 @@
 Three servers in one run, each driven by wrk (bench/wrkgen.py, a C load generator that leaves the cores to
 the server): Refit as `bentoml serve service.service:Refit` starts it; the peer, the service a BentoML
 user writes from BentoML's docs (bench/peer_service.py), serving the same model file with the same
-preprocessing; and the naive baseline (bench/naive_server.py). Refit is also swept with the Python load
-generator (bench/loadgen.py), and gets one open-loop level at half its best throughput, where tail latency
-is judged. Just before the servers, the in-process limit and the single-image latency are measured again
+preprocessing; and the naive baseline (bench/naive_server.py). Refit and the peer are up together and
+measured in turns, level by level, so that load from outside the benchmark on a shared machine falls on
+both alike instead of on one server's whole sweep. Refit is also swept with the Python load generator
+(bench/loadgen.py), and gets one open-loop level at half its best throughput, where tail latency is judged.
+Just before the servers, the in-process limit and the single-image latency are measured again
 (bench/inprocess.py), so every ratio in the targets comes from one run. Refit's memory is read when it is
 idle and again after at least `plan.memory_predictions` answered predictions.
 """
@@ -26,7 +28,6 @@ from bench.common import CONCURRENCY, Plan, jpeg_files, log, md_table
 from bench.servers import Server, naive_server, peer_server, refit_server, wait_standby_warm
 
 HALF = 0.5
-SERVERS = ("refit", "peer", "naive")
 
 
 def run(plan: Plan, model_result: dict | None = None) -> dict:
@@ -52,8 +53,10 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
             out["idle_memory"] = memory(srv.proc.pid)
             log(f"served: idle replica {out['idle_memory']['replica_mb']:.0f} MB RSS without training processes "
                 f"(training processes {out['idle_memory']['training_mb']:.0f} MB)")
-            out["servers"]["refit"] = sweep = _sweep(srv, images, plan, wrkgen.closed_loop)
-            out["servers"]["refit_aiohttp"] = _sweep(srv, images, plan, loadgen.closed_loop)
+            with peer_server(v["serving_file"], logs / "peer.log") as peer:  # idle while not measured
+                out["servers"]["refit"], out["servers"]["peer"] = _sweep([srv, peer], images, plan, wrkgen.closed_loop)
+            sweep = out["servers"]["refit"]
+            out["servers"]["refit_aiohttp"], = _sweep([srv], images, plan, loadgen.closed_loop)
             best = max(sweep["levels"], key=lambda r: r["throughput"])
             rate = HALF * best["throughput"]
             log(f"served: open loop at {rate:.1f} requests/s (half of {best['throughput']:.1f})")
@@ -61,24 +64,26 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
                                                      seconds=plan.level_seconds, max_requests=plan.level_max_requests))
             out["half_load"]["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
             out["memory"] = _memory_after(srv, images, plan, out, best)
-    with peer_server(v["serving_file"], logs / "peer.log") as srv:
-        out["servers"]["peer"] = _sweep(srv, images, plan, wrkgen.closed_loop)
     with naive_server(logs / "naive.log") as srv:
-        out["servers"]["naive"] = _sweep(srv, images, plan, wrkgen.closed_loop)
+        out["servers"]["naive"], = _sweep([srv], images, plan, wrkgen.closed_loop)
     return out
 
 
-def _sweep(srv: Server, images: list, plan: Plan, generator) -> dict:
-    levels = []
+def _sweep(servers: list[Server], images: list, plan: Plan, generator) -> list[dict]:
+    """Every concurrency level on each server; with several servers, one level on each in turn."""
+    levels: list[list[dict]] = [[] for _ in servers]
     for c in CONCURRENCY:
-        row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
-                                    warmup_seconds=plan.level_warmup_seconds, max_requests=plan.level_max_requests))
-        # After each level, so that growth with the number of predictions shows, not only its end point.
-        row["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
-        log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
-            f"p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, errors {row['errors']}")
-        levels.append(row)
-    return {"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": levels}
+        for srv, rows in zip(servers, levels, strict=True):
+            row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
+                                        warmup_seconds=plan.level_warmup_seconds,
+                                        max_requests=plan.level_max_requests))
+            # After each level, so that growth with the number of predictions shows, not only its end point.
+            row["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
+            log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
+                f"p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, errors {row['errors']}")
+            rows.append(row)
+    return [{"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": rows}
+            for srv, rows in zip(servers, levels, strict=True)]
 
 
 def _ms(value: float | None) -> str:
@@ -268,11 +273,12 @@ def tables(result: dict) -> str:
                       "p99 ms", "errors", "server CPU (cores)", "load generator CPU (cores)",
                       "server RSS after, MB"], rows)
             + f"\n\nRefit serves {_model(result)}; {result['images']} real JPEGs cycled, one per request; Refit's "
-            f"defaults: {defaults}. Each level is a closed loop of N "
-            "connections after a warm-up; wrk runs min(N, 2) threads. The open-loop level starts requests on a "
-            "fixed schedule at half Refit's best wrk throughput. The load generators run on the same 2 cores; "
-            "their CPU use is shown because it is CPU the server did not get. The RSS is the server's processes "
-            "(training processes apart) read after the level; Refit's levels ran in the order shown, on one "
+            f"defaults: {defaults}. Each level is a closed loop of N connections after a warm-up; wrk runs "
+            "min(N, 2) threads. Refit and the peer were up together and measured in turns at each concurrency "
+            "(the one not measured sat idle). The open-loop level starts requests on a fixed schedule at half "
+            "Refit's best wrk throughput. The load generators run on the same 2 cores; their CPU use is shown "
+            "because it is CPU the server did not get. The RSS is the server's processes (training processes "
+            "apart) read after the level; Refit's levels ran in the order shown, on one "
             "server, so its column follows the predictions made so far." + _baseline_line(result)
             + _memory_line(result))
 
