@@ -38,6 +38,7 @@ class Plan:
     level_seconds: float  # measured time per load level (after the warm-up)
     level_warmup_seconds: float
     level_max_requests: int
+    memory_predictions: int  # Refit's memory is read after at least this many answered predictions
     retrain_subset: int | None  # images per class and split; None: the whole dataset
     retrain_epochs: dict  # strategy -> --epochs cap (absent: the CLI default)
     retrain_options: dict  # more training-request fields for every run (CLI flags and retrain form fields)
@@ -49,12 +50,12 @@ class Plan:
 
 FULL = Plan("full", model_seconds=4.0, model_images=None, preprocess_images=None, preprocess_repeats=2,
             inprocess_seconds=10.0, level_seconds=12.0, level_warmup_seconds=2.0, level_max_requests=4000,
-            retrain_subset=None, retrain_epochs={"partial": 6, "full": 6, "scratch": 6, "auto": 6},
-            retrain_options={})
+            memory_predictions=10_000, retrain_subset=None,
+            retrain_epochs={"partial": 6, "full": 6, "scratch": 6, "auto": 6}, retrain_options={})
 QUICK = Plan("quick", model_seconds=0.3, model_images=16, preprocess_images=16, preprocess_repeats=1,
              inprocess_seconds=1.0, level_seconds=1.5, level_warmup_seconds=0.3, level_max_requests=40,
-             retrain_subset=6, retrain_epochs={"partial": 1, "full": 1, "scratch": 1, "auto": 1},
-             retrain_options={"head_epochs": 5})
+             memory_predictions=200, retrain_subset=6,
+             retrain_epochs={"partial": 1, "full": 1, "scratch": 1, "auto": 1}, retrain_options={"head_epochs": 5})
 
 
 # --- data --------------------------------------------------------------------------------------------

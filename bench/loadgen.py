@@ -42,7 +42,8 @@ class Level:
         lat = self.latencies_ms
         out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         out.update(requests=self.ok + self.errors, throughput=self.throughput, p50_ms=percentile(lat, 50),
-                   p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99), max_ms=max(lat) if lat else None)
+                   p90_ms=percentile(lat, 90), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+                   max_ms=max(lat) if lat else None)
         return out
 
     def record(self, started: float, outcome: str | None) -> None:
@@ -129,13 +130,14 @@ def closed_loop(url: str, images: list, concurrency: int, *, seconds: float, war
                 max_requests: int, timeout: float = 120) -> dict:
     """Throughput and latency at a fixed number of clients, after a warm-up at the same concurrency."""
     _check_local(url)
-    if warmup_seconds > 0:
-        asyncio.run(_closed(url, images, concurrency, warmup_seconds, max_requests, timeout))
-    return asyncio.run(_closed(url, images, concurrency, seconds, max_requests, timeout)).summary()
+    warmup = asyncio.run(_closed(url, images, concurrency, warmup_seconds, max_requests, timeout)).ok \
+        if warmup_seconds > 0 else 0
+    row = asyncio.run(_closed(url, images, concurrency, seconds, max_requests, timeout)).summary()
+    return {**row, "generator": "aiohttp", "warmup_ok": warmup}
 
 
 def open_loop(url: str, images: list, rate: float, *, seconds: float, max_requests: int,
               timeout: float = 120) -> dict:
     """Latency at an offered request rate (requests start on a fixed schedule)."""
     _check_local(url)
-    return asyncio.run(_open(url, images, rate, seconds, max_requests, timeout)).summary()
+    return {**asyncio.run(_open(url, images, rate, seconds, max_requests, timeout)).summary(), "generator": "aiohttp"}

@@ -26,7 +26,7 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
     if name == "inprocess":
         return inprocess.run(plan, results.get("model"))  # at benchmark 1's best batch size
     if name == "served":
-        return served.run(plan)
+        return served.run(plan, results.get("model"))  # its in-process baseline at benchmark 1's best batch
     if name == "retrain":
         return retrain.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")

@@ -1,9 +1,15 @@
 """Benchmark 4: `POST /predict` over HTTP with one real JPEG per request, at concurrency 1, 4, 16 and 64.
 
-Three servers: Refit with adaptive batching (the service's default max batch size), Refit with batching
-off (bench/unbatched_service.py: the service has no setting for it and BentoML refuses a max batch size
-of 1), and the naive baseline (bench/naive_server.py). Refit also gets one open-loop level at half its best
-throughput, where tail latency is judged.
+Three servers in one run, each driven by wrk (bench/wrkgen.py, a C load generator that leaves the cores to
+the server): Refit as `bentoml serve service.service:Refit` starts it; the peer, the service a BentoML
+user writes from BentoML's docs (bench/peer_service.py), serving the same model file with the same
+preprocessing; and the naive baseline (bench/naive_server.py). Refit and the peer are up together and
+measured in turns, level by level, so that load from outside the benchmark on a shared machine falls on
+both alike instead of on one server's whole sweep. Refit is also swept with the Python load generator
+(bench/loadgen.py), and gets one open-loop level at half its best throughput, where tail latency is judged.
+Just before the servers, the in-process limit and the single-image latency are measured again
+(bench/inprocess.py), so every ratio in the targets comes from one run. Refit's memory is read when it is
+idle and again after at least `plan.memory_predictions` answered predictions.
 """
 from __future__ import annotations
 
@@ -16,139 +22,213 @@ from pathlib import Path
 
 import psutil
 
+from bench import inprocess, loadgen, wrkgen
 from bench import version as bench_version
 from bench.common import CONCURRENCY, Plan, jpeg_files, log, md_table
-from bench.loadgen import closed_loop, open_loop
-from bench.servers import REFIT_UNBATCHED, Server, naive_server, refit_server, wait_standby_warm
+from bench.servers import Server, naive_server, peer_server, refit_server, wait_standby_warm
 
 HALF = 0.5
 
 
-def run(plan: Plan) -> dict:
+def run(plan: Plan, model_result: dict | None = None) -> dict:
     from service import settings  # only to record the defaults the server will read from the same env
 
+    if not wrkgen.available():  # before minutes of training and measuring
+        raise RuntimeError("wrk is not installed: the served benchmark drives its servers with it "
+                           "(Debian/Ubuntu: apt-get install wrk)")
     images = jpeg_files()
     logs = plan.results_dir / "logs"
-    out = {"images": len(images), "levels": list(CONCURRENCY), "max_batch_size": settings.MAX_BATCH_SIZE,
-           "workers": settings.WORKERS, "ort_threads": settings.ORT_THREADS, "servers": {}}
+    # getattr: the bench runs against whatever service/ is checked out, whose settings may be named otherwise
+    named = (("max_batch_size", "MAX_BATCH_SIZE"), ("workers", "WORKERS"), ("ort_threads", "ORT_THREADS"))
+    out = {"images": len(images), "levels": list(CONCURRENCY), "servers": {},
+           **{key: getattr(settings, name, None) for key, name in named}}
     v = bench_version.trained(plan)
     out["version"] = bench_version.describe(v)
+    out["inprocess"] = inprocess.served_baseline(v, [data for _, data in images], plan, model_result)
     with tempfile.TemporaryDirectory(prefix="refit-bench-served-") as tmp:
-        # A copy of the trained store per server (each writes its own logs and job state beside it)
-        homes = {name: Path(tmp) / name for name in ("unbatched", "batched")}
-        for home in homes.values():
-            shutil.copytree(v["home"], home)
-        with refit_server(homes["unbatched"], logs / "refit-unbatched.log", REFIT_UNBATCHED) as srv:
-            wait_standby_warm(homes["unbatched"])
-            out["servers"]["refit_unbatched"] = _sweep(srv, images, plan)
-        with refit_server(homes["batched"], logs / "refit.log") as srv:
-            wait_standby_warm(homes["batched"])
-            out["idle_memory"] = idle_memory(srv.proc.pid)
+        home = Path(tmp) / "refit"  # a copy of the trained store: the server writes logs and job state beside it
+        shutil.copytree(v["home"], home)
+        with refit_server(home, logs / "refit.log") as srv:
+            wait_standby_warm(home)
+            out["idle_memory"] = memory(srv.proc.pid)
             log(f"served: idle replica {out['idle_memory']['replica_mb']:.0f} MB RSS without training processes "
-                f"(training standby {out['idle_memory']['training_mb']:.0f} MB)")
-            out["servers"]["refit"] = sweep = _sweep(srv, images, plan)
+                f"(training processes {out['idle_memory']['training_mb']:.0f} MB)")
+            with peer_server(v["serving_file"], logs / "peer.log") as peer:  # idle while not measured
+                out["servers"]["refit"], out["servers"]["peer"] = _sweep([srv, peer], images, plan, wrkgen.closed_loop)
+            sweep = out["servers"]["refit"]
+            out["servers"]["refit_aiohttp"], = _sweep([srv], images, plan, loadgen.closed_loop)
             best = max(sweep["levels"], key=lambda r: r["throughput"])
             rate = HALF * best["throughput"]
             log(f"served: open loop at {rate:.1f} requests/s (half of {best['throughput']:.1f})")
-            out["half_load"] = _measure(srv, partial(open_loop, srv.url, images, rate, seconds=plan.level_seconds,
-                                                     max_requests=plan.level_max_requests))
+            out["half_load"] = _measure(srv, partial(loadgen.open_loop, srv.url, images, rate,
+                                                     seconds=plan.level_seconds, max_requests=plan.level_max_requests))
+            out["half_load"]["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
+            out["memory"] = _memory_after(srv, images, plan, out, best)
     with naive_server(logs / "naive.log") as srv:
-        out["servers"]["naive"] = _sweep(srv, images, plan)
+        out["servers"]["naive"], = _sweep([srv], images, plan, wrkgen.closed_loop)
     return out
 
 
-def _sweep(srv: Server, images: list, plan: Plan) -> dict:
-    levels = []
+def _sweep(servers: list[Server], images: list, plan: Plan, generator) -> list[dict]:
+    """Every concurrency level on each server; with several servers, one level on each in turn."""
+    levels: list[list[dict]] = [[] for _ in servers]
     for c in CONCURRENCY:
-        row = _measure(srv, partial(closed_loop, srv.url, images, c, seconds=plan.level_seconds,
-                                    warmup_seconds=plan.level_warmup_seconds, max_requests=plan.level_max_requests))
-        log(f"served: {srv.name} c={c}: {row['throughput']:.1f} req/s, p50 {row['p50_ms']:.0f} ms, "
-            f"p99 {row['p99_ms']:.0f} ms, errors {row['errors']}")
-        levels.append(row)
-    return {"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": levels}
+        for srv, rows in zip(servers, levels, strict=True):
+            row = _measure(srv, partial(generator, srv.url, images, c, seconds=plan.level_seconds,
+                                        warmup_seconds=plan.level_warmup_seconds,
+                                        max_requests=plan.level_max_requests))
+            # After each level, so that growth with the number of predictions shows, not only its end point.
+            row["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
+            log(f"served: {srv.name} c={c} ({row['generator']}): {row['throughput']:.1f} req/s, "
+                f"p50 {_ms(row['p50_ms'])}, p99 {_ms(row['p99_ms'])}, errors {row['errors']}")
+            rows.append(row)
+    return [{"name": srv.name, "startup_seconds": srv.startup_seconds, "levels": rows}
+            for srv, rows in zip(servers, levels, strict=True)]
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f} ms"  # None: no answer came back within the level
 
 
 def _measure(srv: Server, fn) -> dict:
-    """Run one load level and add the CPU the server's processes and this client used meanwhile: on a
-    2-core machine the client's share is CPU the server did not get."""
+    """Run one load level and add the CPU the server's processes and the load generator used meanwhile: on
+    a 2-core machine the generator's share is CPU the server did not get."""
     server0, client0, t0 = _tree_cpu(srv.proc.pid), _own_cpu(), time.perf_counter()
     row = fn()
     wall = time.perf_counter() - t0
     server1 = _tree_cpu(srv.proc.pid)
     row["server_cpu_cores"] = (sum(server1.values()) - sum(server0.values())) / wall
     row["client_cpu_cores"] = (_own_cpu() - client0) / wall
-    # Where the server's CPU went: the in-process limit pays only for the model workers' kind of work, so
-    # the front's share is the price of serving over HTTP.
+    # Where the server's CPU went: the in-process limit pays only for the model's kind of work, so the rest
+    # is the price of serving over HTTP.
     row["server_cpu_cores_by_role"] = {role: (server1[role] - server0.get(role, 0.0)) / wall for role in server1}
     return row
 
 
-def idle_memory(pid: int) -> dict:
-    """RSS of a started, idle serving tree, by role; the training processes (the warm standby) apart, since
-    a serving replica without local training does not hold them."""
+# --- memory ------------------------------------------------------------------------------------------
+
+def _predictions(out: dict) -> int:
+    """Answered predictions Refit has made in this run so far (warm-ups included)."""
+    rows = [r for key in ("refit", "refit_aiohttp") for r in out["servers"].get(key, {}).get("levels", [])]
+    rows += [out["half_load"]] if "half_load" in out else []
+    return sum(r["ok"] + r.get("warmup_ok", 0) for r in rows)
+
+
+def _memory_after(srv: Server, images: list, plan: Plan, out: dict, best: dict) -> dict:
+    """The replica's RSS once it has answered at least plan.memory_predictions predictions: more wrk load at
+    the best concurrency if the sweeps sent fewer."""
+    sent, extra = _predictions(out), []
+    for _ in range(5):
+        missing = plan.memory_predictions - sent
+        if missing <= 0:
+            break
+        seconds = max(1.0, 1.2 * missing / max(best["throughput"], 1.0))
+        log(f"served: {missing} more predictions before reading memory ({seconds:.0f} s at c={best['concurrency']})")
+        row = wrkgen.closed_loop(srv.url, images, best["concurrency"], seconds=seconds)
+        extra.append(row)
+        sent += row["ok"]
+    mem = memory(srv.proc.pid)
+    log(f"served: after {sent} predictions the replica holds {mem['replica_mb']:.0f} MB RSS without training "
+        f"processes ({mem['training_mb']:.0f} MB in training processes)")
+    return {**mem, "predictions": sent, "extra_errors": sum(r["errors"] for r in extra)}
+
+
+def memory(pid: int) -> dict:
+    """RSS of a serving tree by role; training processes (the warm standby, a running job) apart, since a
+    serving replica without local training does not hold them."""
     root = psutil.Process(pid)
     by_role: dict[str, float] = {}
+    processes: dict[str, int] = {}
     training = 0.0
     for p in [root] + root.children(recursive=True):
         try:
-            mb, cmd = p.memory_info().rss / 2**20, " ".join(p.cmdline())
-        except psutil.NoSuchProcess:
+            mb, role = p.memory_info().rss / 2**20, _role(p, pid)
+        except psutil.Error:
             continue
-        if "service.jobs" in cmd:
+        if role == "training":
             training += mb
-        else:
-            role = "supervisor" if p.pid == root.pid else _role(p)
-            by_role[role] = by_role.get(role, 0.0) + mb
-    return {"replica_mb": sum(by_role.values()), "by_role_mb": by_role, "training_mb": training}
+            continue
+        by_role[role] = by_role.get(role, 0.0) + mb
+        processes[role] = processes.get(role, 0) + 1
+    return {"replica_mb": sum(by_role.values()), "by_role_mb": by_role, "processes": processes,
+            "training_mb": training}
 
 
-def _role(p: psutil.Process) -> str:
-    """The job of one process of a served tree, from its command line."""
+def _role(p: psutil.Process, root: int) -> str:
+    """The job of one process of a served tree. Model workers are the processes that have ONNX Runtime
+    loaded, whatever their service is called: with a separate HTTP front they are the classifier's workers,
+    and in a service whose request-parsing processes run the model, they are those processes."""
     cmd = " ".join(p.cmdline())
-    if "--service-name refit-classifier" in cmd:
-        return "model workers"
-    if "--service-name refit" in cmd:
-        return "HTTP front"
-    return "other (supervisor, training standby, naive server)"
+    if "service.jobs" in cmd or "training." in cmd:
+        return "training"
+    if p.pid == root:
+        return "supervisor" if "bentoml" in cmd else "server process"
+    if "--service-name" in cmd:
+        return "model workers" if _loads_onnxruntime(p.pid) else "HTTP front"
+    return "other"
+
+
+def _loads_onnxruntime(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "onnxruntime" in f.read()
+    except OSError:
+        return False
 
 
 def _tree_cpu(pid: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return totals
     for p in procs:
         try:
             t = p.cpu_times()
-            role = _role(p)
-        except psutil.NoSuchProcess:
+            role = _role(p, pid)
+        except psutil.Error:
             continue
         totals[role] = totals.get(role, 0.0) + t.user + t.system
     return totals
 
 
 def _own_cpu() -> float:
+    """This process and its finished children: wrk runs as a child and is waited for before this is read."""
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
+
+# --- figures the targets and the page use ------------------------------------------------------------
 
 def best_level(result: dict, server: str) -> dict:
     return max(result["servers"][server]["levels"], key=lambda r: r["throughput"])
 
 
+def level(result: dict, server: str, concurrency: int) -> dict | None:
+    return next((r for r in result["servers"].get(server, {}).get("levels", []) if r["concurrency"] == concurrency),
+                None)
+
+
+def baseline(result: dict) -> dict | None:
+    """The in-process figures measured in this run (results saved before this version of the bench have
+    none: the targets then use benchmark 3's)."""
+    return result.get("inprocess")
+
+
 def all_errors(result: dict) -> int:
-    refit = [r for s in ("refit", "refit_unbatched") for r in result["servers"][s]["levels"]]
-    return sum(r["errors"] for r in refit + [result["half_load"]])
+    return sum(r["errors"] for _, r in _refit_levels(result)) + (result.get("memory") or {}).get("extra_errors", 0)
 
 
 def error_levels(result: dict) -> str:
-    """Where errors happened and what they were, e.g. "adaptive batching c=4: 2 × HTTP 500"."""
-    names = {"refit": "adaptive batching", "refit_unbatched": "batching off"}
-    levels = [(f"{names[s]} c={r['concurrency']}", r) for s in names for r in result["servers"][s]["levels"]]
-    levels.append(("open loop", result["half_load"]))
-    return "; ".join(f"{where}: {_kinds(r)}" for where, r in levels if r["errors"])
+    """Where Refit's errors happened and what they were, e.g. "wrk c=4: 2 × HTTP 500"."""
+    return "; ".join(f"{where}: {_kinds(r)}" for where, r in _refit_levels(result) if r["errors"])
+
+
+def _refit_levels(result: dict) -> list[tuple[str, dict]]:
+    levels = [(f"{r.get('generator', 'aiohttp')} c={r['concurrency']}", r)
+              for s in ("refit", "refit_aiohttp", "refit_unbatched")
+              for r in result["servers"].get(s, {}).get("levels", [])]
+    return levels + [("open loop", result["half_load"])]
 
 
 def _errors(row: dict) -> str:
@@ -164,37 +244,67 @@ def _model(result: dict) -> str:
     if not v:
         return "the ImageNet version a fresh service bootstraps (FP32 ONNX)"
     return (f"{v['version']}, feature extraction trained on the real dataset, as its store chose to serve it "
-            f"({v['precision'].upper()}: {(v.get('int8') or {}).get('reason', 'no INT8 file')}); the naive "
-            "baseline runs the same backbone in PyTorch eager FP32 with its ImageNet head (the head is under 0.5% "
-            "of the compute)")
+            f"({v['precision'].upper()}: {(v.get('int8') or {}).get('reason', 'no INT8 file')}); the peer serves the "
+            f"same file ({v.get('serving_file')}); the naive baseline runs the same backbone in PyTorch eager FP32 "
+            "with its ImageNet head (the head is under 0.5% of the compute)")
+
+
+LABELS = {"refit": "Refit", "refit_aiohttp": "Refit", "refit_unbatched": "Refit, batching off",
+          "peer": "peer: BentoML docs, batchable API, 2 workers",
+          "naive": "naive: PyTorch eager, 1 request = 1 forward"}
 
 
 def tables(result: dict) -> str:
-    names = {"refit": f"Refit, adaptive batching (max batch {result['max_batch_size']})",
-             "refit_unbatched": "Refit, batching off", "naive": "naive: PyTorch eager, 1 request = 1 forward"}
-    rows = []
-    for key, label in names.items():
-        for r in result["servers"][key]["levels"]:
-            rows.append([label, r["concurrency"], r["requests"], r["throughput"], r["p50_ms"], r["p95_ms"],
-                         r["p99_ms"], _errors(r), r["server_cpu_cores"], r["client_cpu_cores"]])
     h = result["half_load"]
-    rows.append([names["refit"] + f", open loop at {h['rate']:.1f} req/s", "open", h["requests"], h["throughput"],
-                 h["p50_ms"], h["p95_ms"], h["p99_ms"], _errors(h), h["server_cpu_cores"], h["client_cpu_cores"]])
-    return (md_table(["server", "concurrency", "requests", "req/s (= images/s)", "p50 ms", "p95 ms", "p99 ms",
-                      "errors", "server CPU (cores)", "load generator CPU (cores)"], rows)
-            + f"\n\nRefit serves {_model(result)}; {result['images']} real "
-            f"JPEGs cycled, one per request; {result['workers']} model worker(s), "
-            f"{result['ort_threads']} ONNX Runtime threads; each level is a closed loop of N clients after a "
-            "warm-up, and the open-loop level starts requests on a fixed schedule at half the best throughput. "
-            "The load generator runs on the same 2 cores; its CPU use is shown because it is CPU the server "
-            "did not get." + _memory_line(result))
+    # Refit's rows in the order they ran on its one server, so that the RSS column follows the predictions.
+    levels = [(LABELS[key], r) for key in ("refit", "refit_aiohttp") for r in result["servers"].get(key, {})
+              .get("levels", [])]
+    levels.append((f"Refit, open loop at {h['rate']:.1f} req/s", {**h, "concurrency": "open"}))
+    levels += [(LABELS[key], r) for key in ("peer", "naive", "refit_unbatched")
+               for r in result["servers"].get(key, {}).get("levels", [])]
+    rows = [[label, r.get("generator", "aiohttp"), r["concurrency"], r["requests"], r["throughput"], r["p50_ms"],
+             r.get("p90_ms"), r["p99_ms"], _errors(r), r["server_cpu_cores"], r["client_cpu_cores"], r.get("rss_mb")]
+            for label, r in levels]
+    defaults = ", ".join(text for key, text in (("workers", "{} worker process(es)"),
+                                                 ("ort_threads", "{} ONNX Runtime thread(s) each"),
+                                                 ("max_batch_size", "max batch {}")) if result.get(key)
+                         for text in [text.format(result[key])])
+    return (md_table(["server", "load generator", "concurrency", "requests", "req/s (= images/s)", "p50 ms", "p90 ms",
+                      "p99 ms", "errors", "server CPU (cores)", "load generator CPU (cores)",
+                      "server RSS after, MB"], rows)
+            + f"\n\nRefit serves {_model(result)}; {result['images']} real JPEGs cycled, one per request; Refit's "
+            f"defaults: {defaults}. Each level is a closed loop of N connections after a warm-up; wrk runs "
+            "min(N, 2) threads. Refit and the peer were up together and measured in turns at each concurrency "
+            "(the one not measured sat idle). The open-loop level starts requests on a fixed schedule at half "
+            "Refit's best wrk throughput. The load generators run on the same 2 cores; their CPU use is shown "
+            "because it is CPU the server did not get. The RSS is the server's processes (training processes "
+            "apart) read after the level; Refit's levels ran in the order shown, on one "
+            "server, so its column follows the predictions made so far." + _baseline_line(result)
+            + _memory_line(result))
+
+
+def _baseline_line(result: dict) -> str:
+    b = baseline(result)
+    if not b:
+        return ""
+    s = b["single_image"]
+    return (f"\n\nIn-process figures of this run, measured just before the servers with today's pipeline: limit "
+            f"{b['limit_images_per_s']:.1f} images/s ({b['limit_pipeline']}, batch {b['batch']}, "
+            f"{b['precision'].upper()}); one image on its own (decode + preprocess + ONNX Runtime, one thread) "
+            f"p50 {s['p50_ms']:.2f} ms.")
 
 
 def _memory_line(result: dict) -> str:
-    m = result.get("idle_memory")
-    if not m:
-        return ""
-    parts = ", ".join(f"{role} {mb:.0f} MB" for role, mb in m["by_role_mb"].items())
-    return (f"\n\nIdle memory of the Refit replica, started and warmed up, before the load: "
-            f"{m['replica_mb']:.0f} MB RSS without training processes ({parts}); the warm training "
-            f"standby adds {m['training_mb']:.0f} MB.")
+    parts = []
+    for key, when in (("idle_memory", "idle, started and warmed up, before the load"),
+                      ("memory", "after {n:,} predictions")):
+        m = result.get(key)
+        if not m:
+            continue
+        roles = ", ".join(f"{role} {mb:.0f} MB" + (f" ({m['processes'][role]} processes)"
+                                                   if m.get("processes", {}).get(role, 1) > 1 else "")
+                          for role, mb in m["by_role_mb"].items())
+        parts.append(f"{when.format(n=m.get('predictions'))}: {m['replica_mb']:.0f} MB RSS ({roles}); training "
+                     f"processes apart, {m['training_mb']:.0f} MB")
+    return ("\n\nMemory of the Refit replica (every process of `bentoml serve` except training processes): "
+            + "; ".join(parts) + ".") if parts else ""

@@ -76,7 +76,6 @@ class Server:
 
 
 REFIT = "service.service:Refit"
-REFIT_UNBATCHED = "bench.unbatched_service:Refit"
 
 
 def refit_server(home: Path, log_path: Path, target: str = REFIT, **settings: str) -> Server:
@@ -96,6 +95,20 @@ def _refit_ready(url: str) -> bool:
     # This server's own workers: a server stopped earlier on the same store stays listed until its records expire.
     serving = [w for w in listing["serving"] if w.get("replica") == listing.get("replica")]
     return bool(serving) and all(w.get("version") for w in serving)
+
+
+PEER = "bench.peer_service:Peer"
+
+
+def peer_server(model_file: Path, log_path: Path) -> Server:
+    """The service a BentoML user writes from BentoML's docs (bench/peer_service.py), serving `model_file`."""
+    from bench.peer_service import MODEL_ENV
+
+    env = {**os.environ, MODEL_ENV: str(model_file), "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml = str(Path(PYTHON).parent / "bentoml")
+    cmd = [bentoml, "serve", PEER, "--host", "127.0.0.1", "--port", "{port}"]
+    return Server("BentoML-docs peer", cmd, env, log_path,
+                  lambda url: httpx.get(url + "/readyz", timeout=2).status_code == 200)
 
 
 def naive_server(log_path: Path) -> Server:
