@@ -38,10 +38,12 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, *, max_batch_size: int, max_latency_ms: float, on_batch=None):
+    def __init__(self, *, max_batch_size: int, max_latency_ms: float, on_batch=None, on_idle=None):
         self.max_batch_size = max_batch_size
         self.max_wait = max_latency_ms / 1000
         self.on_batch = on_batch  # called with each run's size (the batch-size metric)
+        self.on_idle = on_idle  # called when the queue runs empty, at most once a second (heap trimming)
+        self._last_idle = 0.0
         self._pending: deque[_Pending] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -111,6 +113,10 @@ class Batcher:
             for b in batch:
                 _settle(b, probs[start:start + len(b.arrays)])
                 start += len(b.arrays)
+            del batch, arrays, probs
+            if self.on_idle and not self._pending and time.monotonic() - self._last_idle > 1.0:
+                self._last_idle = time.monotonic()
+                self.on_idle()
 
 
 def _settle(item: _Pending, outcome) -> None:

@@ -101,14 +101,19 @@ def _exit(supervisor: int) -> None:
     os._exit(1)  # no graceful shutdown: there is no supervisor left to finish it for
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Call before the worker starts its threads. glibc gives threads that allocate at the same time arenas
-    of their own (up to 8 per core) and rarely returns their free memory: with the event loop, the decode
-    thread and the model thread each handling image-sized buffers, a worker's RSS kept growing with the
-    predictions served (295 -> 566 MB for two workers over 18,572 predictions, docs/benchmarks.md)."""
-    try:
-        import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to tune
+def trim_heap() -> None:
+    """Give the heap's free pages back to the system. Under concurrent load a worker's Python heap fills with
+    request-sized buffers (uploads, decoded images, model inputs) that are freed afterwards, but glibc keeps
+    the pages: a replica's RSS rose from 386 to about 680 MB over a benchmark's 18,000 predictions and stayed
+    there (docs/benchmarks.md). The batcher calls this when its queue runs empty, at most once a second."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
         pass
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL("libc.so.6")

@@ -33,7 +33,7 @@ from service.admission import admit
 from service.batcher import Batcher, Overloaded
 from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
-from service.lifeline import bound_shutdown, die_with_supervisor, limit_malloc_arenas, record_supervisor
+from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor, trim_heap
 from service.model import ModelHolder
 from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
@@ -86,7 +86,6 @@ class Refit:
         from training.paths import refit_home
         from training.store import Store
 
-        limit_malloc_arenas()
         die_with_supervisor()
         bound_shutdown(settings.SHUTDOWN_SECONDS)
         self.store = Store()
@@ -112,7 +111,7 @@ class Refit:
                                       buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, settings.MAX_BATCH_SIZE})))
         self.holder = ModelHolder(self.store, threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
         self.batcher = Batcher(max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS,
-                               on_batch=self.m_batch.observe)
+                               on_batch=self.m_batch.observe, on_idle=trim_heap)
         # Decoding releases the GIL: on its own thread it overlaps the event loop's parsing and the model run.
         self.decoder = ThreadPoolExecutor(max_workers=settings.ORT_THREADS, thread_name_prefix="refit-decode")
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
