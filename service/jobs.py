@@ -35,6 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
+from service import settings
 from training.data import check_layout
 from training.scratch import scratch_root, sweep
 from training.store import atomic_write_json, now_iso
@@ -285,7 +286,7 @@ class Jobs:
         d = self.dir(job_id)
         job = self.update(job_id, status="running", started=now_iso())
         t0 = time.monotonic()
-        pid = await asyncio.to_thread(self._take_standby, d) if settings_standby() else None
+        pid = await asyncio.to_thread(self._take_standby, d) if settings.TRAIN_STANDBY else None
         proc = None
         if pid is None:
             with open(d / "train.log", "ab") as logf:
@@ -316,10 +317,6 @@ class Jobs:
             job = self.update(job_id, status="failed", finished=now_iso(), seconds=seconds, error=err)
         self._drop_scratch(job_id)  # the extracted upload and the run's temp files are not needed any more
         return job
-
-
-def settings_standby() -> bool:
-    return os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false", "no")
 
 
 def _in_loop() -> bool:

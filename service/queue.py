@@ -24,11 +24,11 @@ import tempfile
 import time
 import uuid
 import zipfile
-from datetime import datetime
 from pathlib import Path
 
 from service import settings
 from service.jobs import ACTIVE, _JOB_ID, AdmissionError, Jobs, public
+from service.replicas import age
 from training.store import Store, now_iso
 
 log = logging.getLogger("refit.queue")
@@ -114,10 +114,10 @@ class SharedJobs:
     def _settle(self, job: dict, tag: str | None) -> dict:
         """A job whose worker is gone is recorded as failed by the first reader that notices."""
         why = None
-        if job.get("status") == "running" and _age(job.get("heartbeat") or job.get("started")) > settings.JOB_TTL:
+        if job.get("status") == "running" and age(job.get("heartbeat") or job.get("started")) > settings.JOB_TTL:
             why = (f"the worker running this job stopped (no heartbeat for over {settings.JOB_TTL:g} s); no "
                    "version was published by it; submit again")
-        elif job.get("status") == "queued" and _age(job.get("created")) > settings.JOB_TTL:
+        elif job.get("status") == "queued" and age(job.get("created")) > settings.JOB_TTL:
             why = self._lost_in_queue(job["id"])
         if why is None:
             return job
@@ -243,15 +243,6 @@ class QueueRunner:
 
     async def drain(self) -> None:
         """Jobs run on workers; a replica stopping leaves them running."""
-
-
-def _age(iso: str | None) -> float:
-    if not iso:
-        return float("inf")
-    try:
-        return time.time() - datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return float("inf")
 
 
 def _shown(url: str) -> str:

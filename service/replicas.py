@@ -51,7 +51,8 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _age(updated) -> float:
+def age(updated) -> float:
+    """Seconds since an ISO time a record carries; infinite for a missing or foreign one."""
     try:
         return time.time() - datetime.fromisoformat(str(updated)).timestamp()
     except ValueError:
@@ -84,7 +85,7 @@ class StatusBoard:
             m = _RECORD_RE.match(key)
             if not m or not isinstance(record, dict) or record.get("replica") != m.group(1):
                 continue  # not a worker record (an older release's serving/worker-<pid>.json, say)
-            if _age(record.get("updated")) > self.ttl:
+            if age(record.get("updated")) > self.ttl:
                 self._remove(key)
                 continue
             out.append(record)
