@@ -242,7 +242,10 @@ class Jobs:
             self._standby = proc = subprocess.Popen(
                 [sys.executable, "-m", "service.jobs", "standby", str(self._socket)], stdin=subprocess.DEVNULL,
                 stdout=logf, stderr=subprocess.STDOUT, env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
-        loop = asyncio.get_running_loop() if _in_loop() else None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # started outside the event loop: nobody to start the next one from
+            loop = None
         if loop is not None:
             # When it has run a job (or died), the next one is started from the event loop's thread.
             started = time.monotonic()
@@ -317,14 +320,6 @@ class Jobs:
             job = self.update(job_id, status="failed", finished=now_iso(), seconds=seconds, error=err)
         self._drop_scratch(job_id)  # the extracted upload and the run's temp files are not needed any more
         return job
-
-
-def _in_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 async def _exited(pid: int) -> None:

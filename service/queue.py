@@ -80,11 +80,11 @@ class SharedJobs:
             raise KeyError(job_id)
         return self._settle(job, tag)
 
-    def update(self, job_id: str, *, if_tag: str | None = None, **changes) -> dict | None:
-        """The record with `changes`; with `if_tag` only over that state of it (None when it changed)."""
+    def update(self, job_id: str, **changes) -> dict:
         job, _ = self.store.record(record_key(job_id))
         job = {**(job or {}), **changes, "updated": now_iso()}
-        return job if self.store.put_record(record_key(job_id), job, if_tag=if_tag) else None
+        self.store.put_record(record_key(job_id), job)
+        return job
 
     def list(self, limit: int = 50) -> list[dict]:
         jobs = [j for k, j in self.store.records("jobs/").items() if k.endswith("/job.json") and isinstance(j, dict)]
@@ -189,9 +189,6 @@ class SharedJobs:
             self.update(job_id, status="failed", finished=now_iso(), error={"status": 503, "message": message})
         finally:
             self.store.delete_file(dataset_key(job_id))
-
-    def release(self, job_id: str) -> None:
-        """The line is free once its job has ended; nothing to give back."""
 
 
 class QueueRunner:

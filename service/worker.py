@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service import settings
 from service.jobs import ACTIVE, _die_with_parent, _lower_priority, _read_json, run_job, warm_up
-from service.queue import QUEUE_NAME, SharedJobs, dataset_key, record_key, redis_connection
+from service.queue import QUEUE_NAME, dataset_key, record_key, redis_connection
 from training.store import Store, atomic_write_json, now_iso
 
 log = logging.getLogger("refit.worker")
@@ -58,7 +58,6 @@ def run_queued(job_id: str) -> str:
     _die_with_parent()
     _lower_priority()
     store = Store()
-    jobs = SharedJobs(store, settings.QUEUE or "")
     job, tag = store.record(record_key(job_id))
     if job is None or job.get("status") != "queued":
         log.warning("job %s is %s; not running it", job_id, job and job.get("status"))
@@ -84,8 +83,7 @@ def run_queued(job_id: str) -> str:
                                                  "updated": now_iso()}, if_tag=tag):
             break
     store.delete_file(dataset_key(job_id))
-    shutil.rmtree(folder, ignore_errors=True)
-    jobs.release(job_id)
+    shutil.rmtree(folder, ignore_errors=True)  # the model line is free once the record says the job ended
     return outcome["status"]
 
 
