@@ -20,6 +20,9 @@ def needs_token(method: str, path: str) -> bool:
         return True
     if path == "/jobs" or path.startswith("/jobs/"):
         return True
+    # Captured images and what is done with them are the customer's data, like the datasets they join.
+    if path == "/feedback" or path.startswith("/captures/") or path.startswith("/datasets"):
+        return True
     return settings.PROTECT_PREDICT and path.startswith("/predict")
 
 

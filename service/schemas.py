@@ -46,6 +46,9 @@ class Prediction(BaseModel):
     score: float = Field(description="Probability of the best class.")
     top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
     version: str = Field(description="The model version that answered.")
+    prediction_id: str = Field(description="This answer's id: send it to POST /feedback to confirm or correct "
+                               "the label (the image is kept for that only while the server captures, "
+                               "REFIT_CAPTURE=1).")
 
 
 class PredictOptions(BaseModel):
@@ -243,3 +246,15 @@ class PromoteInput(BaseModel):
 
     version: str
     reason: str = ""
+
+
+# --- feedback ------------------------------------------------------------------------------------------
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prediction_id: str = Field(max_length=64, description="The id a /predict answer carried.")
+    label: str = Field(min_length=1, max_length=200, description="The right label for that image (a correction, "
+                       "or the predicted one to confirm it).")
+    dataset: Optional[str] = Field(None, max_length=200, description="The dataset to add the image to; default: "
+                                   "the dataset the answering version was trained on.")

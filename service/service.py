@@ -26,11 +26,12 @@ from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse as FastJSON
 from pydantic import Field
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from service import settings
 from service.admission import admit
 from service.batcher import Batcher, Overloaded
+from service.capture import Captures, new_id as new_capture_id, top_margin
 from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor, trim_heap
@@ -39,8 +40,9 @@ from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
-from service.schemas import RETRAIN_BODY, PredictBase64Input, PredictInput, Prediction, \
+from service.schemas import RETRAIN_BODY, FeedbackRequest, PredictBase64Input, PredictInput, Prediction, \
     Rejected
+from training.store import now_iso
 
 log = logging.getLogger("refit.service")
 # BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
@@ -114,6 +116,9 @@ class Refit:
                                on_batch=self.m_batch.observe, on_idle=trim_heap)
         # Decoding releases the GIL: on its own thread it overlaps the event loop's parsing and the model run.
         self.decoder = ThreadPoolExecutor(max_workers=settings.ORT_THREADS, thread_name_prefix="refit-decode")
+        self.captures = Captures(self.store, max_images=settings.CAPTURE_MAX_IMAGES, days=settings.CAPTURE_DAYS)
+        self.m_capture_dropped = prom.Counter("refit_capture_dropped", "Predicted images not captured because "
+                                              "the store fell behind (the predictions were answered)")
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
         self.m_retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
                                                 buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
@@ -178,11 +183,15 @@ class Refit:
             return error(503, str(e))
         except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
             return error(503, f"the model failed on this batch ({type(e).__name__}); try again")
-        results = [ModelHolder.answer(model, p, top_k, threshold) for p in probs]
-        for r in results:
+        replies = []
+        for (name, data), p in zip(files, probs, strict=True):
+            r = ModelHolder.answer(model, p, top_k, threshold)
             self.m_predictions.labels(version=r["version"], label=r["label"]).inc()
-        return [Prediction(label=r["label"], score=r["score"], top_k=r["top_k"], version=r["version"])
-                for r in results]
+            r["prediction_id"] = new_capture_id()
+            if settings.CAPTURE and not self.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)}):
+                self.m_capture_dropped.inc()
+            replies.append(Prediction(**r))
+        return replies
 
     # -- versions --------------------------------------------------------------------------------
     @admin.get("/versions")
@@ -318,6 +327,85 @@ class Refit:
             return public(self.jobs.get(job_id))
         except KeyError:
             return FastJSON({"error": f"no job {job_id!r}"}, status_code=404)
+
+    # -- feedback and what to label next ---------------------------------------------------------
+    @admin.post("/feedback")
+    def feedback(self, body: FeedbackRequest):
+        """Confirm or correct a prediction: its image (kept while the server captures, REFIT_CAPTURE=1) joins a
+        dataset with this label, as a new snapshot. 404 for an unknown or expired prediction_id."""
+        record = self.captures.get(body.prediction_id)
+        data = self.captures.image(body.prediction_id) if record else None
+        if data is None:
+            why = (f"captures are kept {settings.CAPTURE_DAYS:g} days, the newest {settings.CAPTURE_MAX_IMAGES}"
+                   if settings.CAPTURE else "this server does not capture predictions (REFIT_CAPTURE=1 turns it on)")
+            return error(404, f"unknown or expired prediction_id {body.prediction_id[:64]!r}; {why}")
+        name = body.dataset or _trained_on(self.store, record["version"])
+        if not name:
+            return error(400, f"name the dataset to add this image to: {record['version']}, which answered, was "
+                              "not trained on a dataset of the store")
+        from training.datasets import Datasets
+
+        datasets = Datasets(self.store)
+        known = _classes(datasets, name)
+        if known and body.label not in known:
+            return error(422, f"label {body.label!r} is not a class of dataset {name!r}: {', '.join(known)}")
+        added = datasets.add(name, [(record["name"], data, body.label)], source="feedback")
+        if added["refused"]:
+            return error(422, added["refused"][0]["error"])
+        snapshot, relabelled = added["snapshot"], False
+        in_dataset = {e["sha256"]: e for e in datasets.manifest(name)["entries"]}
+        if in_dataset[record["sha256"]]["label"] != body.label:  # already there under another label: corrected
+            snapshot, relabelled = datasets.relabel(name, record["sha256"], body.label)["snapshot"], True
+        given = {"label": body.label, "dataset": name, "snapshot": snapshot, "at": now_iso()}
+        self.captures.mark(body.prediction_id, given)
+        return {"prediction_id": body.prediction_id, "predicted": record["label"], "version": record["version"],
+                "added": bool(added["added"]), "relabelled": relabelled, **given}
+
+    @admin.get("/datasets/{name}/suggest")
+    def suggest(self, name: str, n: int = Query(20, ge=1, le=500, description="How many images to suggest.")):
+        """Captured images worth labelling next for dataset `name`, most useful first: those the served model
+        is least sure of (smallest margin between its top two scores), not yet in the dataset and without
+        feedback. Label one with POST /feedback."""
+        from training.datasets import Datasets
+
+        datasets = Datasets(self.store)
+        if _classes(datasets, name) is None:
+            return error(404, f"no dataset {name!r}")
+        model = self.holder.current
+        if model is None:
+            return error(503, _unavailable(self.store, self.holder))
+        have = {e["sha256"] for e in datasets.manifest(name)["entries"]}
+        pool, seen = [], set()
+        for r in self.captures.recent(settings.SUGGEST_POOL):
+            if r.get("feedback") or r["sha256"] in have or r["sha256"] in seen:
+                continue
+            seen.add(r["sha256"])
+            pool.append(r)
+        # Captures answered by another version are scored again by the one served now: "least sure" is the
+        # current model's doubt, not that of a model already replaced.
+        stale = [r for r in pool if r["version"] != model.version]
+        for r in stale:
+            data = self.captures.image(r["id"])
+            arrays = self.holder.decode(model, [(r["name"], data)]) if data else [None]
+            if not isinstance(arrays[0], np.ndarray):
+                r["margin"] = None
+                continue
+            p = model.run(arrays[0][None])[0]
+            r.update(ModelHolder.answer(model, p, 5, 0.0), margin=top_margin(p))
+        ranked = sorted((r for r in pool if r["margin"] is not None), key=lambda r: r["margin"])[:n]
+        return {"dataset": name, "version": model.version, "ranked_by": "margin between the top two scores, "
+                "smallest first", "candidates": len(pool),
+                "suggestions": [{"prediction_id": r["id"], "predicted": r["label"], "score": r["score"],
+                                 "margin": round(r["margin"], 4), "top_k": r["top_k"], "name": r["name"],
+                                 "captured_at": r["at"], "image": f"/captures/{r['id']}/image"} for r in ranked]}
+
+    @admin.get("/captures/{capture_id}/image")
+    def capture_image(self, capture_id: str):
+        """The image a prediction was made on, while it is captured (for a labelling page)."""
+        data = self.captures.image(capture_id) if self.captures.get(capture_id) else None
+        if data is None:
+            return error(404, f"no captured image {capture_id[:64]!r}")
+        return Response(data, media_type=_media_type(data))
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
@@ -469,3 +557,29 @@ def _unavailable(store, holder: ModelHolder) -> str:
         return f"no model to answer with: {problem}"
     reason = f" ({holder.error['reason']})" if holder.error else ""
     return f"no model is loaded yet{reason}"
+
+
+def _trained_on(store, version: str) -> str | None:
+    """The dataset a version was trained on (its lineage), if it was trained on one of the store's."""
+    try:
+        info = store.info(version)
+    except Exception:  # noqa: BLE001 - a version removed or unreadable: no lineage to follow
+        return None
+    lineage = info.get("lineage") or info.get("dataset") or {}
+    return lineage.get("dataset") if isinstance(lineage, dict) else None
+
+
+def _classes(datasets, name: str) -> list[str] | None:
+    """The dataset's classes, or None when there is no such dataset."""
+    try:
+        return list(datasets.show(name)["classes"])
+    except (KeyError, LookupError, FileNotFoundError):
+        return None
+
+
+def _media_type(data: bytes) -> str:
+    for magic, kind in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
+                        (b"BM", "image/bmp")):
+        if data.startswith(magic):
+            return kind
+    return "image/webp" if data[8:12] == b"WEBP" else "application/octet-stream"

@@ -72,3 +72,12 @@ QUEUE = os.environ.get("REFIT_QUEUE") or None
 # training is not declared dead (the write happens from a thread that waits for the GIL).
 JOB_TTL = _float("REFIT_JOB_TTL_SECONDS", 60)
 JOB_TIMEOUT = _int("REFIT_JOB_TIMEOUT_SECONDS", 6 * 3600)  # a job running longer is stopped by its worker
+
+# Capture (service/capture.py): keep each predicted image and its prediction in the store, for feedback and
+# for choosing what to label next. Off by default: the images are the customer's data. Retention: the newest
+# CAPTURE_MAX_IMAGES within CAPTURE_DAYS (about 1 KB of record plus the upload per image).
+CAPTURE = os.environ.get("REFIT_CAPTURE", "") in ("1", "true", "yes")
+CAPTURE_MAX_IMAGES = _int("REFIT_CAPTURE_MAX_IMAGES", 10_000)
+CAPTURE_DAYS = _float("REFIT_CAPTURE_DAYS", 30)
+# `suggest` ranks at most this many of the newest captures (each one read from the store per call).
+SUGGEST_POOL = _int("REFIT_SUGGEST_POOL", 1000)

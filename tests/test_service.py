@@ -58,7 +58,7 @@ def test_first_start_publishes_and_serves_the_imagenet_model(http):
     r = predict(http, ("chelsea.jpg", photo("chelsea")))
     assert r.status_code == 200, r.text
     [p] = r.json()
-    assert set(p) == {"label", "score", "top_k", "version"} and p["version"] == "v0001"
+    assert set(p) == {"label", "score", "top_k", "version", "prediction_id"} and p["version"] == "v0001"
     assert len(p["top_k"]) == 5
     # skimage's Chelsea is a tabby cat: the ImageNet head must say so, through our decode and contract.
     assert any("cat" in t["label"].lower() or "tabby" in t["label"].lower() for t in p["top_k"][:3]), p
@@ -172,6 +172,14 @@ def test_token_guards_admin_routes_but_not_predict(http):
     assert http.get("/jobs").status_code == 401
     assert predict(http, ("ok.jpg", solid((1, 2, 3)))).status_code == 200
     assert http.get("/versions").status_code == 200
+
+
+def test_feedback_without_capture_says_how_to_turn_it_on(http, server):
+    """Capture is off by default: a prediction still has an id, but nothing is kept for feedback."""
+    [p] = predict(http, ("ok.jpg", solid((1, 2, 3)))).json()
+    r = http.post("/feedback", json={"prediction_id": p["prediction_id"], "label": "x"}, headers=AUTH)
+    assert r.status_code == 404 and "REFIT_CAPTURE=1" in r.json()["error"], r.text
+    assert not (server.home / "captures").exists()
 
 
 @pytest.mark.parametrize("case", ["zip_slip", "absolute", "not_zip", "not_dataset", "bad_field", "unknown_field",

@@ -585,6 +585,14 @@ class Store:
                 continue
         return out
 
+    def keys(self, prefix: str) -> list[str]:
+        """The keys (relative to the store) of every file under `prefix`, without reading any of them."""
+        if self.remote:
+            return list(self.remote.list(prefix))
+        base = self.root / prefix
+        return [p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".")] if base.is_dir() else []
+
     def delete_record(self, rel: str) -> None:
         if self.remote:
             self.remote.delete(rel)
