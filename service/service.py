@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse as FastJSON
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
-from service import settings
+from service import settings, timeouts
 from service.admission import admit
 from service.batcher import Batcher, Overloaded
 from service.capture import Captures, new_id as new_capture_id, top_margin
@@ -44,6 +44,7 @@ from service.schemas import RETRAIN_BODY, FeedbackRequest, PredictBase64Input, P
     Rejected
 from training.store import now_iso
 
+timeouts.install()  # before BentoML builds the app: its request timeout keeps every request for an hour
 log = logging.getLogger("refit.service")
 # BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
 logging.getLogger("refit").setLevel(logging.INFO)
