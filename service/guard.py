@@ -20,6 +20,8 @@ def needs_token(method: str, path: str) -> bool:
         return True
     if path == "/jobs" or path.startswith("/jobs/"):
         return True
+    if (path == "/datasets" or path.startswith("/datasets/")) and method not in ("GET", "HEAD"):
+        return True  # reading a dataset is open, as /versions is; changing one is not
     return settings.PROTECT_PREDICT and path.startswith("/predict")
 
 
@@ -32,7 +34,7 @@ def authorized(scope) -> bool:
 
 
 def body_limit(path: str) -> int:
-    mb = settings.MAX_DATASET_MB if path.startswith("/retrain") else settings.MAX_REQUEST_MB
+    mb = settings.MAX_DATASET_MB if path.startswith(("/retrain", "/datasets")) else settings.MAX_REQUEST_MB
     return int(mb * 1024 * 1024)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -250,7 +251,7 @@ class Refit:
         """Train a new version on the dataset and publish it, in the background: answers at once with a
         `task_id` (409 while another retrain runs); follow it with /retrain/status and /retrain/get."""
         self._can_retrain()
-        job = await admit(request, self.jobs)
+        job = await admit(request, self.jobs, self.store)
         await asyncio.to_thread(self.runner.submit, job["id"]) if settings.QUEUE else self.runner.submit(job["id"])
         return {"task_id": job["id"], "status": "in_progress"}
 
@@ -259,7 +260,7 @@ class Refit:
         """The same as /retrain/submit, answered when the job ends, with what /retrain/get gives; a client
         that hangs up before then stops the job."""
         self._can_retrain()
-        job = await admit(request, self.jobs)
+        job = await admit(request, self.jobs, self.store)
         job = await _unless_hung_up(request, self.runner.run(job["id"]))
         if job is None:
             return error(499, "the client closed the request; the job was stopped")
@@ -318,6 +319,61 @@ class Refit:
             return public(self.jobs.get(job_id))
         except KeyError:
             return FastJSON({"error": f"no job {job_id!r}"}, status_code=404)
+
+    # -- datasets --------------------------------------------------------------------------------
+    # Named datasets in the store (training/datasets.py): images added over HTTP, each change a new immutable
+    # snapshot; a retrain names one with `dataset` (and `snapshot`). Reads are open, changes need the token.
+    @admin.get("/datasets")
+    def datasets_list(self) -> list[dict[str, Any]]:
+        """Every dataset with its newest snapshot, number of images and of classes."""
+        return _on_datasets(self.store, lambda d: d.list())
+
+    @admin.get("/datasets/{name}")
+    def dataset_show(self, name: str):
+        """One dataset: classes with their counts in the newest snapshot, and its snapshots, newest first."""
+        return _on_datasets(self.store, lambda d: d.show(name))
+
+    @admin.get("/datasets/{name}/snapshots/{snapshot}")
+    def dataset_snapshot(self, name: str, snapshot: str):
+        """One snapshot's manifest: every image's sha256, label, split hint, source and when it was added."""
+        return _on_datasets(self.store, lambda d: d.manifest(name, snapshot))
+
+    @admin.post("/datasets/{name}/images")
+    async def dataset_add(self, name: str, request: Request):
+        """Add images: multipart files in `images` with their class in `label`, or a .zip of class folders
+        (optionally under train/ and val/) in `zip`. Answers the new snapshot and what was added, skipped
+        (already in the dataset) or refused (not an image, corrupt, over a limit), each by file name."""
+        parsed = await _dataset_form(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        images, label, archive = parsed
+
+        def add(d):
+            if archive is not None:
+                return d.add_zip(name, archive, source="zip", **settings.IMAGE_LIMITS)
+            return d.add(name, [(n, b, label) for n, b in images], source="upload", **settings.IMAGE_LIMITS)
+
+        reply = await asyncio.to_thread(_on_datasets, self.store, add)
+        if isinstance(reply, dict) and reply["refused"] and not (reply["added"] or reply["skipped"]):
+            names = ", ".join(f"{r['name']} ({r['error']})" for r in reply["refused"][:5])
+            return error(422, f"nothing added to {name!r}: every file was refused: {names}", **reply)
+        return reply
+
+    @admin.post("/datasets/{name}/images/{sha256}")
+    async def dataset_relabel(self, name: str, sha256: str, request: Request):
+        """Give one image a new label (JSON `{"label": "bees"}`): a new snapshot; the old one stays."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as e:
+            return error(400, f'body is not valid JSON: {e}; send {{"label": "NEW LABEL"}}')
+        if not isinstance(body, dict) or set(body) != {"label"}:
+            return error(400, 'send {"label": "NEW LABEL"} (exactly that one field)')
+        return await asyncio.to_thread(_on_datasets, self.store, lambda d: d.relabel(name, sha256, body["label"]))
+
+    @admin.delete("/datasets/{name}/images/{sha256}")
+    def dataset_remove(self, name: str, sha256: str):
+        """Remove one image: a new snapshot without it; the old one (and the image's bytes) stay."""
+        return _on_datasets(self.store, lambda d: d.remove(name, sha256))
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
@@ -455,10 +511,65 @@ def _version_row(info: dict) -> dict:
     row = {"id": info["version"], "created": info.get("created"), "strategy": info.get("strategy"),
            "backbone": info.get("backbone"), "classes": info.get("classes"), "num_classes": info.get("num_classes"),
            "metrics": summary, "promoted": info.get("promoted", False), "promotion": info.get("promotion"),
-           "parent": info.get("parent"), "note": info.get("note")}
+           "parent": info.get("parent"), "note": info.get("note"), "lineage": info.get("lineage")}
     if info.get("error"):
         row["error"] = info["error"]
     return row
+
+
+def _on_datasets(store, call):
+    """`call(Datasets(store))`, its errors as replies: 404 for an unknown dataset, snapshot or image, 400 for
+    a bad name, label or archive, 503 when the store cannot be reached."""
+    from training.data import DatasetError
+    from training.datasets import Datasets, UnknownDataset
+    from training.store import StoreError
+
+    try:
+        return call(Datasets(store))
+    except UnknownDataset as e:
+        return error(404, str(e))
+    except DatasetError as e:
+        return error(400, str(e))
+    except StoreError as e:
+        log.error("datasets: %s", e)
+        return error(503, f"the store cannot be used right now: {e}")
+
+
+async def _dataset_form(request: Request):
+    """(images as [(name, bytes)], label, zip bytes or None) from POST /datasets/{name}/images, or an error."""
+    from service.schemas import BodyTooLarge
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return error(415, "send multipart/form-data: image files in `images` with their class in `label`, or a "
+                          ".zip of class folders in `zip`")
+    try:
+        form = await request.form(max_files=settings.MAX_DATASET_FILES + 1, max_fields=10)
+    except BodyTooLarge:
+        return error(413, f"request body is over the limit of {settings.MAX_DATASET_MB:g} MB")
+    except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken form
+        detail = str(getattr(e, "detail", e))
+        if "too many files" in detail.lower():
+            return error(400, f"too many files: the limit is {settings.MAX_DATASET_FILES} per request; send a "
+                              ".zip in `zip`, or several requests")
+        return error(400, f"malformed multipart form: {detail}")
+    try:
+        unknown = sorted(set(form.keys()) - {"images", "label", "zip"})
+        if unknown:
+            return error(400, f"unknown form field(s) {unknown}; expected images with label, or zip")
+        files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
+        if bool(files) == bool(zips) or len(zips) > 1:
+            return error(400, "send image files in `images` (with `label`), or one .zip in `zip`; not both")
+        if any(isinstance(f, str) for f in files + zips):
+            return error(400, "`images` and `zip` take file uploads, not text values")
+        if zips and label is not None:
+            return error(400, "a .zip holds one folder per class, which names the labels; leave `label` out")
+        if files and (not isinstance(label, str) or not label.strip()):
+            return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
+        images = [(f.filename or f"images[{i}]", await f.read()) for i, f in enumerate(files)]
+        archive = await zips[0].read() if zips else None
+        return images, label, archive
+    finally:
+        await form.close()
 
 
 def _unavailable(store, holder: ModelHolder) -> str:
