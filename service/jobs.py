@@ -483,6 +483,9 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
 
     what = job.get("data") or f"dataset {request.dataset} snapshot {request.snapshot or '(newest)'}"
     say(f"job {job['id']}: training on {what} with {request.threads} thread(s) in process {os.getpid()}")
+    refused = (job.get("source") or {}).get("refused") or []
+    for r in refused:
+        say(f"refused when the upload was admitted: {r['name']}: {r['error']}")
     try:
         result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say)
     except DatasetError as e:
@@ -498,7 +501,6 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
         return 1
     # An upload's files that admission refused (not images, corrupt) never reached the snapshot; they are
     # reported where a client has always found the files training skipped.
-    refused = (job.get("source") or {}).get("refused") or []
     result["skipped"] = [{"path": r["name"], "reason": r["error"]} for r in refused] + (result.get("skipped") or [])
     atomic_write_json(job_dir / "result.json", json.loads(json.dumps(result, default=str)))
     return 0
