@@ -313,3 +313,48 @@ def test_http_retrain_upload_becomes_a_snapshot_and_the_version_names_it(http):
     assert [s["path"] for s in result["skipped"]] == ["red/broken.jpg"]
     rows = {v["id"]: v for v in http.get("/versions").json()["versions"]}
     assert rows[result["version"]]["lineage"]["dataset"] == "uploads"
+
+
+# --- on the job queue, with an S3 store --------------------------------------------------------------------
+
+def test_queue_retrain_from_a_dataset_name_on_s3(s3_endpoint, redis_url, tmp_path):
+    """With REFIT_STORE on S3 and REFIT_QUEUE, images added over HTTP land in the bucket, a retrain by dataset
+    name carries no dataset.zip, and `refit worker` materializes the snapshot from the store and records it."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from test_store_contract import publish
+
+    url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    seeder = Store(tmp_path / "seeder", url=url)
+    seeder.promote(publish(seeder, tmp_path, 1), actor="setup")
+    (tmp_path / "data").mkdir()
+    env = {"REFIT_STORE": url, "REFIT_QUEUE": redis_url, "REFIT_TRAIN_STANDBY": "0"}
+    srv = Server(tmp_path / "replica", tmp_path / "data", tmp_path / "serve.log", env=env)
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=120, headers=AUTH) as http:
+            for colour in ("red", "blue"):
+                r = upload(http, "colours", [(f"{colour}{i}.jpg", jpeg_bytes(colour, i)) for i in range(4)], colour)
+                assert r.status_code == 200 and len(r.json()["added"]) == 4, r.text
+            snapshot = r.json()["snapshot"]
+            assert Datasets(Store(tmp_path / "reader", url=url)).show("colours")["images"] == 8  # in the bucket
+            r = http.post("/retrain/submit", json={"dataset": "colours", **FAST})
+            assert r.status_code == 200, r.text
+            task = r.json()["task_id"]
+            record, _ = seeder.record(f"jobs/{task}/job.json")
+            assert record["request"]["snapshot"] == snapshot and not record.get("dataset")  # no zip carried
+            worker = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--burst"], cwd=ROOT,
+                                    env={**os.environ, **env, "REFIT_HOME": str(tmp_path / "worker"),
+                                         "BENTOML_HOME": str(tmp_path / "worker")},
+                                    capture_output=True, text=True, timeout=600)
+            assert worker.returncode == 0, worker.stderr[-3000:]
+            assert wait_task(http, task, timeout=60)["status"] == "completed", http.get(f"/jobs/{task}").text
+            result = http.get("/retrain/get", params={"task_id": task}).json()
+            assert result["lineage"] == {"dataset": "colours", "snapshot": snapshot}
+            rows = {v["id"]: v for v in http.get("/versions").json()["versions"]}
+            assert rows[result["version"]]["lineage"] == result["lineage"]
+    finally:
+        srv.stop(kill=True)

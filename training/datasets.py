@@ -49,6 +49,7 @@ RESERVED_NAMES = {"blobs"}
 # the dataset reader gives a meaning of its own (train/, val/, hidden folders).
 RESERVED_LABELS = {"train", "val", "__MACOSX"}
 MAX_LABEL = 100
+MAX_HISTORY = 1000  # changes listed in a dataset's head (show), newest last
 # Decoding for the check uses the JPEG reduced-scale path serving uses: every byte is still decoded, so a
 # truncated file fails, at a fraction of the cost of a full-size decode.
 _CHECK = Contract()
@@ -195,7 +196,9 @@ class Datasets:
             event = {"snapshot": sid, "parent": parent, "action": action, "at": now_iso(), "images": len(new),
                      "classes": len(labels),
                      **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
-            history = (head or {}).get("history", []) + [event]
+            # The head keeps the newest MAX_HISTORY changes, so its size (rewritten by every change) stays
+            # bounded; older snapshots stay in the store, reachable through each snapshot's `parent`.
+            history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
             state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history}
             if self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
                 return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
@@ -247,7 +250,7 @@ class Datasets:
             return (new if added or replace else None), {"added": added, "skipped": skipped,
                                                           "refused": refused, "source": source}
 
-        if not accepted and not replace:
+        if not accepted:  # nothing to add (and a replace by nothing would empty the dataset)
             head, _ = self.store.record(f"{ROOT}/{name}/head.json")
             return {"dataset": name, "snapshot": head["snapshot"] if head else None, "added": [], "skipped": [],
                     "refused": refused}
