@@ -358,3 +358,23 @@ def test_queue_retrain_from_a_dataset_name_on_s3(s3_endpoint, redis_url, tmp_pat
             assert rows[result["version"]]["lineage"] == result["lineage"]
     finally:
         srv.stop(kill=True)
+
+
+def test_real_photos_are_content_addressed(store, real_data):
+    """Hymenoptera photos: the same upload twice is the same snapshot; a photo renamed or in another dataset is
+    still one object; train/ and val/ become split hints."""
+    photos = [(f"{split}/{cls}/{p.name}", p.read_bytes(), cls, split)
+              for split in ("train", "val") for cls in ("ants", "bees")
+              for p in sorted((real_data / split / cls).glob("*.jpg"))[:3]]
+    ds = Datasets(store)
+    first = ds.add("hymenoptera", photos, source="upload")
+    assert len(first["added"]) == 12 and not first["refused"], first["refused"]
+    assert ds.add("hymenoptera", photos, source="upload")["snapshot"] == first["snapshot"]
+    renamed = [("copy-of-" + n.split("/")[-1], b, c) for n, b, c, _ in photos[:4]]
+    dup = ds.add("hymenoptera", renamed, source="upload")
+    assert not dup["added"] and len(dup["skipped"]) == 4 and dup["snapshot"] == first["snapshot"]
+    ds.add("elsewhere", renamed, source="upload")
+    assert blob_count(store) == 12
+    assert ds.show("hymenoptera")["splits"] == {"train": 6, "val": 6}
+    for e in ds.manifest("hymenoptera")["entries"]:
+        assert store.exists(blob_key(e["sha256"])) and e["format"] == "JPEG"
