@@ -12,7 +12,6 @@ import json
 import threading
 import uuid
 import zipfile
-from pathlib import Path
 
 import httpx
 import pytest
