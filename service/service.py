@@ -346,14 +346,19 @@ class Refit:
         parsed = await _dataset_form(request)
         if isinstance(parsed, JSONResponse):
             return parsed
-        images, label, archive = parsed
+        form, files, label, archive = parsed
 
-        def add(d):
+        def add(d):  # reads one upload at a time from the form's spooled files: memory holds one image
             if archive is not None:
-                return d.add_zip(name, archive, source="zip", **settings.IMAGE_LIMITS)
-            return d.add(name, [(n, b, label) for n, b in images], source="upload", **settings.IMAGE_LIMITS)
+                archive.file.seek(0)
+                return d.add_zip(name, archive.file, source="zip", **settings.IMAGE_LIMITS)
+            images = ((f.filename or f"images[{i}]", _read(f.file), label) for i, f in enumerate(files))
+            return d.add(name, images, source="upload", **settings.IMAGE_LIMITS)
 
-        reply = await asyncio.to_thread(_on_datasets, self.store, add)
+        try:
+            reply = await asyncio.to_thread(_on_datasets, self.store, add)
+        finally:
+            await form.close()
         if isinstance(reply, dict) and reply["refused"] and not (reply["added"] or reply["skipped"]):
             names = ", ".join(f"{r['name']} ({r['error']})" for r in reply["refused"][:5])
             return error(422, f"nothing added to {name!r}: every file was refused: {names}", **reply)
@@ -535,8 +540,14 @@ def _on_datasets(store, call):
         return error(503, f"the store cannot be used right now: {e}")
 
 
+def _read(f) -> bytes:
+    f.seek(0)
+    return f.read()
+
+
 async def _dataset_form(request: Request):
-    """(images as [(name, bytes)], label, zip bytes or None) from POST /datasets/{name}/images, or an error."""
+    """(the form, image uploads, label, the zip upload or None) from POST /datasets/{name}/images, or an error
+    reply. The caller closes the form once it has read the uploads."""
     from service.schemas import BodyTooLarge
 
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -552,24 +563,29 @@ async def _dataset_form(request: Request):
             return error(400, f"too many files: the limit is {settings.MAX_DATASET_FILES} per request; send a "
                               ".zip in `zip`, or several requests")
         return error(400, f"malformed multipart form: {detail}")
-    try:
-        unknown = sorted(set(form.keys()) - {"images", "label", "zip"})
-        if unknown:
-            return error(400, f"unknown form field(s) {unknown}; expected images with label, or zip")
-        files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
-        if bool(files) == bool(zips) or len(zips) > 1:
-            return error(400, "send image files in `images` (with `label`), or one .zip in `zip`; not both")
-        if any(isinstance(f, str) for f in files + zips):
-            return error(400, "`images` and `zip` take file uploads, not text values")
-        if zips and label is not None:
-            return error(400, "a .zip holds one folder per class, which names the labels; leave `label` out")
-        if files and (not isinstance(label, str) or not label.strip()):
-            return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
-        images = [(f.filename or f"images[{i}]", await f.read()) for i, f in enumerate(files)]
-        archive = await zips[0].read() if zips else None
-        return images, label, archive
-    finally:
+    problem = _form_problem(form)
+    if problem:
         await form.close()
+        return problem
+    files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
+    return form, files, label, (zips[0] if zips else None)
+
+
+def _form_problem(form) -> JSONResponse | None:
+    """What is wrong with the fields of an add-images form, as the error reply, or None."""
+    unknown = sorted(set(form.keys()) - {"images", "label", "zip"})
+    if unknown:
+        return error(400, f"unknown form field(s) {unknown}; expected images with label, or zip")
+    files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
+    if bool(files) == bool(zips) or len(zips) > 1:
+        return error(400, "send image files in `images` (with `label`), or one .zip in `zip`; not both")
+    if any(isinstance(f, str) for f in files + zips):
+        return error(400, "`images` and `zip` take file uploads, not text values")
+    if zips and label is not None:
+        return error(400, "a .zip holds one folder per class, which names the labels; leave `label` out")
+    if files and (not isinstance(label, str) or not label.strip()):
+        return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
+    return None
 
 
 def _unavailable(store, holder: ModelHolder) -> str:

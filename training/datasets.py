@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 from training.data import DatasetError, class_root, safe_extract_zip
 from training.preprocess import MAX_PIXELS, ImageError, load_image
@@ -257,14 +257,19 @@ class Datasets:
         out = self._change(name, change, action="replace" if replace else "add", create=True)
         return {k: out[k] for k in ("dataset", "snapshot", "added", "skipped", "refused")}
 
-    def add_zip(self, name: str, zip_file: Path | str | bytes, *, source: str = "zip", replace: bool = False,
-                max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> dict:
-        """Add a .zip of class folders, optionally under train/ and val/ (which become split hints). The
-        archive passes the training reader's checks (training.data.safe_extract_zip)."""
+    def add_zip(self, name: str, zip_file: Path | str | bytes | BinaryIO, *, source: str = "zip",
+                replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                max_pixels: int = MAX_PIXELS) -> dict:
+        """Add a .zip (a path, its bytes, or an open binary file) of class folders, optionally under train/
+        and val/ (which become split hints). The archive passes the training reader's checks
+        (training.data.safe_extract_zip)."""
         with tempfile.TemporaryDirectory(prefix="refit-dataset-", dir=self._scratch()) as tmp:
+            path = Path(tmp) / "upload.zip"
             if isinstance(zip_file, bytes):
-                path = Path(tmp) / "upload.zip"
                 path.write_bytes(zip_file)
+            elif hasattr(zip_file, "read"):
+                with open(path, "wb") as f:
+                    shutil.copyfileobj(zip_file, f, 1 << 20)
             else:
                 path = Path(zip_file)
             folder = safe_extract_zip(path, Path(tmp) / "unpacked")
