@@ -22,13 +22,15 @@ from service.schemas import BodyTooLarge, RetrainFields
 
 log = logging.getLogger("refit.admission")
 
+UPLOADS = "uploads"  # the dataset a retrain upload becomes a snapshot of when the request names none
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the server is out of space: 507, not the client's fault
 
 
-async def admit(request: Request, jobs: Jobs) -> dict:
-    """The admitted job, holding the one-job lock; raises AdmissionError with the status and reply."""
+async def admit(request: Request, jobs: Jobs, store) -> dict:
+    """The admitted job, holding the one-job lock; raises AdmissionError with the status and reply. `store`
+    holds the datasets a request may name, and receives an upload as a snapshot."""
     try:
-        return await _admit(request, jobs)
+        return await _admit(request, jobs, store)
     except AdmissionError as e:
         log.info("retrain refused (%s): %s", e.status, e.body["error"])
         raise
@@ -48,7 +50,7 @@ async def admit(request: Request, jobs: Jobs) -> dict:
                                   "in the server log") from None
 
 
-async def _admit(request: Request, jobs: Jobs) -> dict:
+async def _admit(request: Request, jobs: Jobs, store) -> dict:
     ctype = request.headers.get("content-type", "")
     upload_path: Path | None = None
     incoming = jobs.incoming_dir()
@@ -63,7 +65,10 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
             except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken form
                 raise AdmissionError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
             try:
-                uploads = form.getlist("dataset")
+                # `dataset` is the dataset itself (a .zip upload) or its name in the store (a text value);
+                # both may come together: the upload then becomes a snapshot of the dataset so named.
+                uploads = [v for v in form.getlist("dataset") if not isinstance(v, str)]
+                names = [v for v in form.getlist("dataset") if isinstance(v, str)]
                 fields = {}
                 for k in form.keys():
                     if k == "dataset":
@@ -77,9 +82,11 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
                         fields[k] = v
                 if len(uploads) > 1:
                     raise AdmissionError(400, "send exactly one .zip in the field `dataset`")
+                if len(names) > 1:
+                    raise AdmissionError(400, "name one dataset in the field `dataset`")
+                if names:
+                    fields["dataset"] = names[0]
                 if uploads:
-                    if not isinstance(uploads[0], UploadFile):
-                        raise AdmissionError(400, "`dataset` must be an uploaded .zip file, not a text value")
                     incoming.mkdir(parents=True)
                     upload_path = incoming / "dataset.zip"
                     await anyio.to_thread.run_sync(_save_upload, uploads[0], upload_path)
@@ -95,12 +102,9 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
                 raise AdmissionError(400, f"body is not valid JSON: {e}") from None
             if not isinstance(fields, dict):
                 raise AdmissionError(400, "JSON body must be an object")
-            if fields.get("dataset") is not None:
-                raise AdmissionError(400, "upload the dataset as multipart/form-data, or use data_path")
-            fields.pop("dataset", None)
         else:
             raise AdmissionError(415, "send multipart/form-data with a .zip in the field `dataset` "
-                                      "(or JSON with data_path)")
+                                      "(or JSON with `dataset`, a dataset's name, or data_path)")
         data_path = fields.pop("data_path", None)
         try:
             request_fields = RetrainFields.model_validate(fields)
@@ -108,9 +112,16 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
             raise AdmissionError(422, "invalid training request: " + "; ".join(
                 f"{'.'.join(map(str, x['loc'])) or 'body'}: {x['msg']}" for x in e.errors()),
                 detail=e.errors(include_url=False, include_context=False, include_input=False)) from None
-        if (upload_path is None) == (data_path is None):
-            raise AdmissionError(400, "send the dataset as a .zip in the field `dataset`, or name a folder "
-                                      "under the data root in `data_path` (exactly one of the two)")
+        named = request_fields.dataset
+        if (upload_path is None) == (data_path is None) and not (named and upload_path is None):
+            raise AdmissionError(400, "send the dataset as a .zip in the field `dataset`, name a dataset of the "
+                                      "store in `dataset`, or name a folder under the data root in `data_path` "
+                                      "(exactly one of them)")
+        if named and data_path is not None:
+            raise AdmissionError(400, "give data_path or a dataset of the store in `dataset`, not both")
+        if upload_path is not None and request_fields.snapshot:
+            raise AdmissionError(400, "snapshot names a snapshot already in the store; an uploaded .zip becomes "
+                                      "a new snapshot of its own, so leave snapshot out")
         if jobs.busy():  # answer at once, before unpacking anything; admit() below decides races
             running = jobs.active()
             raise AdmissionError(409, "busy: a retrain is already running; submit again when it has "
@@ -120,14 +131,21 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
             problem = await anyio.to_thread.run_sync(_extract, upload_path, incoming / "data", upload_name)
             if problem:
                 raise AdmissionError(*problem)
+            # The upload becomes a snapshot of exactly its images: what the job trains on, and its lineage.
+            added = await anyio.to_thread.run_sync(_snapshot_upload, store, named or UPLOADS, incoming / "data")
+            request_fields = request_fields.model_copy(update={"dataset": added["dataset"],
+                                                               "snapshot": added["snapshot"]})
+            source.update(dataset=added["dataset"], snapshot=added["snapshot"], refused=added["refused"])
+            data = None
+        elif named:
+            snapshot = await anyio.to_thread.run_sync(_resolve_snapshot, store, named, request_fields.snapshot)
+            request_fields = request_fields.model_copy(update={"snapshot": snapshot})
+            data, source = None, {"dataset": named, "snapshot": snapshot}
         else:
             data, source = _resolve_data_path(data_path), {"data_path": data_path}
         job = jobs.admit(request=request_fields.model_dump(mode="json", exclude_none=True),
                          source=source, actor="api")
         try:
-            if upload_path is not None:
-                return await anyio.to_thread.run_sync(lambda: jobs.attach(
-                    job["id"], upload=upload_path, extracted=incoming / "data", data=None))
             return await anyio.to_thread.run_sync(lambda: jobs.attach(job["id"], upload=None, extracted=None,
                                                                       data=data))
         except BaseException as e:
@@ -136,6 +154,28 @@ async def _admit(request: Request, jobs: Jobs) -> dict:
             raise
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
+
+
+def _snapshot_upload(store, name: str, folder: Path) -> dict:
+    from training.data import DatasetError
+    from training.datasets import Datasets
+
+    try:
+        added = Datasets(store).add_folder(name, folder, source="retrain", replace=True, **settings.IMAGE_LIMITS)
+    except DatasetError as e:
+        raise AdmissionError(422, f"dataset: {e}") from None
+    if added["snapshot"] is None or not (added["added"] or added["skipped"]):
+        raise AdmissionError(422, "dataset: no usable images in the upload", refused=added["refused"])
+    return added
+
+
+def _resolve_snapshot(store, name: str, snapshot: str | None) -> str:
+    from training.datasets import Datasets, UnknownDataset
+
+    try:
+        return Datasets(store).resolve(name, snapshot)
+    except UnknownDataset as e:
+        raise AdmissionError(404, str(e)) from None
 
 
 def _save_upload(upload: UploadFile, dest: Path) -> None:

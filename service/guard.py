@@ -20,8 +20,11 @@ def needs_token(method: str, path: str) -> bool:
         return True
     if path == "/jobs" or path.startswith("/jobs/"):
         return True
-    # Captured images and what is done with them are the customer's data, like the datasets they join.
-    if path == "/feedback" or path.startswith("/captures/") or path.startswith("/datasets"):
+    if (path == "/datasets" or path.startswith("/datasets/")) and method not in ("GET", "HEAD"):
+        return True  # reading a dataset is open, as /versions is; changing one is not
+    # Captured images and what is done with them are the customer's data: suggestions show captured images.
+    if path == "/feedback" or path.startswith("/captures/") or (path.startswith("/datasets/")
+                                                                 and path.endswith("/suggest")):
         return True
     return settings.PROTECT_PREDICT and path.startswith("/predict")
 
@@ -35,7 +38,7 @@ def authorized(scope) -> bool:
 
 
 def body_limit(path: str) -> int:
-    mb = settings.MAX_DATASET_MB if path.startswith("/retrain") else settings.MAX_REQUEST_MB
+    mb = settings.MAX_DATASET_MB if path.startswith(("/retrain", "/datasets")) else settings.MAX_REQUEST_MB
     return int(mb * 1024 * 1024)
 
 

@@ -140,7 +140,9 @@ class Jobs:
 
     def attach(self, job_id: str, *, upload: Path | None, extracted: Path | None, data: Path | None) -> dict:
         """Give the admitted job its dataset: the unpacked upload moves into the job's folder; a folder or
-        .zip named by data_path is read where it is."""
+        .zip named by data_path is read where it is; a job that names a dataset of the store has none."""
+        if extracted is None and data is None:
+            return self.update(job_id, data=None)
         if extracted is not None:
             data = self.dir(job_id) / "data"
             extracted.rename(data)
@@ -479,9 +481,13 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
         if progress:
             progress(msg)
 
-    say(f"job {job['id']}: training on {job['data']} with {request.threads} thread(s) in process {os.getpid()}")
+    what = job.get("data") or f"dataset {request.dataset} snapshot {request.snapshot or '(newest)'}"
+    say(f"job {job['id']}: training on {what} with {request.threads} thread(s) in process {os.getpid()}")
+    refused = (job.get("source") or {}).get("refused") or []
+    for r in refused:
+        say(f"refused when the upload was admitted: {r['name']}: {r['error']}")
     try:
-        result = train(request, job["data"], store=Store(), actor=job.get("actor", "api"), log=say)
+        result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say)
     except DatasetError as e:
         atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
         print(f"dataset error: {e}", flush=True)
@@ -493,6 +499,9 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
         atomic_write_json(job_dir / "error.json", {"status": 500, "message": f"training failed: "
                                                    f"{type(e).__name__}: {_relative(str(e), job_dir)}"})
         return 1
+    # An upload's files that admission refused (not images, corrupt) never reached the snapshot; they are
+    # reported where a client has always found the files training skipped.
+    result["skipped"] = [{"path": r["name"], "reason": r["error"]} for r in refused] + (result.get("skipped") or [])
     atomic_write_json(job_dir / "result.json", json.loads(json.dumps(result, default=str)))
     return 0
 

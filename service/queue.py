@@ -2,7 +2,8 @@
 trains, and every replica reads the same job state, because all of it lives in the shared store.
 
     jobs/<id>/job.json       the job record (queued -> running with progress and a heartbeat -> succeeded/failed)
-    jobs/<id>/dataset.zip    the admitted dataset, as the worker downloads it
+    jobs/<id>/dataset.zip    the admitted dataset, as the worker downloads it (none when the job names a
+                             snapshot of a dataset in the store: the worker reads that from the store)
     jobs/line.json           which job holds the model line: one retrain at a time, whatever the number of
                              workers, taken with a conditional write (S3 If-None-Match / If-Match)
 
@@ -171,7 +172,10 @@ class SharedJobs:
 
     def attach(self, job_id: str, *, upload: Path | None, extracted: Path | None, data: Path | None) -> dict:
         """Put the dataset where every worker can read it: the uploaded zip as it came, or a folder named by
-        data_path packed into one (stored, not compressed: photos do not shrink)."""
+        data_path packed into one (stored, not compressed: photos do not shrink). A job that names a dataset
+        snapshot has nothing to attach: the worker materializes the snapshot from the store."""
+        if upload is None and data is None:
+            return self.update(job_id, dataset=None)
         if upload is None and data is not None and data.is_dir():
             with tempfile.TemporaryDirectory(dir=self.root) as tmp:
                 packed = Path(tmp) / "dataset.zip"

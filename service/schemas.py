@@ -225,15 +225,18 @@ def _retrain_body() -> dict:
     """The retrain routes' request body for the OpenAPI page. The routes read the request themselves
     (service/admission.py), so its shape is stated here: multipart/form-data with a `.zip` in `dataset` (one
     folder per class, optionally under train/ and val/), or JSON with `data_path` under the server's data
-    root; plus any training-request field."""
+    root, or `dataset` naming a dataset of the store (in either shape); plus any training-request field."""
     schema = RetrainFields.model_json_schema()
     schema["properties"].pop("weights", None)  # CLI only
     data_path = {"type": "string", "description": "Instead of an upload: a dataset folder or .zip under the "
                                                   "server's data root (REFIT_DATA_ROOT), relative to it."}
-    dataset = {"type": "string", "format": "binary", "description": "The dataset as a .zip upload: one folder "
-                                                                   "per class."}
+    named = schema["properties"].pop("dataset")
+    dataset = {"oneOf": [{"type": "string", "format": "binary"}, {"type": "string"}],
+               "description": "The dataset as a .zip upload (one folder per class; it becomes a snapshot of the "
+                              "dataset named by a second, text `dataset` value, else of `uploads`), or the name "
+                              "of a dataset in the store (its newest snapshot, or `snapshot`)."}
     form = {**schema, "properties": {"dataset": dataset, "data_path": data_path, **schema["properties"]}}
-    json_ = {**schema, "properties": {"data_path": data_path, **schema["properties"]}, "required": ["data_path"]}
+    json_ = {**schema, "properties": {"dataset": named, "data_path": data_path, **schema["properties"]}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form},
                                                           "application/json": {"schema": json_}}}}
 

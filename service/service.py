@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import subprocess
@@ -260,7 +261,7 @@ class Refit:
         """Train a new version on the dataset and publish it, in the background: answers at once with a
         `task_id` (409 while another retrain runs); follow it with /retrain/status and /retrain/get."""
         self._can_retrain()
-        job = await admit(request, self.jobs)
+        job = await admit(request, self.jobs, self.store)
         await asyncio.to_thread(self.runner.submit, job["id"]) if settings.QUEUE else self.runner.submit(job["id"])
         return {"task_id": job["id"], "status": "in_progress"}
 
@@ -269,7 +270,7 @@ class Refit:
         """The same as /retrain/submit, answered when the job ends, with what /retrain/get gives; a client
         that hangs up before then stops the job."""
         self._can_retrain()
-        job = await admit(request, self.jobs)
+        job = await admit(request, self.jobs, self.store)
         job = await _unless_hung_up(request, self.runner.run(job["id"]))
         if job is None:
             return error(499, "the client closed the request; the job was stopped")
@@ -344,19 +345,25 @@ class Refit:
         if not name:
             return error(400, f"name the dataset to add this image to: {record['version']}, which answered, was "
                               "not trained on a dataset of the store")
-        from training.datasets import Datasets
-
-        datasets = Datasets(self.store)
-        known = _classes(datasets, name)
+        known = _classes(self.store, name)
         if known and body.label not in known:
             return error(422, f"label {body.label!r} is not a class of dataset {name!r}: {', '.join(known)}")
-        added = datasets.add(name, [(record["name"], data, body.label)], source="feedback")
-        if added["refused"]:
-            return error(422, added["refused"][0]["error"])
-        snapshot, relabelled = added["snapshot"], False
-        in_dataset = {e["sha256"]: e for e in datasets.manifest(name)["entries"]}
-        if in_dataset[record["sha256"]]["label"] != body.label:  # already there under another label: corrected
-            snapshot, relabelled = datasets.relabel(name, record["sha256"], body.label)["snapshot"], True
+
+        def add(datasets):
+            added = datasets.add(name, [(record["name"], data, body.label)], source="feedback",
+                                 **settings.IMAGE_LIMITS)
+            if added["refused"]:
+                return error(422, added["refused"][0]["error"])
+            entry = next(e for e in datasets.manifest(name)["entries"] if e["sha256"] == record["sha256"])
+            if entry["label"] != body.label:  # already in the dataset under another label: this corrects it
+                return {**added, "snapshot": datasets.relabel(name, record["sha256"], body.label)["snapshot"],
+                        "relabelled": True}
+            return {**added, "relabelled": False}
+
+        added = _on_datasets(self.store, add)
+        if not isinstance(added, dict):
+            return added
+        snapshot, relabelled = added["snapshot"], added["relabelled"]
         given = {"label": body.label, "dataset": name, "snapshot": snapshot, "at": now_iso()}
         self.captures.mark(body.prediction_id, given)
         return {"prediction_id": body.prediction_id, "predicted": record["label"], "version": record["version"],
@@ -367,15 +374,13 @@ class Refit:
         """Captured images worth labelling next for dataset `name`, most useful first: those the served model
         is least sure of (smallest margin between its top two scores), not yet in the dataset and without
         feedback. Label one with POST /feedback."""
-        from training.datasets import Datasets
-
-        datasets = Datasets(self.store)
-        if _classes(datasets, name) is None:
-            return error(404, f"no dataset {name!r}")
+        manifest = _on_datasets(self.store, lambda d: d.manifest(name))
+        if not isinstance(manifest, dict):
+            return manifest  # the error reply: no such dataset, or the store cannot be read
         model = self.holder.current
         if model is None:
             return error(503, _unavailable(self.store, self.holder))
-        have = {e["sha256"] for e in datasets.manifest(name)["entries"]}
+        have = {e["sha256"] for e in manifest["entries"]}
         pool, seen = [], set()
         for r in self.captures.recent(settings.SUGGEST_POOL):
             if r.get("feedback") or r["sha256"] in have or r["sha256"] in seen:
@@ -407,6 +412,66 @@ class Refit:
         if data is None:
             return error(404, f"no captured image {capture_id[:64]!r}")
         return Response(data, media_type=_media_type(data))
+
+    # -- datasets --------------------------------------------------------------------------------
+    # Named datasets in the store (training/datasets.py): images added over HTTP, each change a new immutable
+    # snapshot; a retrain names one with `dataset` (and `snapshot`). Reads are open, changes need the token.
+    @admin.get("/datasets")
+    def datasets_list(self) -> list[dict[str, Any]]:
+        """Every dataset with its newest snapshot, number of images and of classes."""
+        return _on_datasets(self.store, lambda d: d.list())
+
+    @admin.get("/datasets/{name}")
+    def dataset_show(self, name: str):
+        """One dataset: classes with their counts in the newest snapshot, and its snapshots, newest first."""
+        return _on_datasets(self.store, lambda d: d.show(name))
+
+    @admin.get("/datasets/{name}/snapshots/{snapshot}")
+    def dataset_snapshot(self, name: str, snapshot: str):
+        """One snapshot's manifest: every image's sha256, label, split hint, source and when it was added."""
+        return _on_datasets(self.store, lambda d: d.manifest(name, snapshot))
+
+    @admin.post("/datasets/{name}/images")
+    async def dataset_add(self, name: str, request: Request):
+        """Add images: multipart files in `images` with their class in `label`, or a .zip of class folders
+        (optionally under train/ and val/) in `zip`. Answers the new snapshot and what was added, skipped
+        (already in the dataset) or refused (not an image, corrupt, over a limit), each by file name."""
+        parsed = await _dataset_form(request)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        form, files, label, archive = parsed
+
+        def add(d):  # reads one upload at a time from the form's spooled files: memory holds one image
+            if archive is not None:
+                archive.file.seek(0)
+                return d.add_zip(name, archive.file, source="zip", **settings.IMAGE_LIMITS)
+            images = ((f.filename or f"images[{i}]", _read(f.file), label) for i, f in enumerate(files))
+            return d.add(name, images, source="upload", **settings.IMAGE_LIMITS)
+
+        try:
+            reply = await asyncio.to_thread(_on_datasets, self.store, add)
+        finally:
+            await form.close()
+        if isinstance(reply, dict) and reply["refused"] and not (reply["added"] or reply["skipped"]):
+            names = ", ".join(f"{r['name']} ({r['error']})" for r in reply["refused"][:5])
+            return error(422, f"nothing added to {name!r}: every file was refused: {names}", **reply)
+        return reply
+
+    @admin.post("/datasets/{name}/images/{sha256}")
+    async def dataset_relabel(self, name: str, sha256: str, request: Request):
+        """Give one image a new label (JSON `{"label": "bees"}`): a new snapshot; the old one stays."""
+        try:
+            body = json.loads(await request.body() or b"{}")
+        except ValueError as e:
+            return error(400, f'body is not valid JSON: {e}; send {{"label": "NEW LABEL"}}')
+        if not isinstance(body, dict) or set(body) != {"label"}:
+            return error(400, 'send {"label": "NEW LABEL"} (exactly that one field)')
+        return await asyncio.to_thread(_on_datasets, self.store, lambda d: d.relabel(name, sha256, body["label"]))
+
+    @admin.delete("/datasets/{name}/images/{sha256}")
+    def dataset_remove(self, name: str, sha256: str):
+        """Remove one image: a new snapshot without it; the old one (and the image's bytes) stay."""
+        return _on_datasets(self.store, lambda d: d.remove(name, sha256))
 
     # -- health and metrics ----------------------------------------------------------------------
     def __is_ready__(self) -> bool:
@@ -544,10 +609,76 @@ def _version_row(info: dict) -> dict:
     row = {"id": info["version"], "created": info.get("created"), "strategy": info.get("strategy"),
            "backbone": info.get("backbone"), "classes": info.get("classes"), "num_classes": info.get("num_classes"),
            "metrics": summary, "promoted": info.get("promoted", False), "promotion": info.get("promotion"),
-           "parent": info.get("parent"), "note": info.get("note")}
+           "parent": info.get("parent"), "note": info.get("note"), "lineage": info.get("lineage")}
     if info.get("error"):
         row["error"] = info["error"]
     return row
+
+
+def _on_datasets(store, call):
+    """`call(Datasets(store))`, its errors as replies: 404 for an unknown dataset, snapshot or image, 400 for
+    a bad name, label or archive, 503 when the store cannot be reached."""
+    from training.data import DatasetError
+    from training.datasets import Datasets, UnknownDataset
+    from training.store import StoreError
+
+    try:
+        return call(Datasets(store))
+    except UnknownDataset as e:
+        return error(404, str(e))
+    except DatasetError as e:
+        return error(400, str(e))
+    except StoreError as e:
+        log.error("datasets: %s", e)
+        return error(503, f"the store cannot be used right now: {e}")
+
+
+def _read(f) -> bytes:
+    f.seek(0)
+    return f.read()
+
+
+async def _dataset_form(request: Request):
+    """(the form, image uploads, label, the zip upload or None) from POST /datasets/{name}/images, or an error
+    reply. The caller closes the form once it has read the uploads."""
+    from service.schemas import BodyTooLarge
+
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return error(415, "send multipart/form-data: image files in `images` with their class in `label`, or a "
+                          ".zip of class folders in `zip`")
+    try:
+        form = await request.form(max_files=settings.MAX_DATASET_FILES + 1, max_fields=10)
+    except BodyTooLarge:
+        return error(413, f"request body is over the limit of {settings.MAX_DATASET_MB:g} MB")
+    except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken form
+        detail = str(getattr(e, "detail", e))
+        if "too many files" in detail.lower():
+            return error(400, f"too many files: the limit is {settings.MAX_DATASET_FILES} per request; send a "
+                              ".zip in `zip`, or several requests")
+        return error(400, f"malformed multipart form: {detail}")
+    problem = _form_problem(form)
+    if problem:
+        await form.close()
+        return problem
+    files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
+    return form, files, label, (zips[0] if zips else None)
+
+
+def _form_problem(form) -> JSONResponse | None:
+    """What is wrong with the fields of an add-images form, as the error reply, or None."""
+    unknown = sorted(set(form.keys()) - {"images", "label", "zip"})
+    if unknown:
+        return error(400, f"unknown form field(s) {unknown}; expected images with label, or zip")
+    files, zips, label = form.getlist("images"), form.getlist("zip"), form.get("label")
+    if bool(files) == bool(zips) or len(zips) > 1:
+        return error(400, "send image files in `images` (with `label`), or one .zip in `zip`; not both")
+    if any(isinstance(f, str) for f in files + zips):
+        return error(400, "`images` and `zip` take file uploads, not text values")
+    if zips and label is not None:
+        return error(400, "a .zip holds one folder per class, which names the labels; leave `label` out")
+    if files and (not isinstance(label, str) or not label.strip()):
+        return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
+    return None
 
 
 def _unavailable(store, holder: ModelHolder) -> str:
@@ -570,11 +701,13 @@ def _trained_on(store, version: str) -> str | None:
     return lineage.get("dataset") if isinstance(lineage, dict) else None
 
 
-def _classes(datasets, name: str) -> list[str] | None:
-    """The dataset's classes, or None when there is no such dataset."""
+def _classes(store, name: str) -> list[str] | None:
+    """The dataset's classes, or None when there is no such dataset (yet)."""
+    from training.datasets import Datasets, UnknownDataset
+
     try:
-        return list(datasets.show(name)["classes"])
-    except (KeyError, LookupError, FileNotFoundError):
+        return list(Datasets(store).show(name)["classes"])
+    except UnknownDataset:
         return None
 
 

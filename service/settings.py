@@ -38,6 +38,7 @@ DEFAULT_THRESHOLD = _float("REFIT_THRESHOLD", 0.0)  # best score under this answ
 MAX_IMAGES = _int("REFIT_MAX_IMAGES", 64)  # images per predict request
 MAX_REQUEST_MB = _float("REFIT_MAX_REQUEST_MB", 32)  # predict body size limit (413 above it)
 MAX_DATASET_MB = _float("REFIT_MAX_DATASET_MB", 1024)  # retrain upload size limit (413 above it)
+MAX_DATASET_FILES = _int("REFIT_MAX_DATASET_FILES", 1000)  # images in one POST /datasets/{name}/images
 
 POLL_SECONDS = _float("REFIT_POLL_SECONDS", 0.25)  # how often each worker checks the promoted pointer
 # Each model worker keeps a status record in the store (what it serves), rewritten every heartbeat; a record
@@ -60,6 +61,9 @@ TRACE_PREDICTIONS = os.environ.get("REFIT_TRACE_PREDICTIONS", "") in ("1", "true
 # docs/service.md), and still takes 20 twelve-megapixel phone photos in one request.
 MAX_REQUEST_MEGAPIXELS = _float("REFIT_MAX_REQUEST_MEGAPIXELS", 64)
 MAX_IMAGE_PIXELS = int(_float("REFIT_MAX_IMAGE_MEGAPIXELS", 50) * 1_000_000)  # one image as stored (400 above)
+# An image added to a dataset (POST /datasets/{name}/images, a retrain upload) meets the limits one image of a
+# predict request meets: an image the service could not be asked to classify is no use to train on.
+IMAGE_LIMITS = {"max_file_bytes": int(MAX_REQUEST_MB * 1024 * 1024), "max_pixels": MAX_IMAGE_PIXELS}
 # After SIGTERM, how long a worker waits for open requests (a synchronous retrain, a long upload) before it
 # stops them and exits; `bentoml serve` on its own would wait for them without limit (service/lifeline.py).
 SHUTDOWN_SECONDS = _float("REFIT_SHUTDOWN_SECONDS", 30)

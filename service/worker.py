@@ -92,6 +92,9 @@ def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    if not job.get("dataset"):  # a snapshot of a dataset in the store: training materializes it
+        atomic_write_json(folder / "job.json", {**job, "data": None})
+        return _run(folder, beat)
     try:
         store.get_file(dataset_key(job["id"]), folder / "dataset.zip")
         safe_extract_zip(folder / "dataset.zip", folder / "data")
@@ -105,6 +108,10 @@ def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
                                                                         f"({type(e).__name__}); try again"}}
     (folder / "dataset.zip").unlink()
     atomic_write_json(folder / "job.json", {**job, "data": str(folder / "data")})
+    return _run(folder, beat)
+
+
+def _run(folder: Path, beat: "_Heartbeat") -> dict:
     rc = run_job(folder, started=True, progress=beat.say)
     result = _read_json(folder / "result.json")
     if result is not None:

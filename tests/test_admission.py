@@ -271,8 +271,9 @@ def test_item13_skipped_image_paths_are_relative_to_the_dataset(http, first):
     assert [s["path"] for s in got.json()["skipped"]] == ["red/broken.jpg"], got.json()["skipped"]
     _no_server_paths(got.text, first)
     _no_server_paths(json.dumps(http.get("/jobs", headers=AUTH).json()), first)
-    # The server's own log keeps the full path.
-    assert str(first.home / "jobs") in (first.home / "jobs" / got.json()["job_id"] / "train.log").read_text()
+    # The upload became a snapshot without it; the job's log on the server names it and why.
+    log = (first.home / "jobs" / got.json()["job_id"] / "train.log").read_text()
+    assert "refused when the upload was admitted: red/broken.jpg: not an image" in log, log
 
 
 def _trainers(srv: Server) -> list[psutil.Process]:

@@ -4,6 +4,8 @@
     refit versions | refit promote v0003 | refit rollback
     refit predict cat.jpg [--version v0003] [--top-k 5]
     refit backbones
+    refit dataset add bees ./photos [--label bee] | refit dataset list | refit dataset show bees
+    refit train --dataset bees [--snapshot ID]   # train on a dataset of the store; the version records it
     refit worker                     # take retrain jobs from REFIT_QUEUE (redis://...), publish to REFIT_STORE
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "version, promote, predict.")
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder (or .zip) of class folders")
-    t.add_argument("data", help="folder with one sub-folder per class (optionally under train/ and val/), or a .zip")
+    t.add_argument("data", nargs="?", default=None, help="folder with one sub-folder per class (optionally "
+                   "under train/ and val/), or a .zip; leave it out with --dataset")
     t.add_argument("--json", action="store_true", help="print one JSON summary as the last line of stdout")
     _add_request_options(t)
     sub.add_parser("versions", help="list versions, newest last").add_argument("--json", action="store_true")
@@ -54,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--top-k", type=int, default=3)
     pd.add_argument("--json", action="store_true")
     sub.add_parser("backbones", help="list backbone names")
+    ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    da = dsub.add_parser("add", help="add images to a dataset (made by its first add); a new snapshot")
+    da.add_argument("name", help="dataset name (letters, digits, '.', '_', '-')")
+    da.add_argument("path", help="a folder of class folders (optionally under train/ and val/), a .zip of one, "
+                    "or with --label a folder of images or one image")
+    da.add_argument("--label", default=None, help="the class of every image in PATH")
+    da.add_argument("--json", action="store_true")
+    dsub.add_parser("list", help="datasets with their newest snapshot").add_argument("--json", action="store_true")
+    dshow = dsub.add_parser("show", help="classes, counts and snapshots (newest first) of a dataset")
+    dshow.add_argument("name")
+    dshow.add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help="run retrain jobs from the job queue (REFIT_QUEUE) against the shared store")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     w.add_argument("--name", default=None, help="worker name shown in job records (default: host-pid)")
@@ -93,10 +108,65 @@ def cmd_versions(args) -> int:
         print("no versions yet; run `refit train DATA`")
     for r in rows:
         acc = r.get("val_accuracy")
+        lineage = r.get("lineage") or {}
+        trained_on = f"  dataset {lineage['dataset']}@{lineage['snapshot']}" if lineage.get("dataset") else ""
         print(f"{'*' if r['promoted'] else ' '} {r['version']}  {r.get('created', ''):25s} "
               f"{r.get('strategy', '?'):18s} val_acc {acc if acc is None else f'{acc:.4f}'}  "
-              f"classes {len(r.get('classes') or [])}")
+              f"classes {len(r.get('classes') or [])}{trained_on}")
     return 0
+
+
+def cmd_dataset(args) -> int:
+    from pathlib import Path
+
+    from training.data import DatasetError
+    from training.datasets import Datasets
+    from training.store import Store
+
+    datasets = Datasets(Store())
+    if args.dataset_command == "list":
+        rows = datasets.list()
+        if args.json:
+            print(json.dumps(rows))
+        for r in [] if args.json else rows:
+            print(f"{r['dataset']:24s} snapshot {r['snapshot']}  {r['images']} images  {r['classes']} classes  "
+                  f"updated {r['updated']}")
+        if not rows and not args.json:
+            print("no datasets yet; run `refit dataset add NAME PATH`")
+        return 0
+    if args.dataset_command == "show":
+        info = datasets.show(args.name)
+        if args.json:
+            print(json.dumps(info))
+            return 0
+        print(f"{info['dataset']}: snapshot {info['snapshot']}, {info['images']} images")
+        for label, n in info["classes"].items():
+            print(f"  {label:24s} {n}")
+        print("snapshots, newest first:")
+        for h in info["snapshots"]:
+            print(f"  {h['snapshot']}  {h['at']}  {h['action']:8s} {h['images']} images")
+        return 0
+    path = Path(args.path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix.lower() == ".zip":
+        if args.label:
+            raise DatasetError("--label is for images; a .zip holds one folder per class")
+        reply = datasets.add_zip(args.name, path, source="cli")
+    elif path.is_file():
+        if not args.label:
+            raise DatasetError(f"{path.name}: one image needs --label (its class)")
+        reply = datasets.add(args.name, [(path.name, path.read_bytes(), args.label)], source="cli")
+    else:
+        reply = datasets.add_folder(args.name, path, label=args.label, source="cli")
+    if args.json:
+        print(json.dumps(reply))
+    else:
+        print(f"{reply['dataset']}: snapshot {reply['snapshot']}; added {len(reply['added'])}, skipped "
+              f"{len(reply['skipped'])} (duplicates), refused {len(reply['refused'])}")
+        for r in reply["refused"]:
+            print(f"  refused {r['name']}: {r['error']}")
+    return 0 if reply["added"] or reply["skipped"] else 2
 
 
 def cmd_predict(args) -> int:
@@ -156,6 +226,8 @@ def main(argv=None) -> int:
             from service.worker import main as work
 
             return work(burst=args.burst, name=args.name)
+        if args.command == "dataset":
+            return cmd_dataset(args)
         if args.command == "backbones":
             print("\n".join(list_backbones()))
             return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Strategy = Literal["auto", "feature_extraction", "partial", "full", "scratch"]
@@ -53,6 +53,13 @@ class TrainRequest(BaseModel):
     min_accuracy: float = Field(0.7, ge=0, le=1, description="Accuracy a version with new classes needs for "
                                 "auto promotion.")
     note: Optional[str] = Field(None, max_length=500, description="Free text stored with the version.")
+    # Lineage: a request that names a dataset of the store trains on one of its snapshots, and the version
+    # records both. Fields of the request (not beside it) so the CLI and the retrain routes take them alike and
+    # config.json keeps them with the rest of what made the version.
+    dataset: Optional[str] = Field(None, description="Train on this dataset of the store (see `refit dataset "
+                                   "list`) instead of a folder or upload.")
+    snapshot: Optional[str] = Field(None, description="The dataset's snapshot to train on (default: its newest); "
+                                    "recorded with the version.")
 
     @field_validator("backbone")
     @classmethod
@@ -64,6 +71,35 @@ class TrainRequest(BaseModel):
         if name not in list_backbones():
             raise PydanticCustomError("unknown_backbone", "{message}", {"message": unknown_backbone(name)})
         return name
+
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, name):
+        from training.datasets import check_name
+        from training.data import DatasetError
+
+        try:
+            return None if name is None else check_name(name)
+        except DatasetError as e:
+            raise PydanticCustomError("dataset_name", "{message}", {"message": str(e)}) from None
+
+    @field_validator("snapshot")
+    @classmethod
+    def _snapshot_id(cls, snapshot):
+        from training.datasets import check_snapshot
+        from training.data import DatasetError
+
+        try:
+            return None if snapshot is None else check_snapshot(snapshot)
+        except DatasetError as e:
+            raise PydanticCustomError("snapshot_id", "{message}", {"message": str(e)}) from None
+
+    @model_validator(mode="after")
+    def _snapshot_needs_dataset(self):
+        if self.snapshot is not None and self.dataset is None:
+            raise ValueError("snapshot names a snapshot of a dataset: give the dataset too")
+        return self
 
 
 def field_help() -> dict[str, str]:

@@ -16,7 +16,7 @@ import torch
 
 from training.config import TrainRequest
 from training.contract import Contract
-from training.data import Dataset, load_dataset
+from training.data import Dataset, DatasetError, load_dataset
 from training.export import CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
     set_metadata, verify_parity
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
@@ -205,8 +205,10 @@ def promotion_decision(request: TrainRequest, store: Store, ds: Dataset, val_acc
     return {**d, "promote": ok, "reason": why}
 
 
-def train(request: TrainRequest, data: str | Path, *, store: Store | None = None, actor: str = "cli",
-          log: Callable = print) -> dict:
+def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
+          actor: str = "cli", log: Callable = print) -> dict:
+    """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
+    snapshot `request.snapshot`, else its newest, which the version then records)."""
     t_start = time.time()
     store = store or Store()
     if request.threads:
@@ -216,6 +218,11 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
     # Under REFIT_HOME, not the system temp dir: a killed run's folder is found and removed at the service's
     # next start (training/scratch.py).
     with run_folder(store.home, "run") as tmp:
+        lineage = None
+        if request.dataset is not None:
+            data, request, lineage = _from_store(request, data, store, tmp / "snapshot", log)
+        elif data is None:
+            raise DatasetError("nothing to train on: give a data folder (or .zip) or a dataset of the store")
         ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=tmp, log_fn=log,
                           contract=input_contract(request))
         counts = ds.counts()
@@ -262,7 +269,7 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
             "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
             "strategy": strategy, "auto": auto, "parity": parity, "train_seconds": round(train_seconds, 2),
             "history": history, "counts": counts, "skipped": ds.skipped, "warnings": ds.warnings,
-            "promotion": decision, "int8": int8,
+            "promotion": decision, "int8": int8, "lineage": lineage,
         }
         config = {**request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
             run.contract.to_json()), "train_images": len(ds.train), "val_images": len(ds.val)}}
@@ -279,7 +286,7 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
             "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
             "parity_max_abs_diff": parity["max_abs_prob_diff"], "promotion": decision, "actor": actor,
             "dataset_hash": fingerprint["content_hash"], "note": request.note or "",
-            "precision": "int8" if int8 and int8["chosen"] else "fp32"})
+            "precision": "int8" if int8 and int8["chosen"] else "fp32", "lineage": lineage})
     log(f"published {version}: {strategy}, val_accuracy {report['accuracy']:.4f}, train {train_seconds:.1f}s")
     promoted = False
     if decision["promote"]:
@@ -291,9 +298,25 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
     return {"version": version, "strategy": strategy, "val_accuracy": report["accuracy"],
             "train_seconds": round(train_seconds, 2), "total_seconds": round(time.time() - t_start, 2),
             "promoted": promoted, "promotion": decision, "parity": parity, "classes": ds.classes,
-            "train_val_gap": metrics["train_val_gap"], "auto": auto, "skipped": ds.skipped,
+            "train_val_gap": metrics["train_val_gap"], "auto": auto, "skipped": ds.skipped, "lineage": lineage,
             "warnings": ds.warnings, "metrics": {k: metrics[k] for k in ("val_accuracy", "train_accuracy",
                                                                           "macro_f1", "per_class")}}
+
+
+def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Callable):
+    """The dataset snapshot the request names, written out as a folder: (folder, the request with the
+    snapshot resolved, lineage)."""
+    from training.datasets import Datasets
+
+    if data is not None:
+        raise DatasetError(f"give a data folder or a dataset of the store, not both ({data} and dataset "
+                           f"{request.dataset!r})")
+    datasets = Datasets(store)
+    snapshot = datasets.resolve(request.dataset, request.snapshot)
+    folder = datasets.materialize(request.dataset, snapshot, dest)
+    log(f"dataset {request.dataset!r} snapshot {snapshot}")
+    request = request.model_copy(update={"snapshot": snapshot})
+    return folder, request, {"dataset": request.dataset, "snapshot": snapshot}
 
 
 def _publish(store: Store, files: dict[str, Path], contract: Contract, meta: dict) -> str:

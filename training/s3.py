@@ -105,6 +105,18 @@ class Bucket:
                 out += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
         return out
 
+    def folders(self, rel_prefix: str) -> list[str]:
+        """Names of the 'folders' directly under `rel_prefix` (S3's common prefixes), without listing
+        every key below them."""
+        out = []
+        base = self.key(rel_prefix.rstrip("/") + "/")
+        with self._errors(rel_prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base,
+                                                                          Delimiter="/")
+            for page in pages:
+                out += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return sorted(out)
+
     def _errors(self, rel: str):
         return _Translate(f"{self.url}/{rel}")
 

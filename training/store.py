@@ -561,6 +561,48 @@ class Store:
     def delete_file(self, rel: str) -> None:
         self.delete_record(rel)
 
+    def put_bytes(self, rel: str, data: bytes, *, create_only: bool = False) -> bool:
+        """A whole object from memory (an image of a dataset). With `create_only` it is written only where
+        there is none (False then): content-addressed objects are never rewritten."""
+        if self.remote:
+            from training.s3 import Conflict
+
+            try:
+                self.remote.put(rel, data, create_only=create_only)
+            except Conflict:
+                return False
+            return True
+        dest = self.root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if not create_only:
+                os.replace(tmp, dest)
+                return True
+            try:
+                os.link(tmp, dest)  # fails when the target exists: a create-only write without a lock
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def exists(self, rel: str) -> bool:
+        if self.remote:
+            return self.remote.etag(rel) is not None
+        return (self.root / rel).is_file()
+
+    def folders(self, prefix: str) -> list[str]:
+        """Names of the sub-folders directly under `prefix` (common key prefixes on S3), sorted."""
+        if self.remote:
+            return self.remote.folders(prefix)
+        base = self.root / prefix
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+
     def records(self, prefix: str) -> dict[str, object]:
         """Every JSON record under `prefix` (key relative to the store -> parsed object). One that is gone or
         does not parse by the time it is read (another reader removed it) is left out."""

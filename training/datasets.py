@@ -1,0 +1,405 @@
+"""Named datasets that live in the store: immutable, content-addressed snapshots of labelled images.
+
+    datasets/blobs/<ab>/<sha256>              an image's bytes, stored once whatever dataset holds it
+    datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...)
+    datasets/<name>/head.json                 the newest snapshot and the history of changes, newest last
+
+A snapshot's id is a hash of its entries, so the same images with the same labels are the same snapshot,
+and a change that changes nothing (every image a duplicate) writes nothing and answers the snapshot there
+is. Snapshots and images are written create-only and never rewritten; every change (add, relabel, remove)
+makes a new snapshot and moves the head with a compare-and-swap (`Store.put_record(if_tag=...)`). A writer
+that loses the race reads the newer head and applies its change to it again, so two concurrent adds both
+land. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
+
+    from training.datasets import Datasets
+    reply = Datasets(Store()).add("bees", [("a.jpg", data, "bee")], source="upload")
+    Datasets(Store()).materialize("bees", reply["snapshot"], Path("/tmp/bees"))  # class folders to train on
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable, Iterable
+
+from training.data import DatasetError, class_root, safe_extract_zip
+from training.preprocess import MAX_PIXELS, ImageError, load_image
+from training.contract import Contract
+from training.store import CAS_ATTEMPTS, Store, StoreError, now_iso
+
+ROOT = "datasets"
+BLOBS = f"{ROOT}/blobs"
+SPLITS = ("train", "val")
+SOURCES = ("upload", "zip", "cli", "feedback", "retrain")
+DEFAULT_MAX_FILE_BYTES = 50 << 20  # one image file, where the caller (the CLI) sets no limit of its own
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SNAPSHOT_RE = re.compile(r"^[0-9a-f]{16}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+RESERVED_NAMES = {"blobs"}
+# A label becomes a class folder when a snapshot is materialized, so it must be a folder name, and not one
+# the dataset reader gives a meaning of its own (train/, val/, hidden folders).
+RESERVED_LABELS = {"train", "val", "__MACOSX"}
+MAX_LABEL = 100
+MAX_HISTORY = 1000  # changes listed in a dataset's head (show), newest last
+# Decoding for the check uses the JPEG reduced-scale path serving uses: every byte is still decoded, so a
+# truncated file fails, at a fraction of the cost of a full-size decode.
+_CHECK = Contract()
+# Suffixes the dataset reader recognises, by the format Pillow detected.
+_SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp",
+           "TIFF": ".tif"}
+
+
+class UnknownDataset(DatasetError):
+    """A dataset, snapshot or image that does not exist (HTTP 404); the message names it."""
+
+
+def check_name(name) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in RESERVED_NAMES:
+        raise DatasetError(f"dataset name {str(name)[:80]!r} is not allowed: use 1-64 letters, digits, '.', '_' "
+                           f"or '-', starting with a letter or digit (not {', '.join(sorted(RESERVED_NAMES))})")
+    return name
+
+
+def check_label(label) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise DatasetError("a label is required (the class name), e.g. label=bees")
+    label = label.strip()
+    bad = next((c for c in label if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if (bad is not None or len(label) > MAX_LABEL or label.startswith(".") or label in RESERVED_LABELS):
+        raise DatasetError(f"label {label[:80]!r} is not allowed: use 1-{MAX_LABEL} characters without '/', "
+                           f"'\\' or control characters, not starting with '.', and not "
+                           f"{', '.join(sorted(RESERVED_LABELS))}")
+    return label
+
+
+def check_snapshot(snapshot) -> str:
+    if not isinstance(snapshot, str) or not SNAPSHOT_RE.match(snapshot):
+        raise DatasetError(f"snapshot {str(snapshot)[:80]!r} is not a snapshot id (16 hex digits, as "
+                           "`refit dataset show NAME` lists them)")
+    return snapshot
+
+
+def snapshot_id(entries: list[dict]) -> str:
+    """The hash of a snapshot's canonical content: its entries, sorted, as canonical JSON."""
+    canon = json.dumps(sorted(entries, key=lambda e: e["sha256"]), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def blob_key(sha256: str) -> str:
+    return f"{BLOBS}/{sha256[:2]}/{sha256}"
+
+
+class Datasets:
+    """Every dataset of one store. The service, the CLI and training call these same methods."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- images ----------------------------------------------------------------------------------
+    def has_image(self, sha256: str) -> bool:
+        return bool(SHA256_RE.match(sha256 or "")) and self.store.exists(blob_key(sha256))
+
+    def put_blob(self, data: bytes) -> str:
+        """Store an image's bytes under their sha256, only when they are not there yet; returns the hash."""
+        sha = hashlib.sha256(data).hexdigest()
+        if not self.store.exists(blob_key(sha)):
+            self.store.put_bytes(blob_key(sha), data, create_only=True)  # False: another writer was first
+        return sha
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _head(self, name: str) -> tuple[dict | None, str | None]:
+        return self.store.record(f"{ROOT}/{check_name(name)}/head.json")
+
+    def list(self) -> list[dict]:
+        """Every dataset with its newest snapshot, image and class counts."""
+        out = []
+        for name in self.store.folders(ROOT):
+            if name in RESERVED_NAMES or not NAME_RE.match(name):
+                continue
+            head, _ = self._head(name)
+            if not head:
+                continue
+            last = head["history"][-1] if head.get("history") else {}
+            out.append({"dataset": name, "snapshot": head["snapshot"], "images": last.get("images"),
+                        "classes": last.get("classes"), "updated": head.get("updated")})
+        return out
+
+    def resolve(self, name: str, snapshot: str | None = None) -> str:
+        """The snapshot id to use: `snapshot` once it is known to exist in `name`, else the newest one."""
+        head, _ = self._head(name)
+        if not head:
+            known = ", ".join(d["dataset"] for d in self.list()) or "none"
+            raise UnknownDataset(f"no dataset {name!r}; datasets: {known}")
+        if snapshot is None:
+            return head["snapshot"]
+        check_snapshot(snapshot)
+        if not self.store.exists(f"{ROOT}/{name}/snapshots/{snapshot}.json"):
+            recent = ", ".join(h["snapshot"] for h in reversed(head.get("history", [])[-5:]))
+            raise UnknownDataset(f"dataset {name!r} has no snapshot {snapshot!r}; its newest: {recent}")
+        return snapshot
+
+    def manifest(self, name: str, snapshot: str | None = None) -> dict:
+        """The snapshot document: {dataset, id, parent, created, entries: [...]}."""
+        sid = self.resolve(name, snapshot)
+        doc, _ = self.store.record(f"{ROOT}/{name}/snapshots/{sid}.json")
+        if doc is None:
+            raise StoreError(f"dataset {name!r}: snapshot {sid} cannot be read from {self.store.describe()}")
+        return doc
+
+    def show(self, name: str) -> dict:
+        """Classes with their counts (per split hint too) in the newest snapshot, and the snapshots, newest
+        first, with what made each."""
+        head, _ = self._head(name)
+        if not head:
+            self.resolve(name)  # raises UnknownDataset with the known names
+        doc = self.manifest(name, head["snapshot"])
+        classes = Counter(e["label"] for e in doc["entries"])
+        splits = Counter(e.get("split") or "none" for e in doc["entries"])
+        return {"dataset": name, "snapshot": head["snapshot"], "images": len(doc["entries"]),
+                "classes": dict(sorted(classes.items())), "splits": dict(sorted(splits.items())),
+                "snapshots": list(reversed(head.get("history", [])))}
+
+    # -- changing ----------------------------------------------------------------------------------
+    def _change(self, name: str, change: Callable[[list[dict]], tuple[list[dict], dict]], *, action: str,
+                create: bool = False) -> dict:
+        """Apply `change(entries) -> (new entries, facts)` to the newest snapshot, write the result as a
+        snapshot and move the head to it by compare-and-swap; on losing the race, start again from the
+        newer head. Returns {"dataset", "snapshot", "parent", "changed", **facts}."""
+        check_name(name)
+        head_key = f"{ROOT}/{name}/head.json"
+        for attempt in range(CAS_ATTEMPTS):
+            head, tag = self.store.record(head_key)
+            if head is None and tag is not None:
+                raise StoreError(f"{self.store.describe()}/{head_key} is damaged (not JSON); it was not changed")
+            if head is None and not create:
+                self.resolve(name)  # raises UnknownDataset
+            parent = head["snapshot"] if head else None
+            entries = self.manifest(name, parent)["entries"] if parent else []
+            new, facts = change(entries)
+            if new is None or (parent and snapshot_id(new) == parent) or (not new and not parent):
+                return {"dataset": name, "snapshot": parent, "parent": parent, "changed": False, **facts}
+            sid = snapshot_id(new)
+            doc = {"dataset": name, "id": sid, "parent": parent, "created": now_iso(),
+                   "entries": sorted(new, key=lambda e: e["sha256"])}
+            # Create-only: a snapshot with this id holds these same entries already (the id is their hash).
+            self.store.put_record(f"{ROOT}/{name}/snapshots/{sid}.json", doc, create_only=True)
+            labels = Counter(e["label"] for e in new)
+            event = {"snapshot": sid, "parent": parent, "action": action, "at": now_iso(), "images": len(new),
+                     "classes": len(labels),
+                     **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
+            # The head keeps the newest MAX_HISTORY changes, so its size (rewritten by every change) stays
+            # bounded; older snapshots stay in the store, reachable through each snapshot's `parent`.
+            history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
+            state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history}
+            if self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
+                return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
+            time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))  # let the winner finish
+        raise StoreError(f"dataset {name!r}: the head kept changing under this update ({CAS_ATTEMPTS} tries)")
+
+    def add(self, name: str, items: Iterable[tuple], *, source: str, replace: bool = False,
+            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> dict:
+        """Add images to a dataset (created by its first add). `items` are (filename, bytes, label) or
+        (filename, bytes, label, split) with split "train", "val" or None. Each image is decoded first; what
+        is not an image, is corrupt or is over a limit is refused by name, and an image the dataset already
+        holds (same bytes) is skipped. With `replace` the new snapshot holds only these images (a retrain
+        upload: what it trains on is exactly what was sent). Returns {"dataset", "snapshot", "added",
+        "skipped", "refused"}; "snapshot" is the unchanged newest one when nothing was added."""
+        check_name(name)
+        if source not in SOURCES:
+            raise DatasetError(f"source {source!r} is not one of {', '.join(SOURCES)}")
+        accepted, refused = [], []
+        for item in items:
+            filename, data, label = item[0], item[1], item[2]
+            split = item[3] if len(item) > 3 else None
+            problem, fmt = _problem(filename, data, label, split, max_file_bytes, max_pixels)
+            if problem:
+                refused.append({"name": filename, "error": problem})
+                continue
+            sha = self.put_blob(data)
+            accepted.append({"name": filename, "sha256": sha, "label": check_label(label), "split": split,
+                             "format": fmt})
+        stamp = now_iso()
+
+        def change(entries: list[dict]):
+            have = {} if replace else {e["sha256"]: e for e in entries}
+            added, skipped, new = [], [], [] if replace else list(entries)
+            for a in accepted:
+                if a["sha256"] in have:
+                    was = have[a["sha256"]]
+                    why = (f"duplicate of {was['name']!r} already in {name!r}, labelled {was['label']!r}"
+                           + ("" if was["label"] == a["label"] else "; relabel it to change its label"))
+                    skipped.append({"name": a["name"], "sha256": a["sha256"], "reason": why})
+                    continue
+                entry = {"sha256": a["sha256"], "label": a["label"], "split": a["split"], "source": source,
+                         "added_at": stamp, "name": PurePosixPath(a["name"]).name, "format": a["format"]}
+                if replace:  # an image that was in the dataset keeps its first record
+                    entry = next((e for e in entries if e["sha256"] == a["sha256"]), entry) | {
+                        "label": a["label"], "split": a["split"]}
+                have[a["sha256"]] = entry
+                new.append(entry)
+                added.append({"name": a["name"], "sha256": a["sha256"], "label": a["label"]})
+            return (new if added or replace else None), {"added": added, "skipped": skipped,
+                                                          "refused": refused, "source": source}
+
+        if not accepted:  # nothing to add (and a replace by nothing would empty the dataset)
+            head, _ = self.store.record(f"{ROOT}/{name}/head.json")
+            return {"dataset": name, "snapshot": head["snapshot"] if head else None, "added": [], "skipped": [],
+                    "refused": refused}
+        out = self._change(name, change, action="replace" if replace else "add", create=True)
+        return {k: out[k] for k in ("dataset", "snapshot", "added", "skipped", "refused")}
+
+    def add_zip(self, name: str, zip_file: Path | str | bytes | BinaryIO, *, source: str = "zip",
+                replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                max_pixels: int = MAX_PIXELS) -> dict:
+        """Add a .zip (a path, its bytes, or an open binary file) of class folders, optionally under train/
+        and val/ (which become split hints). The archive passes the training reader's checks
+        (training.data.safe_extract_zip)."""
+        with tempfile.TemporaryDirectory(prefix="refit-dataset-", dir=self._scratch()) as tmp:
+            path = Path(tmp) / "upload.zip"
+            if isinstance(zip_file, bytes):
+                path.write_bytes(zip_file)
+            elif hasattr(zip_file, "read"):
+                with open(path, "wb") as f:
+                    shutil.copyfileobj(zip_file, f, 1 << 20)
+            else:
+                path = Path(zip_file)
+            folder = safe_extract_zip(path, Path(tmp) / "unpacked")
+            return self.add_folder(name, folder, source=source, replace=replace, max_file_bytes=max_file_bytes,
+                                   max_pixels=max_pixels)
+
+    def add_folder(self, name: str, folder: Path, *, source: str = "cli", label: str | None = None,
+                   replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                   max_pixels: int = MAX_PIXELS) -> dict:
+        """A folder of class folders (optionally under train/ and val/), or, with `label`, a folder of
+        images of that one class."""
+        items = _folder_items(Path(folder), label)
+        return self.add(name, items, source=source, replace=replace, max_file_bytes=max_file_bytes,
+                        max_pixels=max_pixels)
+
+    def relabel(self, name: str, sha256: str, label: str) -> dict:
+        """A new snapshot in which the image has `label`; the old snapshot stays as it was."""
+        label = check_label(label)
+
+        def change(entries):
+            i = _find(name, entries, sha256)
+            old = entries[i]["label"]
+            new = list(entries)
+            new[i] = {**entries[i], "label": label}
+            return new, {"sha256": sha256, "label": label, "previous_label": old}
+
+        return self._change(name, change, action="relabel")
+
+    def remove(self, name: str, sha256: str) -> dict:
+        """A new snapshot without the image; the old snapshot (and the image's bytes) stay."""
+
+        def change(entries):
+            i = _find(name, entries, sha256)
+            return entries[:i] + entries[i + 1:], {"sha256": sha256, "removed": entries[i]["label"]}
+
+        return self._change(name, change, action="remove")
+
+    # -- training ----------------------------------------------------------------------------------
+    def materialize(self, name: str, snapshot: str | None, dest: Path) -> Path:
+        """Write the snapshot as a dataset folder for `training.pipeline.train`: class folders, under train/
+        and val/ when the split hints give every class images in both (images without a hint go to train/);
+        otherwise flat class folders, split by the training request's seed. Files are named by their hash."""
+        doc = self.manifest(name, snapshot)
+        entries = doc["entries"]
+        if not entries:
+            raise DatasetError(f"dataset {name!r} snapshot {doc['id']} holds no images")
+        labels = {e["label"] for e in entries}
+        val = {e["label"] for e in entries if e.get("split") == "val"}
+        train = {e["label"] for e in entries if e.get("split") != "val"}
+        use_split = bool(val) and val == labels and train == labels
+        dest = Path(dest)
+
+        def target(e: dict) -> Path:
+            part = ("val" if e.get("split") == "val" else "train") if use_split else ""
+            return dest / part / e["label"] / f"{e['sha256'][:20]}{_SUFFIX.get(e.get('format'), '.jpg')}"
+
+        jobs = [(e["sha256"], target(e)) for e in entries]
+        for _, path in jobs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if self.store.remote:
+            # Downloads are network-bound; a few at a time (boto3 clients are thread-safe).
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(lambda j: self.store.get_file(blob_key(j[0]), j[1]), jobs))
+        else:
+            for sha, path in jobs:
+                src = self.store.root / blob_key(sha)
+                if not src.is_file():
+                    raise StoreError(f"dataset {name!r}: image {sha} is missing from {self.store.describe()}")
+                try:
+                    os.link(src, path)  # no copy of the bytes: the run only reads them
+                except OSError:
+                    shutil.copyfile(src, path)
+        return dest
+
+    def _scratch(self) -> Path:
+        d = self.store.home / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def _problem(filename: str, data: bytes, label, split, max_bytes: int, max_pixels: int
+             ) -> tuple[str | None, str | None]:
+    """(why this item cannot be added, None), or (None, the image format Pillow detected)."""
+    try:
+        check_label(label)
+    except DatasetError as e:
+        return str(e), None
+    if split not in (None, *SPLITS):
+        return f"split {split!r} is not one of train, val (or none)", None
+    if not isinstance(data, bytes) or not data:
+        return "empty file", None
+    if len(data) > max_bytes:
+        return f"{len(data)} bytes is over the limit of {max_bytes} bytes per image", None
+    try:
+        load_image(data, _CHECK, max_pixels=max_pixels, name=filename)
+    except ImageError as e:
+        return str(e).removeprefix(f"{filename}: "), None
+    from PIL import Image
+
+    return None, Image.open(io.BytesIO(data)).format
+
+
+def _find(name: str, entries: list[dict], sha256: str) -> int:
+    i = next((i for i, e in enumerate(entries) if e["sha256"] == sha256), None)
+    if i is None:
+        raise UnknownDataset(f"dataset {name!r} has no image {str(sha256)[:80]!r} in its newest snapshot")
+    return i
+
+
+def _folder_items(folder: Path, label: str | None):
+    """(filename, bytes, label, split) for every file: class folders, optionally under train/ and val/, or
+    with `label` every file of the folder. Files outside a class folder come with no label (refused)."""
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: not a folder")
+    if label is not None:
+        for p in sorted(q for q in folder.rglob("*") if q.is_file() and not _hidden(q, folder)):
+            yield p.relative_to(folder).as_posix(), p.read_bytes(), label
+        return
+    root = class_root(folder)
+    parts = [(root / s, s) for s in SPLITS if (root / s).is_dir()] or [(root, None)]
+    found = False
+    for base, split in parts:
+        for p in sorted(q for q in base.rglob("*") if q.is_file() and not _hidden(q, root)):
+            rel = p.relative_to(base)
+            found = True
+            yield (p.relative_to(root).as_posix(), p.read_bytes(),
+                   rel.parts[0] if len(rel.parts) > 1 else None, split)
+    if not found:
+        raise DatasetError(f"{folder.name}: no files found; expected one folder per class with images inside")
+
+
+def _hidden(p: Path, root: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
