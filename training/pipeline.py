@@ -225,7 +225,7 @@ def train(request: TrainRequest, data: str | Path, *, store: Store | None = None
         t_fit = time.time()
         bb, strategy, history, auto = choose_and_train(run, log)
         train_seconds = time.time() - t_fit
-        onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx")
+        onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx", classifier=bb.classifier)
         # Parity: PyTorch against ONNX Runtime on (request.parity_images of) the validation images. Eager
         # PyTorch is the slow side on a CPU, so a capped, evenly spread sample keeps retraining fast.
         n_val = len(run.val_arrays)
@@ -349,7 +349,7 @@ def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str
         bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
         contract = bb.contract.with_classes(bb.imagenet_classes)
         with run_folder(store.home, "bootstrap") as tmp:
-            path = export_onnx(bb.model, contract, tmp / "model.onnx")
+            path = export_onnx(bb.model, contract, tmp / "model.onnx", classifier=bb.classifier)
             rng = np.random.default_rng(0)
             arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)
             with torch.no_grad():
