@@ -2,8 +2,9 @@
 version's training reference (`training/drift.py`, numpy only).
 
 The batch thread hands each run's `embedding` rows and probabilities to `DriftMonitor.observe` (no extra
-model run): each input becomes one (distance to the nearest training embeddings, predicted label) pair in
-the window of its version, the last `REFIT_DRIFT_WINDOW` inputs per worker. A worker's window summary
+model run), which appends them to the window of their version: the last `REFIT_DRIFT_WINDOW` inputs per
+worker. Each input's distance to the nearest training embeddings is computed later, once, off the batch
+thread (at the heartbeat, or when a reader asks). A worker's window summary
 (count, summed distance, label counts) rides on its status record in the store, so `GET /drift` and
 `/metrics` on any worker pool the windows of all the live workers of its replica (at most one heartbeat
 old), and the answer does not depend on which worker the load balancer picked.
@@ -33,7 +34,11 @@ def reference_for(session, folder: Path) -> tuple[Reference | None, str | None]:
     if "embedding" not in {o.name for o in session.get_outputs()}:
         return None, ("not available for this version: its model file has no 'embedding' output "
                       "(published before drift monitoring)")
-    ref = load_reference(folder / FILE)
+    try:
+        ref = load_reference(folder / FILE)
+    except Exception as e:  # noqa: BLE001 - a damaged reference costs the drift figure, never the version
+        log.error("%s: %s cannot be read (%s); drift is not available for it", folder.name, FILE, e)
+        return None, f"not available for this version: its {FILE} cannot be read ({type(e).__name__})"
     if ref is None:
         return None, f"not available for this version: it has no {FILE} (no training reference)"
     return ref, None
@@ -43,25 +48,24 @@ class DriftMonitor:
     def __init__(self, window: int):
         self.window = window
         self._lock = threading.Lock()
-        self._windows: dict[str, deque] = {}  # version -> deque of (distance, label index)
+        self._windows: dict[str, deque] = {}  # version -> deque of [embedding or None, label, distance or None]
         self.references: dict[str, Reference] = {}
 
     def observe(self, model, probs: np.ndarray, embeddings: np.ndarray | None) -> None:
-        """One model run's outputs (called by the batch thread; a few microseconds per image). Never raises:
-        a drift figure is not worth the batch thread."""
+        """One model run's outputs, called by the batch thread: only appended here (microseconds); the
+        distances are computed by `summary`, on the heartbeat or a reader's thread, never on the batch
+        thread, where a matrix product would compete with the model for the cores."""
         ref = getattr(model, "drift", None)
         if ref is None or embeddings is None:
             return
-        try:
-            rows = list(zip(ref.distances(embeddings).tolist(), probs.argmax(1).tolist()))
-        except Exception:  # noqa: BLE001 - an embedding of another width, say: logged, the window skips it
-            log.exception("drift: cannot score this run's embeddings for %s", model.version)
-            return
+        rows = [[e, y, None] for e, y in zip(embeddings, probs.argmax(1).tolist())]
         with self._lock:
             w = self._windows.get(model.version)
             if w is None:
                 while len(self._windows) >= KEEP_VERSIONS:
-                    self._windows.pop(next(iter(self._windows)))
+                    oldest = next(iter(self._windows))
+                    self._windows.pop(oldest)
+                    self.references.pop(oldest, None)
                 w = self._windows[model.version] = deque(maxlen=self.window)
                 self.references[model.version] = ref
             w.extend(rows)
@@ -70,11 +74,22 @@ class DriftMonitor:
         """This worker's windows: {version: {"n", "distance_sum", "labels": [count per class]}}."""
         with self._lock:
             windows = {v: list(w) for v, w in self._windows.items()}
+            refs = dict(self.references)
         out = {}
         for v, rows in windows.items():
-            n_classes = len(self.references[v].classes)
-            labels = np.bincount([y for _, y in rows], minlength=n_classes) if rows else np.zeros(n_classes, int)
-            out[v] = {"n": len(rows), "distance_sum": float(sum(d for d, _ in rows)), "labels": labels.tolist()}
+            ref = refs[v]
+            todo = [r for r in rows if r[2] is None]
+            if todo:
+                try:
+                    for r, d in zip(todo, ref.distances(np.stack([r[0] for r in todo])).tolist()):
+                        r[2], r[0] = d, None  # scored once; the embedding is not needed any more
+                except Exception:  # noqa: BLE001 - an embedding of another width, say: logged, left out
+                    log.exception("drift: cannot score the embeddings of %s", v)
+                    for r in todo:
+                        r[2], r[0] = float("nan"), None
+            scored = [r for r in rows if r[2] == r[2]]  # NaN: could not be scored
+            labels = np.bincount([r[1] for r in scored], minlength=len(ref.classes))
+            out[v] = {"n": len(scored), "distance_sum": float(sum(r[2] for r in scored)), "labels": labels.tolist()}
         return out
 
 

@@ -105,3 +105,23 @@ def test_small_synthetic_dataset_trains_with_fewer_folds(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["label_problems"]["available"] and res["label_problems"]["folds"] == 3
+
+
+def test_reports_and_drift_reference_travel_through_an_s3_store(s3_endpoint, tmp_path, monkeypatch):
+    """Published to S3: the version's metrics carry the lists, and a replica's checked copy has drift.npz."""
+    from conftest import S3_BUCKET, make_dataset
+    from training.drift import load_reference
+    from training.store import Store
+
+    url = f"s3://{S3_BUCKET}/quality-{tmp_path.name}"
+    monkeypatch.setenv("REFIT_STORE", url)
+    data = make_dataset(tmp_path / "colours", n=6)
+    r = run_cli("train", data, "--strategy", "feature_extraction", "--no-int8", "--parity-images", "2",
+                "--head-epochs", "3", "--json", home=tmp_path / "home")
+    assert r.returncode == 0, r.stderr[-3000:]
+    version = json.loads(r.stdout.strip().splitlines()[-1])["version"]
+    store = Store(tmp_path / "replica", url=url)  # another machine: nothing of it is local yet
+    metrics = store.info(version)["metrics"]
+    assert metrics["label_problems"]["available"] and "near_duplicates" in metrics
+    ref = load_reference(store.path(version) / "drift.npz")
+    assert ref is not None and ref.classes == ("blue", "red")
