@@ -150,6 +150,7 @@ def test_validation_photos_do_not_raise_drift_but_noise_and_drawings_do(http, se
     assert calm["embedding"]["score"] < calm["embedding"]["threshold"], calm
     assert calm["labels"]["score"] < calm["labels"]["threshold"], calm
     assert calm["flagged"] is False and calm["workers"] >= 1
+    print("validation photos:", calm["window_fill"], calm["embedding"], calm["labels"]["score"], calm["labels"]["threshold"])
     text = http.get("/metrics").text
     assert metric(text, "refit_drift_score", version="v0002", signal="embedding") == calm["embedding"]["score"]
     assert metric(text, "refit_drift_flagged", version="v0002") == 0
@@ -161,6 +162,7 @@ def test_validation_photos_do_not_raise_drift_but_noise_and_drawings_do(http, se
     drifted = entry(http, "v0002", min_fill=WINDOW)
     assert drifted["embedding"]["score"] > drifted["embedding"]["threshold"], drifted
     assert drifted["flagged"] is True
+    print("noise and drawings:", drifted["window_fill"], drifted["embedding"], drifted["labels"]["score"])
     assert drifted["embedding"]["score"] > calm["embedding"]["score"] + 0.3
     assert metric(http.get("/metrics").text, "refit_drift_flagged", version="v0002") == 1
 
