@@ -150,7 +150,7 @@ def test_validation_photos_do_not_raise_drift_but_noise_and_drawings_do(http, se
     assert calm["embedding"]["score"] < calm["embedding"]["threshold"], calm
     assert calm["labels"]["score"] < calm["labels"]["threshold"], calm
     assert calm["flagged"] is False and calm["workers"] >= 1
-    print("validation photos:", calm["window_fill"], calm["embedding"], calm["labels"]["score"], calm["labels"]["threshold"])
+    print("validation photos:", calm["window_fill"], calm["embedding"], calm["labels"])
     text = http.get("/metrics").text
     assert metric(text, "refit_drift_score", version="v0002", signal="embedding") == calm["embedding"]["score"]
     assert metric(text, "refit_drift_flagged", version="v0002") == 0

@@ -3,7 +3,8 @@ image has no torch).
 
 Every version published by training carries a small reference, `drift.npz`: a bounded sample of its
 training embeddings (the pooled backbone features the head reads, the model file's `embedding` output),
-each validation image's distance to that sample, and the validation label distribution. Two scores compare a window of recent inputs with it:
+each validation image's distance to that sample, and the validation label distribution. Two scores compare
+a window of recent inputs with it:
 
 - embedding: the window's mean distance to the nearest training embeddings, divided by the same mean over
   the validation images. About 1 for inputs like the training data; photos of other things, drawings or
