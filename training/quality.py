@@ -24,9 +24,8 @@ MAX_LISTED = 50  # entries kept in metrics.json per list (the count says how man
 # altered copies of validation photos (re-encoded at quality 60, half size, 10 % cropped, mirrored) 91 %
 # score 0.85 or more against their original (mirrored 100 %, cropped 98 %, re-encoded 95 %, half size 70 %:
 # the misses are mostly half-size copies of photos that were small already), while the most similar pair
-# of distinct photos across train and val
-# scores 0.80 (99.9th percentile of all distinct pairs: 0.72). 0.85 finds nearly every copy and no
-# distinct pair. (Features centred on the training mean separate no better: the margin was the same.)
+# of distinct photos across train and val scores 0.80 (99.9th percentile of all distinct pairs: 0.72).
+# 0.85 finds nearly every copy and no distinct pair. (Features centred on the training mean separate no better: the margin was the same.)
 NEAR_DUPLICATE_SIMILARITY = 0.85
 
 
