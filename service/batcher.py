@@ -38,8 +38,9 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, *, max_batch_size: int, max_latency_ms: float, on_batch=None, on_idle=None):
+    def __init__(self, *, max_batch_size: int, max_latency_ms: float, on_batch=None, on_idle=None, on_outputs=None):
         self.max_batch_size = max_batch_size
+        self.on_outputs = on_outputs  # called with (model, probs, embeddings) after each run (drift)
         self.max_wait = max_latency_ms / 1000
         self.on_batch = on_batch  # called with each run's size (the batch-size metric)
         self.on_idle = on_idle  # called when the queue runs empty, at most once a second (heap trimming)
@@ -100,8 +101,9 @@ class Batcher:
             arrays = batch[0].arrays if len(batch) == 1 else np.concatenate([b.arrays for b in batch])
             try:
                 # A request larger than the limit runs in slices of it, still on its one model.
-                probs = np.concatenate([batch[0].model.run(arrays[i:i + self.max_batch_size])
-                                        for i in range(0, len(arrays), self.max_batch_size)])
+                outs = [batch[0].model.run_outputs(arrays[i:i + self.max_batch_size])
+                        for i in range(0, len(arrays), self.max_batch_size)]
+                probs = np.concatenate([o[0] for o in outs])
             except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
                 log.exception("model run failed")
                 for b in batch:
@@ -113,7 +115,9 @@ class Batcher:
             for b in batch:
                 _settle(b, probs[start:start + len(b.arrays)])
                 start += len(b.arrays)
-            del batch, arrays, probs
+            if self.on_outputs and outs[0][1] is not None:  # after the replies: drift never delays one
+                self.on_outputs(batch[0].model, probs, np.concatenate([o[1] for o in outs]))
+            del batch, arrays, probs, outs
             if self.on_idle and not self._pending and time.monotonic() - self._last_idle > 1.0:
                 self._last_idle = time.monotonic()
                 self.on_idle()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from service import settings
+from service.drift import DriftMonitor, reference_for
 from service.replicas import StatusBoard, replica_id
 from training.contract import Contract
 from training.preprocess import preprocess
@@ -42,9 +43,18 @@ class Loaded:
     contract: Contract
     labels: tuple[str, ...]
     loaded_at: str
+    drift: object = None  # training.drift.Reference; None: drift is not available (why: drift_note)
+    drift_note: str | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probs"], {"input": batch})[0]
+
+    def run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, when this version has a drift reference, the embeddings of the same run."""
+        if self.drift is None:
+            return self.run(batch), None
+        probs, embeddings = self.session.run(["probs", "embedding"], {"input": batch})
+        return probs, embeddings
 
 
 def make_session(path: Path, threads: int):
@@ -78,14 +88,16 @@ def open_version(store: Store, version: str, threads: int) -> Loaded:
         raise ValueError(f"{version}: the contract names {len(labels)} classes but the model has {n_out} outputs")
     # The first run allocates onnxruntime's buffers; do it here so no client request pays for it.
     session.run(["probs"], {"input": np.zeros((1, 3, contract.input_size, contract.input_size), np.float32)})
-    return Loaded(version, session, contract, labels, now_iso())
+    drift, note = reference_for(session, path.parent)
+    return Loaded(version, session, contract, labels, now_iso(), drift, note)
 
 
 class ModelHolder:
     """The current model of this worker process and the thread that keeps it in step with the pointer."""
 
-    def __init__(self, store: Store, *, threads: int, poll_seconds: float):
+    def __init__(self, store: Store, *, threads: int, poll_seconds: float, drift: DriftMonitor | None = None):
         self.store = store
+        self.drift = drift  # its window summary goes into the status record (service/drift.py)
         self.threads = threads
         self.poll_seconds = poll_seconds
         self.current: Loaded | None = None
@@ -191,7 +203,7 @@ class ModelHolder:
                 return
             model, error = self.current, self.error
             status = {"version": model.version if model else None, "loaded_at": model.loaded_at if model else None,
-                      "error": error}
+                      "error": error, "drift": self.drift.summary() if self.drift else None}
             try:
                 self.board.publish(self.replica, os.getpid(), status)
             except (OSError, StoreError) as e:

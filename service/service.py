@@ -33,6 +33,7 @@ from service import settings, timeouts
 from service.admission import admit
 from service.batcher import Batcher, Overloaded
 from service.capture import Captures, new_id as new_capture_id, top_margin
+from service.drift import DriftMonitor
 from service.guard import Guard
 from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor, trim_heap
@@ -113,9 +114,11 @@ class Refit:
                                           ["version", "label"])
         self.m_batch = prom.Histogram("refit_batch_size", "Images per onnxruntime run (adaptive batching)",
                                       buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, settings.MAX_BATCH_SIZE})))
-        self.holder = ModelHolder(self.store, threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS)
+        self.drift_monitor = DriftMonitor(settings.DRIFT_WINDOW)
+        self.holder = ModelHolder(self.store, threads=settings.ORT_THREADS, poll_seconds=settings.POLL_SECONDS,
+                                  drift=self.drift_monitor)
         self.batcher = Batcher(max_batch_size=settings.MAX_BATCH_SIZE, max_latency_ms=settings.MAX_LATENCY_MS,
-                               on_batch=self.m_batch.observe, on_idle=trim_heap)
+                               on_batch=self.m_batch.observe, on_idle=trim_heap, on_outputs=self.drift_monitor.observe)
         # Decoding releases the GIL: on its own thread it overlaps the event loop's parsing and the model run.
         self.decoder = ThreadPoolExecutor(max_workers=settings.ORT_THREADS, thread_name_prefix="refit-decode")
         self.captures = Captures(self.store, max_images=settings.CAPTURE_MAX_IMAGES, days=settings.CAPTURE_DAYS)
@@ -217,6 +220,59 @@ class Refit:
         refusals = [w["error"] for w in workers if w.get("error")] + refused
         return {"promoted": promoted, "problem": self.store.pointer_problem(), "versions": rows,
                 "replica": self.replica, "serving": workers, "refused": refusals}
+
+    @admin.get("/versions/{version}")
+    def version_detail(self, version: str):
+        """One version: what /versions lists for it, plus its label problems (likely mislabeled images with
+        their given and suggested labels) and the near-duplicates found across its train and validation sets."""
+        from training.store import StoreError
+
+        try:
+            info = self.store.info(version)
+        except StoreError as e:
+            return FastJSON({"error": str(e)}, status_code=404)
+        try:
+            info["promoted"] = info["version"] == self.store.promoted()
+        except StoreError:
+            info["promoted"] = False
+        metrics = info.get("metrics") or {}
+        none = {"available": False, "reason": "not recorded for this version (published before these checks)"}
+        return {**_version_row(info), "label_problems": metrics.get("label_problems", none),
+                "near_duplicates": metrics.get("near_duplicates", none)}
+
+    @admin.get("/drift")
+    def drift_report(self) -> dict[str, Any]:
+        """Drift per served version: how far recent inputs lie from the training images (embedding score)
+        and how the predicted labels differ from the validation labels (total variation), over the pooled
+        windows of this replica's workers, with the thresholds and whether drift is flagged."""
+        return {"replica": self.replica, **self._drift()}
+
+    def _drift(self) -> dict:
+        from service.drift import pool, report
+        from training.drift import FILE, load_reference
+        from training.store import StoreError
+
+        try:
+            others = [w for w in self.board.live(self.replica) if w.get("pid") != os.getpid()]
+        except StoreError as e:
+            log.error("cannot read the other workers' drift windows: %s", e)
+            others = []
+        pooled = pool([self.drift_monitor.summary()] + [w.get("drift") for w in others])
+        current = self.holder.current
+        served = [current.version] if current else []
+        versions = list(dict.fromkeys(served + [w.get("version") for w in others if w.get("version")] + list(pooled)))
+        out = []
+        for v in versions:
+            ref, why = self.drift_monitor.references.get(v), None
+            if current is not None and v == current.version:
+                ref, why = current.drift, current.drift_note
+            elif ref is None:
+                try:
+                    ref = load_reference(self.store.path(v) / FILE)
+                except (OSError, StoreError, ValueError) as e:
+                    why = f"not available for this version: {e}"
+            out.append(report(v, ref, pooled.get(v), settings.DRIFT_WINDOW, why))
+        return {"window_per_worker": settings.DRIFT_WINDOW, "versions": out}
 
     @bentoml.api(route="/promote")
     def promote(self, version: str = Field(description="Version id, e.g. v0003."),
@@ -511,6 +567,18 @@ class Refit:
                   "the pointer is damaged or missing beside versions (see GET /versions).",
                   "# TYPE refit_promoted_pointer_ok gauge",
                   f"refit_promoted_pointer_ok {0 if self.store.pointer_problem() else 1}"]
+        lines += ["# HELP refit_drift_score Drift of recent inputs against the training data, per version: "
+                  "signal=embedding (distance ratio, about 1 without drift) and signal=labels (total variation of "
+                  "predicted labels against validation); see GET /drift for the thresholds.",
+                  "# TYPE refit_drift_score gauge",
+                  "# HELP refit_drift_flagged 1 when a version's drift score is over its threshold.",
+                  "# TYPE refit_drift_flagged gauge"]
+        for d in self._drift()["versions"]:
+            if d["available"] and d["window_fill"]:
+                v = d["version"]
+                lines += [f'refit_drift_score{{version="{v}",signal="embedding"}} {d["embedding"]["score"]}',
+                          f'refit_drift_score{{version="{v}",signal="labels"}} {d["labels"]["score"]}',
+                          f'refit_drift_flagged{{version="{v}"}} {int(d["flagged"])}']
         return content + "\n".join(lines) + "\n"
 
 
@@ -604,6 +672,9 @@ def _version_row(info: dict) -> dict:
     metrics = info.get("metrics") or {}
     summary = {k: metrics[k] for k in ("val_accuracy", "train_accuracy", "macro_f1", "val_loss", "train_val_gap",
                                        "train_seconds") if k in metrics}
+    for k in ("label_problems", "near_duplicates"):  # the counts; GET /versions/{id} lists them
+        if isinstance(metrics.get(k), dict) and "count" in metrics[k]:
+            summary[k] = metrics[k]["count"]
     if "val_accuracy" not in summary and info.get("val_accuracy") is not None:
         summary["val_accuracy"] = info["val_accuracy"]
     row = {"id": info["version"], "created": info.get("created"), "strategy": info.get("strategy"),

@@ -68,6 +68,11 @@ IMAGE_LIMITS = {"max_file_bytes": int(MAX_REQUEST_MB * 1024 * 1024), "max_pixels
 # stops them and exits; `bentoml serve` on its own would wait for them without limit (service/lifeline.py).
 SHUTDOWN_SECONDS = _float("REFIT_SHUTDOWN_SECONDS", 30)
 
+# Drift (service/drift.py): each model worker keeps the last DRIFT_WINDOW inputs per served version; GET /drift
+# pools the windows of a replica's workers. 200 per worker: a window of validation-like photos then scores
+# within a few percent of 1.0 (the threshold is computed for the window's fill, training/drift.py).
+DRIFT_WINDOW = _int("REFIT_DRIFT_WINDOW", 200)
+
 # Retrain jobs on a Redis queue for `refit worker`s on any machine (service/queue.py); unset, jobs run in a
 # training process of this machine, with nothing else to install.
 QUEUE = os.environ.get("REFIT_QUEUE") or None

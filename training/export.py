@@ -22,28 +22,44 @@ class ExportError(RuntimeError):
 
 
 class WithSoftmax(nn.Module):
-    """The exported graph returns probabilities, so a client needs nothing but the file."""
+    """The exported graph returns probabilities, so a client needs nothing but the file. With `classifier`
+    (the dotted name of the head) it also returns `embedding`, the head's input: the pooled backbone
+    features, which the service's drift monitor compares with the training features without torch and
+    without a second model run."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, classifier: str | None = None):
         super().__init__()
         self.model = model
+        self.classifier = classifier
 
     def forward(self, x):
-        return torch.softmax(self.model(x), dim=1)
+        if self.classifier is None:
+            return torch.softmax(self.model(x), dim=1)
+        seen = []
+        hook = self.model.get_submodule(self.classifier).register_forward_pre_hook(
+            lambda _module, args: seen.append(args[0]))
+        try:
+            logits = self.model(x)
+        finally:
+            hook.remove()
+        return torch.softmax(logits, dim=1), torch.flatten(seen[0], 1)
 
 
-def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, classifier: str | None = None,
+                opset: int = 17) -> Path:
+    """`classifier`: the head's dotted name, to export its input as the second output, `embedding`."""
     path = Path(path)
     # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
     # recursively, which would otherwise leave the caller's model in training mode.
     model.eval()
     dummy = torch.zeros(2, 3, contract.input_size, contract.input_size)
+    outputs = ["probs"] + (["embedding"] if classifier else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: mature for CNNs, gives a single self-contained file with a dynamic batch.
-        torch.onnx.export(WithSoftmax(model).eval(), dummy, str(path), input_names=["input"], output_names=["probs"],
-                          dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+        torch.onnx.export(WithSoftmax(model, classifier).eval(), dummy, str(path), input_names=["input"],
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]},
+                          opset_version=opset, dynamo=False)
     set_metadata(path, {CONTRACT_KEY: contract.to_json()})
     return path
 

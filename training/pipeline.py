@@ -17,6 +17,7 @@ import torch
 from training.config import TrainRequest
 from training.contract import Contract
 from training.data import Dataset, DatasetError, load_dataset
+from training.drift import FILE as DRIFT_FILE
 from training.export import CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
     set_metadata, verify_parity
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
@@ -232,7 +233,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
         t_fit = time.time()
         bb, strategy, history, auto = choose_and_train(run, log)
         train_seconds = time.time() - t_fit
-        onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx")
+        onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx", classifier=bb.classifier)
         # Parity: PyTorch against ONNX Runtime on (request.parity_images of) the validation images. Eager
         # PyTorch is the slow side on a CPU, so a capped, evenly spread sample keeps retraining fast.
         n_val = len(run.val_arrays)
@@ -262,6 +263,9 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
         if request.int8:
             int8 = _try_int8(onnx_path, tmp / "model.int8.onnx", run, report["accuracy"], log)
         decision = promotion_decision(request, store, ds, report["accuracy"], run)
+        fingerprint = ds.fingerprint()
+        problems, duplicates = _quality(run, bb, fingerprint, log)
+        drift = _drift_reference(run, bb, strategy, onnx_path, tmp / DRIFT_FILE)
         metrics = {
             "val_accuracy": report["accuracy"], "train_accuracy": train_acc,
             "train_val_gap": train_acc - report["accuracy"], "val_loss": ev["val_loss"],
@@ -270,17 +274,17 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             "strategy": strategy, "auto": auto, "parity": parity, "train_seconds": round(train_seconds, 2),
             "history": history, "counts": counts, "skipped": ds.skipped, "warnings": ds.warnings,
             "promotion": decision, "int8": int8, "lineage": lineage,
+            "label_problems": problems, "near_duplicates": duplicates, "drift": drift,
         }
         config = {**request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
             run.contract.to_json()), "train_images": len(ds.train), "val_images": len(ds.val)}}
-        fingerprint = ds.fingerprint()
         for name, obj in (("metrics.json", metrics), ("config.json", config), ("dataset.json", fingerprint)):
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
         save_results_csv(history, tmp / "results.csv")
         save_confusion_png(report["confusion_matrix"], ds.classes, tmp / "confusion_matrix.png",
                            f"{strategy}: val acc {report['accuracy']:.3f}")
         files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", "dataset.json", "results.csv",
-                                      "confusion_matrix.png", "model.int8.onnx") if (tmp / n).is_file()}
+                                      "confusion_matrix.png", "model.int8.onnx", DRIFT_FILE) if (tmp / n).is_file()}
         version = _publish(store, files, run.contract, {
             "strategy": strategy, "backbone": request.backbone, "parent": parent, "classes": ds.classes,
             "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
@@ -300,7 +304,52 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             "promoted": promoted, "promotion": decision, "parity": parity, "classes": ds.classes,
             "train_val_gap": metrics["train_val_gap"], "auto": auto, "skipped": ds.skipped, "lineage": lineage,
             "warnings": ds.warnings, "metrics": {k: metrics[k] for k in ("val_accuracy", "train_accuracy",
-                                                                          "macro_f1", "per_class")}}
+                                                                          "macro_f1", "per_class")},
+            "label_problems": {**problems, "items": problems["items"][:5]},
+            "near_duplicates": {**duplicates, "items": duplicates["items"][:5]}}
+
+
+def _quality(run: Run, bb: Backbone, fingerprint: dict, log: Callable) -> tuple[dict, dict]:
+    """Likely label errors and train/val near-duplicates, from the frozen pretrained features (cached by
+    every strategy but `scratch`, whose random backbone says nothing about the images: it extracts them)."""
+    from training.quality import label_problems, near_duplicates, summary_lines
+
+    tr, ty, va, vy = run.features(bb if run._features is not None else run.backbone(pretrained=True))
+    sha = {(f["split"], f["path"]): f["sha256"] for f in fingerprint["files"]}
+
+    def files(items, split):
+        rels = (p.relative_to(run.ds.root).as_posix() for p, _ in items)
+        return [{"path": r, "sha256": sha.get((split, r)), "split": split} for r in rels]
+
+    train_files, val_files = files(run.ds.train, "train"), files(run.ds.val, "val")
+    problems = label_problems(np.concatenate([tr.numpy(), va.numpy()]), np.concatenate([ty.numpy(), vy.numpy()]),
+                              run.ds.classes, train_files + val_files, seed=run.request.seed)
+    duplicates = near_duplicates(tr.numpy(), va.numpy(), train_files, val_files)
+    for line in summary_lines(problems, duplicates):
+        log(line)
+    return problems, duplicates
+
+
+def _drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out: Path) -> dict:
+    """The version's drift reference (training/drift.py), in the space of the file's `embedding` output:
+    the cached features when the backbone stayed frozen (the same numbers), else the exported file run on
+    the validation images and a sample of the training images."""
+    from training.drift import REFERENCE_SIZE, build_reference, save_reference
+
+    if strategy == "feature_extraction":
+        tr, _, va, _ = run.features(bb)
+        train_emb, val_emb = tr.numpy(), va.numpy()
+    else:
+        sess = session(onnx_path)
+        pick = np.sort(np.random.default_rng(run.request.seed).permutation(len(run.train_arrays))[:REFERENCE_SIZE])
+        emb = lambda arrays: np.concatenate([sess.run(["embedding"], {"input": arrays[i:i + 32]})[0]
+                                             for i in range(0, len(arrays), 32)])
+        train_emb, val_emb = emb(run.train_arrays[pick]), emb(run.val_arrays)
+    ref = build_reference(train_emb, val_emb, run.val_labels, run.ds.classes, seed=run.request.seed)
+    save_reference(ref, out)
+    return {"file": out.name, "reference_embeddings": int(len(ref.embeddings)),
+            "val_mean_distance": round(float(ref.val_distances.mean()), 4),
+            "val_labels": {c: round(float(p), 4) for c, p in zip(ref.classes, ref.val_labels)}}
 
 
 def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Callable):
@@ -372,7 +421,7 @@ def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str
         bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
         contract = bb.contract.with_classes(bb.imagenet_classes)
         with run_folder(store.home, "bootstrap") as tmp:
-            path = export_onnx(bb.model, contract, tmp / "model.onnx")
+            path = export_onnx(bb.model, contract, tmp / "model.onnx", classifier=bb.classifier)
             rng = np.random.default_rng(0)
             arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)
             with torch.no_grad():
