@@ -32,6 +32,7 @@ class Level:
     errors: int = 0
     error_kinds: dict = field(default_factory=dict)
     seconds: float = 0.0
+    warmup_ok: int = 0  # answered warm-up requests (not in the figures)
     latencies_ms: list = field(default_factory=list, repr=False)
 
     @property
@@ -109,20 +110,33 @@ async def _closed(url: str, images: list, concurrency: int, seconds: float, max_
     return level
 
 
-async def _open(url: str, images: list, rate: float, seconds: float, max_requests: int, timeout: float) -> Level:
+async def _open(url: str, images: list, rate: float, seconds: float, max_requests: int, timeout: float,
+                warmup_seconds: float = 0.0) -> Level:
     level = Level("open", rate=rate)
     feed = itertools.cycle(encode(images))
     n = max(1, min(max_requests, int(rate * seconds)))
     async with _client(url, 512, timeout) as client:
-        start = time.perf_counter()
 
-        async def request(i: int):
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
-            level.record(scheduled, await _one(client, next(feed)))
+        async def schedule(count: int, record) -> None:
+            start = time.perf_counter()
 
-        await asyncio.gather(*(request(i) for i in range(n)))
-        level.seconds = time.perf_counter() - start
+            async def request(i: int):
+                scheduled = start + i / rate
+                await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+                outcome = await _one(client, next(feed))
+                if record:
+                    level.record(scheduled, outcome)
+
+            await asyncio.gather(*(request(i) for i in range(count)))
+
+        # The same rate on the same client first, unrecorded, as the closed-loop levels warm up: the
+        # connections a steady client keeps open are made here, not inside the measured seconds.
+        if warmup_seconds > 0:
+            await schedule(max(1, int(rate * warmup_seconds)), record=False)
+            level.warmup_ok = max(1, int(rate * warmup_seconds))  # every one is awaited before the level
+        t0 = time.perf_counter()
+        await schedule(n, record=True)
+        level.seconds = time.perf_counter() - t0
     return level
 
 
@@ -137,7 +151,8 @@ def closed_loop(url: str, images: list, concurrency: int, *, seconds: float, war
 
 
 def open_loop(url: str, images: list, rate: float, *, seconds: float, max_requests: int,
-              timeout: float = 120) -> dict:
-    """Latency at an offered request rate (requests start on a fixed schedule)."""
+              warmup_seconds: float = 0.0, timeout: float = 120) -> dict:
+    """Latency at an offered request rate (requests start on a fixed schedule), after a warm-up at that rate."""
     _check_local(url)
-    return {**asyncio.run(_open(url, images, rate, seconds, max_requests, timeout)).summary(), "generator": "aiohttp"}
+    level = asyncio.run(_open(url, images, rate, seconds, max_requests, timeout, warmup_seconds))
+    return {**level.summary(), "generator": "aiohttp", "warmup_ok": level.warmup_ok}

@@ -61,7 +61,8 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
             rate = HALF * best["throughput"]
             log(f"served: open loop at {rate:.1f} requests/s (half of {best['throughput']:.1f})")
             out["half_load"] = _measure(srv, partial(loadgen.open_loop, srv.url, images, rate,
-                                                     seconds=plan.level_seconds, max_requests=plan.level_max_requests))
+                                                     seconds=plan.level_seconds, max_requests=plan.level_max_requests,
+                                                     warmup_seconds=plan.level_warmup_seconds))
             out["half_load"]["rss_mb"] = memory(srv.proc.pid)["replica_mb"]
             out["memory"] = _memory_after(srv, images, plan, out, best)
     with naive_server(logs / "naive.log") as srv:

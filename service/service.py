@@ -10,6 +10,7 @@ promoted pointer and swaps versions without a restart.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import json
 import logging
@@ -127,6 +128,11 @@ class Refit:
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
         self.m_retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
                                                 buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
+        # Everything made so far (BentoML, onnxruntime's bindings, the model) lives as long as the worker: moved
+        # out of the garbage collector's sight, a full collection during traffic scans only what requests made,
+        # which shortens the pauses that land on a request's latency.
+        gc.collect()
+        gc.freeze()
 
     @bentoml.on_deployment
     def prepare() -> None:
