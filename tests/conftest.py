@@ -187,3 +187,16 @@ def redis_url(tmp_path_factory):
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+@pytest.fixture(params=["folder", "s3"])
+def any_store(request, tmp_path):
+    """The same test on a folder store and on an S3 store (a fresh prefix of the moto bucket)."""
+    import uuid
+
+    from training.store import Store
+
+    if request.param == "s3":
+        request.getfixturevalue("s3_endpoint")
+        return Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
+    return Store(tmp_path / "home")

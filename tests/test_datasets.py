@@ -25,12 +25,9 @@ from training.store import Store
 FAST = {"strategy": "feature_extraction", "head_epochs": 20, "promote": False, "int8": False}
 
 
-@pytest.fixture(params=["folder", "s3"])
-def store(request, tmp_path) -> Store:
-    if request.param == "s3":
-        request.getfixturevalue("s3_endpoint")
-        return Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
-    return Store(tmp_path / "home")
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def blob_count(store: Store) -> int:

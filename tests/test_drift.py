@@ -4,7 +4,6 @@ noise and line drawings that must, and an older version without the `embedding` 
 and says drift is not available (issue 12, "Drift")."""
 from __future__ import annotations
 
-import io
 import json
 import random
 import shutil
@@ -12,41 +11,19 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import onnx
 import pytest
-from PIL import Image, ImageDraw
 
+from bench.quality_thresholds import noise_image, sketch_image
 from conftest import run_cli
 from serving import AUTH, Server, copy_store, metric, wait_serving
 
 WINDOW = 32  # per worker, small so the test fills it quickly
 
 
-def jpeg(im: Image.Image) -> bytes:
-    b = io.BytesIO()
-    im.convert("RGB").save(b, "JPEG", quality=90)
-    return b.getvalue()
-
-
-def noise(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    return jpeg(Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)))
-
-
-def sketch(seed: int) -> bytes:
-    """A line drawing: black strokes and circles on white."""
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (256, 256), "white")
-    d = ImageDraw.Draw(im)
-    for _ in range(10):
-        x, y, x2, y2 = (int(v) for v in rng.integers(0, 256, 4))
-        if rng.random() < 0.5:
-            d.line((x, y, x2, y2), fill="black", width=3)
-        else:
-            r = int(rng.integers(8, 50))
-            d.ellipse((x - r, y - r, x + r, y + r), outline="black", width=2)
-    return jpeg(im)
+# The images the drift threshold was measured against (bench/quality_thresholds.py), so the test and the
+# figures in docs/service.md speak of the same inputs.
+noise, sketch = noise_image, sketch_image
 
 
 def without_embedding(src: Path, dest: Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving, wait_task
+from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving
 
 PURPLE = (130, 40, 130)  # halfway between the two colours: the model cannot be sure
 
@@ -84,6 +84,20 @@ def test_dataset_retrain_predict_feedback_loop(http, server):
     # A correction of that correction relabels the image (a new snapshot; the old one stays).
     fixed = http.post("/feedback", headers=AUTH, json={"prediction_id": p["prediction_id"], "label": "red"}).json()
     assert fixed["relabelled"] and fixed["snapshot"] != fb["snapshot"]
+
+    # The next version is trained on the grown dataset and says so; its report and the drift figure are there.
+    r = http.post("/retrain", headers=AUTH, json={"dataset": "colours", "strategy": "feature_extraction",
+                                                  "head_epochs": 60})
+    assert r.status_code == 200, r.text
+    grown = r.json()["version"]
+    detail = http.get(f"/versions/{grown}").json()
+    assert detail["lineage"] == {"dataset": "colours", "snapshot": fixed["snapshot"]}, detail
+    assert detail["label_problems"]["available"] and detail["near_duplicates"]["count"] >= 0, detail
+    assert http.get(f"/versions/{version}").json()["lineage"]["snapshot"] == before["snapshot"]
+    wait_serving(http, grown, timeout=30)
+    assert predict(http, ("red.jpg", solid(COLOURS["red"], seed=902))).status_code == 200
+    drift = {v["version"]: v for v in http.get("/drift").json()["versions"]}
+    assert grown in drift, drift
 
 
 def test_feedback_errors_are_named(http, server):
