@@ -210,6 +210,7 @@ def cmd_explain(args) -> int:
 
     from service.explain import NotExplainable, UnknownLabel, explain_upload
     from service.model import ModelHolder, open_version
+    from training.preprocess import MAX_PIXELS
     from training.store import Store
 
     image = Path(args.image)
