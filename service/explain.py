@@ -39,7 +39,8 @@ class NotExplainable(Exception):
 class UnknownLabel(ValueError):
     def __init__(self, label: str, classes: tuple[str, ...]):
         shown = ", ".join(classes[:MAX_LISTED_CLASSES])
-        more = f", ... ({len(classes)} classes in all, listed in `classes`)" if len(classes) > MAX_LISTED_CLASSES else ""
+        more = (f", ... ({len(classes)} classes in all, listed in `classes`)"
+                if len(classes) > MAX_LISTED_CLASSES else "")
         super().__init__(f"label {label!r} is not a class of this version; its classes: {shown}{more}")
         self.classes = classes
 

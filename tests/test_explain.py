@@ -185,9 +185,10 @@ def test_bad_requests_get_the_errors_predict_gives(http, real_data):
     assert r.status_code == 415 and "multipart/form-data" in r.json()["error"]
     r = http.post("/explain", files={"images": ("a.jpg", data, "image/jpeg")})
     assert r.status_code == 400 and "unknown form field(s) ['images']" in r.json()["error"]
-    r = http.post("/explain", files=[("image", ("a.jpg", data, "image/jpeg")), ("image", ("b.jpg", data, "image/jpeg"))])
+    two = [("image", (f"{n}.jpg", data, "image/jpeg")) for n in "ab"]
+    r = http.post("/explain", files=two)
     assert r.status_code == 400 and "exactly one image" in r.json()["error"]
-    r = http.post("/explain", data={"image": "https://example.com/a.jpg"})
+    r = http.post("/explain", files={"image": (None, "https://example.com/a.jpg")})  # a text part, no file
     assert r.status_code == 400 and "not a file upload" in r.json()["error"]
     r = explain(http, b"not an image at all", "notes.txt")
     assert r.status_code == 400 and r.json()["error"].startswith("notes.txt: not an image")
