@@ -166,6 +166,13 @@ def test_explain_an_ant_photo(http, real_data):
                                           "height": 224 / 256}, abs=1e-6)
 
 
+def test_explain_is_on_the_openapi_page(http):
+    spec = http.get("/docs.json").json()
+    op = spec["paths"]["/explain"]["post"]
+    assert "class activation map" in op["description"]
+    assert "image" in json.dumps(op["requestBody"]) and "overlay_png" in json.dumps(spec)
+
+
 def test_explain_a_chosen_label(http, real_data):
     data = (real_data / ANT).read_bytes()
     ant = explain(http, data).json()
