@@ -26,7 +26,7 @@ def needs_token(method: str, path: str) -> bool:
     if path == "/feedback" or path.startswith("/captures/") or (path.startswith("/datasets/")
                                                                  and path.endswith("/suggest")):
         return True
-    return settings.PROTECT_PREDICT and path.startswith("/predict")
+    return settings.PROTECT_PREDICT and path.startswith(("/predict", "/explain"))
 
 
 def authorized(scope) -> bool:

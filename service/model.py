@@ -45,6 +45,7 @@ class Loaded:
     loaded_at: str
     drift: object = None  # training.drift.Reference; None: drift is not available (why: drift_note)
     drift_note: str | None = None
+    folder: Path | None = None  # the version's files (cam.npz for explanations, read when first asked for)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probs"], {"input": batch})[0]
@@ -89,7 +90,7 @@ def open_version(store: Store, version: str, threads: int) -> Loaded:
     # The first run allocates onnxruntime's buffers; do it here so no client request pays for it.
     session.run(["probs"], {"input": np.zeros((1, 3, contract.input_size, contract.input_size), np.float32)})
     drift, note = reference_for(session, path.parent)
-    return Loaded(version, session, contract, labels, now_iso(), drift, note)
+    return Loaded(version, session, contract, labels, now_iso(), drift, note, path.parent)
 
 
 class ModelHolder:

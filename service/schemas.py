@@ -6,7 +6,7 @@ import binascii
 import json
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import ClassVar, NamedTuple, Optional
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -65,15 +65,62 @@ class Upload(BaseModel):
 
 
 class SelfParsed(bentoml.IODescriptor):
-    """An input that parses the HTTP request itself (`_parse`). A refusal is handed to the API function as
-    `images=Rejected(...)`, for it to answer with, instead of being raised (see Rejected)."""
+    """An input that parses the HTTP request itself (`_parse`). A refusal is handed to the API function in its
+    file field (`images=Rejected(...)`, or the field `file_field` names), for it to answer with, instead of
+    being raised (see Rejected)."""
+
+    file_field: ClassVar[str] = "images"
 
     @classmethod
     async def from_http_request(cls, request, serde):
         try:
             return await cls._parse(request)
         except RequestError as e:
-            return cls.model_construct(images=Rejected(e.status, str(e)))
+            return cls.model_construct(**{cls.file_field: Rejected(e.status, str(e))})
+
+
+async def read_multipart(request, *, field: str, fields: tuple[str, ...], max_files: int, other: str):
+    """The multipart form of a predict-like request, with its errors as RequestError: not multipart (415;
+    `other` names the route JSON clients use), over the size limit (413), malformed, or a form field other
+    than `fields` (400)."""
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise RequestError(415, f"send multipart/form-data with image files in the field `{field}` "
+                                f"(got {ctype or 'no content type'}){other}")
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=20)
+    except BodyTooLarge:
+        raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
+    except (MultiPartException, HTTPException) as e:
+        detail = str(getattr(e, "detail", None) or getattr(e, "message", None) or e)
+        if "too many files" in detail.lower():
+            raise RequestError(400, f"too many images: the limit is {max_files} per request") from None
+        raise RequestError(400, f"malformed multipart form: {detail}") from None
+    unknown = sorted(set(form.keys()) - set(fields))
+    if unknown:
+        raise RequestError(400, f"unknown form field(s) {unknown}; expected {', '.join(fields)}")
+    return form
+
+
+def form_options(form, model: type[BaseModel], keys: tuple[str, ...]):
+    """The form's option fields validated by `model` (numbers arrive as text and are JSON-decoded when they
+    can be); a RequestError naming each bad field."""
+    options = {}
+    for key in keys:
+        if key in form:
+            raw = form[key]
+            try:
+                options[key] = json.loads(raw) if isinstance(raw, str) else raw
+            except json.JSONDecodeError:
+                options[key] = raw
+    try:
+        return model.model_validate(options)
+    except ValidationError as e:
+        raise RequestError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                          for x in e.errors())) from None
 
 
 class PredictInput(SelfParsed):
@@ -87,25 +134,8 @@ class PredictInput(SelfParsed):
 
     @classmethod
     async def _parse(cls, request):
-        from starlette.exceptions import HTTPException
-        from starlette.formparsers import MultiPartException
-
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise RequestError(415, f"send multipart/form-data with image files in the field `images` "
-                                    f"(got {ctype or 'no content type'}); JSON clients use POST /predict_base64")
-        try:
-            form = await request.form(max_files=settings.MAX_IMAGES + 1, max_fields=20)
-        except BodyTooLarge:
-            raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
-        except (MultiPartException, HTTPException) as e:
-            detail = str(getattr(e, "detail", None) or getattr(e, "message", None) or e)
-            if "too many files" in detail.lower():
-                raise RequestError(400, f"too many images: the limit is {settings.MAX_IMAGES} per request") from None
-            raise RequestError(400, f"malformed multipart form: {detail}") from None
-        unknown = sorted(set(form.keys()) - {"images", "top_k", "threshold"})
-        if unknown:
-            raise RequestError(400, f"unknown form field(s) {unknown}; expected images, top_k, threshold")
+        form = await read_multipart(request, field="images", fields=("images", "top_k", "threshold"),
+                                    max_files=settings.MAX_IMAGES, other="; JSON clients use POST /predict_base64")
         files = form.getlist("images")
         if not files:
             raise RequestError(400, "no images: send one or more files in the multipart field `images`")
@@ -116,19 +146,7 @@ class PredictInput(SelfParsed):
             if not isinstance(f, UploadFile):
                 raise RequestError(400, f"images[{i}] is a text value, not a file upload")
             uploads.append(Upload(name=f.filename or f"images[{i}]", data=await f.read()))
-        options = {}
-        for key in ("top_k", "threshold"):
-            if key in form:
-                raw = form[key]
-                try:
-                    options[key] = json.loads(raw) if isinstance(raw, str) else raw
-                except json.JSONDecodeError:
-                    options[key] = raw
-        try:
-            opts = PredictOptions.model_validate(options)
-        except ValidationError as e:
-            raise RequestError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
-                                              for x in e.errors())) from None
+        opts = form_options(form, PredictOptions, ("top_k", "threshold"))
         # Already validated above; construct skips the file-path coercion BentoML applies to `images`.
         return cls.model_construct(images=uploads, top_k=opts.top_k, threshold=opts.threshold)
 
@@ -200,6 +218,65 @@ class PredictBase64Input(SelfParsed):
                                         "(line breaks, a data: URL prefix and the URL-safe alphabet are "
                                         "accepted)") from None
         return cls.model_construct(images=uploads, top_k=req.top_k, threshold=req.threshold)
+
+
+# --- explain -------------------------------------------------------------------------------------------
+
+class ExplainInput(SelfParsed):
+    """multipart/form-data: one image file in the field `image`, plus the options (the same limits and error
+    shapes as /predict)."""
+
+    file_field: ClassVar[str] = "image"
+
+    image: Path = Field(description="One image file (JPEG, PNG, WebP, BMP, GIF, TIFF).")
+    label: Optional[str] = Field(None, description="The class to explain; default: the most probable one.")
+    top_k: int = PredictOptions.model_fields["top_k"]
+    threshold: float = PredictOptions.model_fields["threshold"]
+
+    @classmethod
+    async def _parse(cls, request):
+        form = await read_multipart(request, field="image", fields=("image", "label", "top_k", "threshold"),
+                                    max_files=1, other="")
+        files = form.getlist("image")
+        if len(files) != 1:
+            raise RequestError(400, f"send exactly one image file in the multipart field `image` (got {len(files)})")
+        if not isinstance(files[0], UploadFile):
+            raise RequestError(400, "image is a text value, not a file upload")
+        # The label is a class name: taken as the text it is, never JSON-decoded (a class may be named "1").
+        opts = form_options(form, PredictOptions, ("top_k", "threshold"))
+        label = form.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 200):
+            raise RequestError(400, "label: send the class name to explain as text (1 to 200 characters)")
+        upload = Upload(name=files[0].filename or "image", data=await files[0].read())
+        return cls.model_construct(image=upload, label=label, top_k=opts.top_k, threshold=opts.threshold)
+
+
+class Crop(BaseModel):
+    left: float = Field(description="Left edge of the crop the model saw, as a fraction of the image's width.")
+    top: float = Field(description="Top edge, as a fraction of the image's height.")
+    width: float = Field(description="Width, as a fraction of the image's width.")
+    height: float = Field(description="Height, as a fraction of the image's height.")
+
+
+class Point(BaseModel):
+    x: float = Field(description="From the crop's left edge, as a fraction of its width.")
+    y: float = Field(description="From the crop's top edge, as a fraction of its height.")
+
+
+class Explanation(BaseModel):
+    label: str = Field(description='Best class, or "unknown" when its score is under the threshold.')
+    score: float = Field(description="Probability of the best class.")
+    top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
+    version: str = Field(description="The model version that answered.")
+    explained: str = Field(description="The class the heatmap is for (`label`, or the best class).")
+    explained_score: float = Field(description="Its probability.")
+    heatmap: list[list[float]] = Field(description="The class activation map at the model's feature-map "
+                                       "resolution (rows top to bottom), scaled to 0..1; it covers the centre crop "
+                                       "the model saw (`crop`).")
+    overlay_png: str = Field(description="A PNG of the crop with the map (upsampled to it) blended over it in a "
+                             "blue-to-red colour scale, base64-encoded.")
+    peak: Point = Field(description="Where the upsampled map is highest, in the crop.")
+    crop: Crop = Field(description="Where the crop lies in the uploaded (upright) image.")
 
 
 # --- retrain --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ promoted pointer and swaps versions without a restart.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import importlib.util
 import json
@@ -43,8 +44,8 @@ from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
-from service.schemas import RETRAIN_BODY, FeedbackRequest, PredictBase64Input, PredictInput, Prediction, \
-    Rejected
+from service.schemas import RETRAIN_BODY, ExplainInput, Explanation, FeedbackRequest, PredictBase64Input, \
+    PredictInput, Prediction, Rejected
 from training.store import now_iso
 
 timeouts.install()  # before BentoML builds the app: its request timeout keeps every request for an hour
@@ -122,6 +123,9 @@ class Refit:
                                on_batch=self.m_batch.observe, on_idle=trim_heap, on_outputs=self.drift_monitor.observe)
         # Decoding releases the GIL: on its own thread it overlaps the event loop's parsing and the model run.
         self.decoder = ThreadPoolExecutor(max_workers=settings.ORT_THREADS, thread_name_prefix="refit-decode")
+        # Explanations run on a thread of their own, one at a time per worker, beside the batcher: they never
+        # join a /predict batch, and a burst of them holds at most one model run's worth of cores.
+        self.explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-explain")
         self.captures = Captures(self.store, max_images=settings.CAPTURE_MAX_IMAGES, days=settings.CAPTURE_DAYS)
         self.m_capture_dropped = prom.Counter("refit_capture_dropped", "Predicted images not captured because "
                                               "the store fell behind (the predictions were answered)")
@@ -203,6 +207,40 @@ class Refit:
                 self.m_capture_dropped.inc()
             replies.append(Prediction(**r))
         return replies
+
+    # -- explain ---------------------------------------------------------------------------------
+    @bentoml.api(route="/explain", input_spec=ExplainInput)
+    async def explain(self, image, label: str | None, top_k: int, threshold: float) -> Explanation:
+        """Classify one image (multipart field `image`) and show why: a class activation map for `label`
+        (default: the top class) as a PNG overlay and as a small array. 409 for a version exported without
+        the feature map, 422 for a label that is not one of its classes."""
+        from service.explain import NotExplainable, UnknownLabel, explain_upload
+        from training.preprocess import ImageError
+
+        if isinstance(image, Rejected):
+            return error(image.status, image.message)
+        refused = _over_budget([(image.name, image.data)])
+        if refused:
+            return refused
+        model = self.holder.current  # read once, as /predict does
+        if model is None:
+            return error(503, _unavailable(self.store, self.holder))
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                self.explainer, explain_upload, model, image.name, image.data, label, settings.MAX_IMAGE_PIXELS)
+        except NotExplainable as e:
+            return error(409, str(e), version=model.version)
+        except UnknownLabel as e:
+            return error(422, str(e), version=model.version, classes=list(e.classes))
+        except ImageError as e:
+            msg = str(e)
+            return error(400, msg if msg.startswith(image.name) else f"{image.name}: {msg}")
+        except Exception as e:  # noqa: BLE001 - the client is told, not given a bare 500
+            log.exception("explain failed on %s", model.version)
+            return error(503, f"the model failed on this image ({type(e).__name__}); try again")
+        answer = ModelHolder.answer(model, found.pop("probs"), top_k, threshold)
+        found["overlay_png"] = base64.b64encode(found["overlay_png"]).decode("ascii")
+        return Explanation(**answer, **found)
 
     # -- versions --------------------------------------------------------------------------------
     @admin.get("/versions")

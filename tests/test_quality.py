@@ -75,7 +75,7 @@ def test_version_has_embedding_output_and_drift_reference(trained):
 
     folder = trained["folder"]
     outputs = [o.name for o in onnx.load(str(folder / "model.onnx")).graph.output]
-    assert outputs == ["probs", "embedding"]
+    assert outputs == ["probs", "embedding", "features"]  # features: for explanations (tests/test_explain.py)
     ref = load_reference(folder / "drift.npz")
     assert ref.embeddings.shape[1] == 1280 and 0 < len(ref.embeddings) <= 256
     assert ref.classes == ("ants", "bees") and abs(ref.val_labels.sum() - 1) < 1e-9

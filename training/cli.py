@@ -3,6 +3,7 @@
     refit train ./photos [--strategy partial --epochs 8 ...] [--json]
     refit versions | refit promote v0003 | refit rollback
     refit predict cat.jpg [--version v0003] [--top-k 5]
+    refit explain ant.jpg [--version v0003] [-o heatmap.png] [--label ants]   # where the model looked
     refit backbones
     refit dataset add bees ./photos [--label bee] | refit dataset list | refit dataset show bees
     refit train --dataset bees [--snapshot ID]   # train on a dataset of the store; the version records it
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--version", default="promoted", help="version id, 'promoted' (default) or 'latest'")
     pd.add_argument("--top-k", type=int, default=3)
     pd.add_argument("--json", action="store_true")
+    ex = sub.add_parser("explain", help="classify an image and show where the model looked: a class "
+                        "activation map, as a PNG over the image's centre crop (-o) and as a small grid")
+    ex.add_argument("image")
+    ex.add_argument("--version", default="promoted", help="version id, 'promoted' (default) or 'latest'")
+    ex.add_argument("-o", "--output", default=None, help="write the heatmap over the crop to this PNG file")
+    ex.add_argument("--label", default=None, help="the class to explain (default: the most probable one)")
+    ex.add_argument("--top-k", type=int, default=3)
+    ex.add_argument("--json", action="store_true", help="print the answer as JSON (the grid included)")
     sub.add_parser("backbones", help="list backbone names")
     ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show")
     dsub = ds.add_subparsers(dest="dataset_command", required=True)
@@ -194,6 +203,47 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """The service's numpy code (`service/explain.py`) on the version's ONNX file, opened as serving opens it."""
+    import os
+    from pathlib import Path
+
+    from service.explain import NotExplainable, UnknownLabel, explain_upload
+    from service.model import ModelHolder, open_version
+    from training.preprocess import MAX_PIXELS
+    from training.store import Store
+
+    image = Path(args.image)
+    if not image.is_file():
+        print(f"refit: error: {image}: no such file", file=sys.stderr)
+        return 2
+    store = Store()
+    version = store.resolve(args.version)
+    model = open_version(store, version, threads=os.cpu_count() or 1)
+    try:
+        found = explain_upload(model, image.name, image.read_bytes(), args.label, max_pixels=MAX_PIXELS)
+    except (NotExplainable, UnknownLabel) as e:
+        print(f"refit: error: {e}", file=sys.stderr)
+        return 2
+    answer = ModelHolder.answer(model, found.pop("probs"), args.top_k, 0.0)
+    png = found.pop("overlay_png")
+    if args.output:
+        Path(args.output).write_bytes(png)
+    result = {"image": args.image, **answer, **found, "overlay": args.output}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.image} ({version}): " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in answer["top_k"]))
+    peak = found["peak"]
+    print(f"explained {found['explained']} ({found['explained_score']:.3f}); peak at {peak['x']:.0%} across, "
+          f"{peak['y']:.0%} down the centre crop")
+    for row in found["heatmap"]:
+        print("  " + " ".join(f"{v:4.2f}" for v in row))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv=None) -> int:
     import logging
 
@@ -222,6 +272,8 @@ def main(argv=None) -> int:
             return 0
         if args.command == "predict":
             return cmd_predict(args)
+        if args.command == "explain":
+            return cmd_explain(args)
         if args.command == "worker":
             from service.worker import main as work
 

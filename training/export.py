@@ -14,6 +14,7 @@ from training.contract import Contract
 
 CONTRACT_KEY = "refit.contract"
 VERSION_KEY = "refit.version"
+CAM_FILE = "cam.npz"  # the head's weight and bias, for class activation maps (service/explain.py)
 PARITY_TOLERANCE = 1e-4  # max |prob_torch - prob_onnx| allowed before a version may be published
 
 
@@ -25,42 +26,89 @@ class WithSoftmax(nn.Module):
     """The exported graph returns probabilities, so a client needs nothing but the file. With `classifier`
     (the dotted name of the head) it also returns `embedding`, the head's input: the pooled backbone
     features, which the service's drift monitor compares with the training features without torch and
-    without a second model run."""
+    without a second model run. With `features` as well, it returns the last feature map before the global
+    average pooling (N x C x h x w), from which the service computes class activation maps in numpy
+    (`service/explain.py`)."""
 
-    def __init__(self, model: nn.Module, classifier: str | None = None):
+    def __init__(self, model: nn.Module, classifier: str | None = None, features: bool = False):
         super().__init__()
         self.model = model
         self.classifier = classifier
+        self.features = features
 
     def forward(self, x):
         if self.classifier is None:
             return torch.softmax(self.model(x), dim=1)
-        seen = []
-        hook = self.model.get_submodule(self.classifier).register_forward_pre_hook(
-            lambda _module, args: seen.append(args[0]))
+        seen, pooled = [], []
+        hooks = [self.model.get_submodule(self.classifier).register_forward_pre_hook(
+            lambda _module, args: seen.append(args[0]))]
+        if self.features:
+            # Squeeze-and-excitation blocks pool too; the global pooling is the last one the forward pass runs.
+            hooks += [m.register_forward_pre_hook(lambda _module, args: pooled.append(args[0]))
+                      for m in self.model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
         try:
             logits = self.model(x)
         finally:
-            hook.remove()
-        return torch.softmax(logits, dim=1), torch.flatten(seen[0], 1)
+            for hook in hooks:
+                hook.remove()
+        out = (torch.softmax(logits, dim=1), torch.flatten(seen[0], 1))
+        return out + (pooled[-1],) if self.features else out
+
+
+def cam_head(model: nn.Module, classifier: str, input_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The head's (weight, bias) when the model ends in global average pooling and that one linear layer,
+    so that a class activation map is exact: the head's weights for the class applied to the feature map
+    at each position. Checked on an input, not assumed from the architecture: a head with layers of its own
+    between the pooling and the last linear layer (MobileNetV3's, ConvNeXt's normalisation) returns None."""
+    head = model.get_submodule(classifier)
+    if not isinstance(head, nn.Linear):
+        return None
+    wrapper = WithSoftmax(model, classifier, features=True).eval()
+    x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            _, embedding, fmap = wrapper(x)
+    except IndexError:  # no global average pooling module ran
+        return None
+    if fmap.dim() != 4 or fmap.shape[1] != embedding.shape[1]:
+        return None
+    if not torch.allclose(fmap.mean((2, 3)), embedding, rtol=1e-4, atol=1e-5):
+        return None
+    return (head.weight.detach().cpu().numpy().astype(np.float32),
+            head.bias.detach().cpu().numpy().astype(np.float32) if head.bias is not None
+            else np.zeros(head.out_features, np.float32))
+
+
+def save_cam_head(weight: np.ndarray, bias: np.ndarray, path: Path | str) -> Path:
+    """The version's `cam.npz`: what the service needs beside the `features` output for class activation
+    maps (the serving image has no onnx package to read the head from the model file)."""
+    with open(path, "wb") as f:
+        np.savez_compressed(f, weight=weight, bias=bias)
+    return Path(path)
 
 
 def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, classifier: str | None = None,
                 opset: int = 17) -> Path:
-    """`classifier`: the head's dotted name, to export its input as the second output, `embedding`."""
+    """`classifier`: the head's dotted name, to export its input as the second output, `embedding`, and, when
+    the head is a linear layer on the globally pooled feature map, that map as a third output, `features`,
+    with the head's weights in `cam.npz` beside the file (see `cam_head`)."""
     path = Path(path)
     # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards,
     # recursively, which would otherwise leave the caller's model in training mode.
     model.eval()
+    head = cam_head(model, classifier, contract.input_size) if classifier else None
     dummy = torch.zeros(2, 3, contract.input_size, contract.input_size)
-    outputs = ["probs"] + (["embedding"] if classifier else [])
+    outputs = ["probs"] + (["embedding"] if classifier else []) + (["features"] if head else [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: mature for CNNs, gives a single self-contained file with a dynamic batch.
-        torch.onnx.export(WithSoftmax(model, classifier).eval(), dummy, str(path), input_names=["input"],
-                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]},
+        torch.onnx.export(WithSoftmax(model, classifier, features=head is not None).eval(), dummy, str(path),
+                          input_names=["input"], output_names=outputs,
+                          dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]},
                           opset_version=opset, dynamo=False)
     set_metadata(path, {CONTRACT_KEY: contract.to_json()})
+    if head:
+        save_cam_head(*head, path.with_name(CAM_FILE))
     return path
 
 

@@ -18,7 +18,7 @@ from training.config import TrainRequest
 from training.contract import Contract
 from training.data import Dataset, DatasetError, load_dataset
 from training.drift import FILE as DRIFT_FILE
-from training.export import CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
+from training.export import CAM_FILE, CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
     set_metadata, verify_parity
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
     fine_tune, fit_head
@@ -284,7 +284,8 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
         save_confusion_png(report["confusion_matrix"], ds.classes, tmp / "confusion_matrix.png",
                            f"{strategy}: val acc {report['accuracy']:.3f}")
         files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", "dataset.json", "results.csv",
-                                      "confusion_matrix.png", "model.int8.onnx", DRIFT_FILE) if (tmp / n).is_file()}
+                                      "confusion_matrix.png", "model.int8.onnx", DRIFT_FILE, CAM_FILE)
+                 if (tmp / n).is_file()}
         version = _publish(store, files, run.contract, {
             "strategy": strategy, "backbone": request.backbone, "parent": parent, "classes": ds.classes,
             "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
@@ -430,8 +431,8 @@ def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str
             (tmp / "metrics.json").write_text(json.dumps({"parity": parity, "strategy": "pretrained",
                                                           "note": "ImageNet-1k head, no customer data"}))
             (tmp / "config.json").write_text(json.dumps({"backbone": "efficientnet_lite0", "strategy": "pretrained"}))
-            version = _publish(store, {"model.onnx": path, "metrics.json": tmp / "metrics.json",
-                                       "config.json": tmp / "config.json"}, contract,
+            files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", CAM_FILE) if (tmp / n).is_file()}
+            version = _publish(store, files, contract,
                                {"strategy": "pretrained", "backbone": "efficientnet_lite0", "parent": None,
                                 "classes": ["<imagenet-1k>"], "val_accuracy": None, "actor": "bootstrap",
                                 "parity_max_abs_diff": parity["max_abs_prob_diff"]})

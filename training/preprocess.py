@@ -142,17 +142,24 @@ def resize_crop(im: Image.Image, contract: Contract) -> Image.Image:
     Only the crop window is resampled (PIL's `box`): the same pixels as resizing the whole image and
     cropping it, without computing the third of the resized image the crop throws away."""
     w, h = im.size
-    size, c = contract.resize_size, contract.input_size
-    if w <= h:
-        nw, nh = size, int(size * h / w)
-    else:
-        nw, nh = int(size * w / h), size
-    left, top = int(round((nw - c) / 2.0)), int(round((nh - c) / 2.0))
+    c = contract.input_size
+    nw, nh, left, top = crop_window(w, h, contract)
     if (nw, nh) == (w, h):
         return im.crop((left, top, left + c, top + c))
     sx, sy = w / nw, h / nh
     box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
     return im.resize((c, c), _RESAMPLE[contract.interpolation], box=box)
+
+
+def crop_window(w: int, h: int, contract: Contract) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of `resize_crop` for a w x h image: the crop is the
+    input_size square at (left, top) of the image resized to that size."""
+    size, c = contract.resize_size, contract.input_size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    return nw, nh, int(round((nw - c) / 2.0)), int(round((nh - c) / 2.0))
 
 
 def eval_array(im: Image.Image, contract: Contract) -> np.ndarray:
