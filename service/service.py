@@ -283,7 +283,12 @@ class Refit:
             info["promoted"] = False
         metrics = info.get("metrics") or {}
         none = {"available": False, "reason": "not recorded for this version (published before these checks)"}
-        return {**_version_row(info), "label_problems": metrics.get("label_problems", none),
+        # Per-class figures and the confusion matrix as numbers, for pages that draw their own table; the
+        # figures training drew are at /versions/{id}/files/{name}.
+        detail = {k: metrics[k] for k in ("per_class", "confusion_matrix", "int8", "parity") if k in metrics}
+        return {**_version_row(info), **detail, "precision": info.get("precision"),
+                "files": [n for n in console.VERSION_FILES if self.store.version_file(version, n) is not None],
+                "label_problems": metrics.get("label_problems", none),
                 "near_duplicates": metrics.get("near_duplicates", none)}
 
     @admin.get("/versions/{version}/files/{name}")
