@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.responses import RedirectResponse
 from starlette.staticfiles import StaticFiles
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
@@ -20,8 +21,10 @@ VERSION_FILES = {"confusion_matrix.png": "image/png", "results.csv": "text/csv"}
 
 
 def mount(admin: FastAPI) -> None:
-    # html=True: /ui/ answers index.html, and /ui redirects to /ui/ so that the page's relative module
-    # imports resolve under /ui/.
+    # html=True: /ui/ answers index.html. /ui itself is a route of its own that redirects to /ui/, so that
+    # the page's relative module imports resolve under /ui/ (a mount matches only the paths below it, and
+    # service/routes.py answers a path that matches no route with a 404 before Starlette's slash redirect).
+    admin.add_api_route("/ui", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     admin.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
 
 

@@ -147,8 +147,9 @@ def test_try_it_shows_the_ant_label_and_a_heatmap(page, real_data, tmp_path):
     page.wait_for_selector("[data-testid=answer]")
     assert page.text_content("[data-testid=answer]") == "ant"
     heat = page.wait_for_selector("img.heatmap")
-    # Rendered, not just present: the browser decoded the PNG the API sent.
-    assert page.evaluate("(img) => img.complete && img.naturalWidth", heat) == 224
+    # Rendered, not just present: the browser decoded the PNG the API sent (the 224 x 224 crop).
+    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=heat)
+    assert page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", heat) == [224, 224]
     assert "ant" in heat.get_attribute("alt")
     version = promoted_shown(page)
     assert page.text_content(".answered-by") == version
