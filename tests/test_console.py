@@ -87,7 +87,10 @@ def page(browser, server, tmp_path):
     pg.shot = lambda name: pg.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
     yield pg
     pg.shot("last")
+    # Absent values are left out, never printed as JavaScript writes them.
+    words = set(pg.inner_text("main").split()) if pg.url.startswith(server.url) else set()
     context.close()
+    assert not words & {"null", "undefined", "NaN", "[object"}, words & {"null", "undefined", "NaN", "[object"}
     assert not problems, problems  # a script error in the console is a failure, whatever the page shows
 
 

@@ -73,6 +73,12 @@ export function h(tag, attrs = {}, ...children) {
   return el;
 }
 
+// el.replaceChildren(...) without the absent parts (null, undefined, false), which the DOM would print.
+export function put(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
 export const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
 export const fixed = (x, n = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(n));
 

@@ -1,7 +1,7 @@
 // Try it: drop or pick images; each goes to POST /explain, which answers what /predict would (top-k, the
 // version that answered) plus the class activation map as a PNG overlay. The threshold slider applies the
 // API's rule (the label is "unknown" when the top score is under it) to the answers already here.
-import { api, h, pct, showError } from "./api.js";
+import { api, h, pct, put, showError } from "./api.js";
 
 let threshold = 0;
 const results = []; // {name, url, answer, note}
@@ -79,7 +79,7 @@ function draw(r) {
     h("img", { src: r.url, alt: `Uploaded image ${r.name}` }),
     a && a.overlay_png ? h("img", { class: "heatmap", src: `data:image/png;base64,${a.overlay_png}`,
                                    alt: `Heatmap: where the model looked for “${a.explained}”` }) : null);
-  r.card.replaceChildren(
+  put(r.card,
     h("h3", {}, r.name),
     images,
     a ? h("p", {}, h("span", { class: `answer${label === "unknown" ? " unknown" : ""}`, "data-testid": "answer" }, label),

@@ -1,13 +1,13 @@
 // Versions: every version with its figures; one version's detail (per-class precision/recall/F1, the
 // confusion matrix and per-epoch curves training drew, lineage, label problems); promote and roll back
 // after a confirmation, with the token.
-import { api, confirmDialog, fixed, h, pct, showError } from "./api.js";
+import { api, confirmDialog, fixed, h, pct, put, showError } from "./api.js";
 
 export async function render(main, ctx) {
   const listing = await api("/versions");
   const detail = h("section", { id: "version-detail", "aria-live": "polite" });
   const rollback = h("button", { type: "button", id: "rollback", onclick: () => act(ctx, main, null) }, "Roll back one step");
-  main.append(
+  put(main,
     h("h2", {}, "Versions"),
     listing.problem ? h("p", { class: "bad" }, listing.problem) : null,
     h("div", { class: "row" }, h("span", {}, "Promoted: ", h("strong", { id: "versions-promoted" }, listing.promoted || "none")), rollback),
@@ -70,7 +70,7 @@ async function showDetail(id, box) {
   const per = v.per_class || {};
   const lp = v.label_problems || {};
   const nd = v.near_duplicates || {};
-  box.replaceChildren(
+  put(box,
     h("h3", { tabindex: "-1", id: "detail-title" }, `${v.id}: ${v.strategy || ""} ${v.backbone || ""}`),
     h("p", {}, `Precision served: ${v.precision || "–"}. Parent: ${v.parent || "none"}. `,
       v.lineage && v.lineage.dataset ? `Trained on dataset ${v.lineage.dataset}, snapshot ${v.lineage.snapshot}. ` : "",
