@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving import AUTH, TOKEN, Server, copy_store, dataset_files, make_zip, wait_serving
+from serving import AUTH, TOKEN, Server, copy_store, dataset_files, make_zip, predict, solid, wait_serving
 
 CHROMIUM = os.environ.get("REFIT_CHROMIUM", "/usr/bin/chromium")
 ANT = "val/ants/157401988_d0564a9d02.jpg"
@@ -54,7 +54,7 @@ def server(imagenet_store, tmp_path_factory):
                         "note": "the bootstrap model again, to promote from the console"})
     assert version == "v0002"
     (root / "data").mkdir()
-    srv = Server(home, root / "data", root / "serve.log", env={"REFIT_TRAIN_STANDBY": "0"})
+    srv = Server(home, root / "data", root / "serve.log", env={"REFIT_TRAIN_STANDBY": "0", "REFIT_CAPTURE": "1"})
     srv.start()
     yield srv
     srv.stop()
@@ -237,3 +237,34 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     page.wait_for_selector("section.dataset[data-dataset=uploads] .thumbs img")
     assert page.locator("section.dataset[data-dataset=uploads] td.num").first.text_content() == "8"
     page.shot("data")
+
+
+def test_data_page_labels_a_suggested_image_with_one_click(page, http):
+    """A captured prediction is suggested for a dataset, and its label button adds it there (POST /feedback)."""
+    files = [("images", (name.replace("/", "-"), data, "image/jpeg")) for name, data in dataset_files(3).items()]
+    r = http.post("/datasets/shapes/images", files=files[:3], data={"label": "red"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    r = http.post("/datasets/shapes/images", files=files[3:], data={"label": "blue"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    # A purple image, captured as it is predicted: neither class, so worth labelling.
+    assert predict(http, ("purple.jpg", solid((150, 40, 150), seed=7))).status_code == 200
+    deadline = time.time() + 30
+    while time.time() < deadline:  # captures are written by a background thread
+        got = http.get("/datasets/shapes/suggest", headers=AUTH).json()
+        if got.get("suggestions"):
+            break
+        time.sleep(0.5)
+    assert got["suggestions"], got
+    page.goto("/ui/#data")
+    use_token(page, TOKEN)
+    section = page.locator("section.dataset[data-dataset=shapes]")
+    section.locator("button:has-text('Suggest images for shapes')").click()
+    card = section.locator(".suggest .card").filter(has_text="purple.jpg")
+    card.locator("img").wait_for()
+    page.shot("suggest")
+    card.locator("button:has-text('blue')").click()
+    done = section.locator("[role=status]:has-text('purple.jpg labelled blue')")
+    done.wait_for()
+    shown = http.get("/datasets/shapes").json()
+    assert shown["images"] == 7 and shown["classes"] == {"blue": 4, "red": 3}
+    assert shown["snapshot"] in done.text_content()

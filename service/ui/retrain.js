@@ -54,23 +54,24 @@ export async function render(main, ctx) {
     }
   });
   main.append(h("h2", {}, "Retrain"), form, status, await recent());
+  main.addEventListener("job-ended", async () => main.querySelector("#recent-jobs").replaceWith(await recent()));
 }
 
 async function recent() {
   try {
     const jobs = await api("/jobs?limit=10");
-    return h("section", {}, h("h3", {}, "Recent jobs"), h("table", {},
+    return h("section", { id: "recent-jobs" }, h("h3", {}, "Recent jobs"), h("table", {},
       h("thead", {}, h("tr", {}, ["Job", "Status", "Created", "Version", "Seconds"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, jobs.map((j) => h("tr", {}, h("td", {}, j.id), h("td", {}, j.status), h("td", {}, j.created || ""),
         h("td", {}, j.result ? j.result.version : ""), h("td", { class: "num" }, j.seconds ?? ""))))));
   } catch (e) {
-    return h("p", { class: "muted" }, `Recent jobs: ${e.message}`);
+    return h("p", { class: "muted", id: "recent-jobs" }, `Recent jobs: ${e.message}`);
   }
 }
 
 // "head epoch 3/10 ... val_acc 0.9200" and the like, from the training log.
 function parse(line, seen) {
-  const ep = /epoch (\d+)\/(\d+)/.exec(line || "");
+  const ep = /(?<!best )epoch (\d+)\/(\d+)/.exec(line || ""); // "best epoch 12/40" is a summary, not progress
   if (ep) { seen.epoch = Number(ep[1]); seen.epochs = Number(ep[2]); }
   const acc = /val_acc(?:uracy)? ([\d.]+)/.exec(line || "");
   if (acc) seen.acc = Number(acc[1]);
@@ -103,6 +104,7 @@ function follow(id, box, ctx, submit) {
       bar.max = 1; bar.value = 1;
       await done(id, box);
       await ctx.refreshServing();
+      box.dispatchEvent(new Event("job-ended", { bubbles: true }));
       return;
     }
     polling = setTimeout(tick, 1000);
