@@ -26,6 +26,8 @@ def needs_token(method: str, path: str) -> bool:
     if path == "/feedback" or path.startswith("/captures/") or (path.startswith("/datasets/")
                                                                  and path.endswith("/suggest")):
         return True
+    if path.startswith("/datasets/") and "/images/" in path:
+        return True  # an image's bytes, as a captured image's: the listing is open, the photos are not
     return settings.PROTECT_PREDICT and path.startswith(("/predict", "/explain"))
 
 

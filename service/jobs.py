@@ -73,13 +73,16 @@ class Jobs:
         return self.root / job_id
 
     def get(self, job_id: str) -> dict:
+        return _with_progress(self._record(job_id), self.dir(job_id))
+
+    def _record(self, job_id: str) -> dict:
         try:
             return json.loads((self.dir(job_id) / "job.json").read_text())
         except FileNotFoundError:
             raise KeyError(job_id) from None
 
     def update(self, job_id: str, **changes) -> dict:
-        job = {**self.get(job_id), **changes, "updated": now_iso()}
+        job = {**self._record(job_id), **changes, "updated": now_iso()}
         atomic_write_json(self.dir(job_id) / "job.json", job)
         return job
 
@@ -87,7 +90,7 @@ class Jobs:
         jobs = []
         for f in self.root.glob("*/job.json"):
             try:
-                jobs.append(json.loads(f.read_text()))
+                jobs.append(_with_progress(json.loads(f.read_text()), f.parent))
             except (OSError, ValueError):
                 continue
         jobs.sort(key=lambda j: j.get("created", ""), reverse=True)
@@ -357,6 +360,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _with_progress(job: dict, job_dir: Path) -> dict:
+    """A running job with `progress`, the last line of its training log, as a queued job's heartbeat carries
+    it: what the console shows live (epoch, accuracy so far). Read from the log's tail, only while it runs."""
+    if job.get("status") != "running" or job.get("progress"):
+        return job
+    try:
+        with open(job_dir / "train.log", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return job
+    # Progress bars redraw a line with carriage returns: the last text between line ends or returns counts.
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", tail) if ln.strip()]
+    if lines:
+        job["progress"] = re.sub(r"^\[\s*[\d.]+s\]\s*", "", lines[-1])[:300]
+    return job
 
 
 def _read_json(path: Path) -> dict | None:

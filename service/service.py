@@ -34,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from service import settings, timeouts
 from service.admission import admit
 from service.batcher import Batcher, Overloaded
+from service import console
 from service.capture import Captures, new_id as new_capture_id, top_margin
 from service.drift import DriftMonitor
 from service.guard import Guard
@@ -76,6 +77,7 @@ _UNTRACED = {} if settings.TRACE_PREDICTIONS else {"tracing": {"excluded_urls": 
 
 admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
 admin.add_exception_handler(AdmissionError, lambda request, e: FastJSON(e.body, status_code=e.status))
+console.mount(admin)  # the web console at /ui
 
 
 @bentoml.asgi_app(admin, path="/")
@@ -281,8 +283,30 @@ class Refit:
             info["promoted"] = False
         metrics = info.get("metrics") or {}
         none = {"available": False, "reason": "not recorded for this version (published before these checks)"}
-        return {**_version_row(info), "label_problems": metrics.get("label_problems", none),
+        # Per-class figures and the confusion matrix as numbers, for pages that draw their own table; the
+        # figures training drew are at /versions/{id}/files/{name}.
+        detail = {k: metrics[k] for k in ("per_class", "confusion_matrix", "int8", "parity") if k in metrics}
+        return {**_version_row(info), **detail, "precision": info.get("precision"),
+                "files": [n for n in console.VERSION_FILES if self.store.version_file(version, n) is not None],
+                "label_problems": metrics.get("label_problems", none),
                 "near_duplicates": metrics.get("near_duplicates", none)}
+
+    @admin.get("/versions/{version}/files/{name}")
+    def version_file(self, version: str, name: str):
+        """A figure of a version that training wrote: `confusion_matrix.png` or `results.csv` (one row per
+        epoch, for the curves). 404 for an unknown version, a file this version lacks, or another name."""
+        from training.store import StoreError
+
+        if name not in console.VERSION_FILES:
+            return error(404, f"no file {name[:100]!r} is served; files: {', '.join(console.VERSION_FILES)}")
+        try:
+            data = self.store.version_file(version, name)
+        except StoreError as e:
+            return error(404, str(e))
+        if data is None:
+            return error(404, f"{version} has no {name} (it was not trained here, or predates it)")
+        return Response(data, media_type=console.VERSION_FILES[name],
+                        headers={"cache-control": "max-age=86400, immutable"})  # versions never change
 
     @admin.get("/drift")
     def drift_report(self) -> dict[str, Any]:
@@ -568,6 +592,21 @@ class Refit:
             return error(400, 'send {"label": "NEW LABEL"} (exactly that one field)')
         return await asyncio.to_thread(_on_datasets, self.store, lambda d: d.relabel(name, sha256, body["label"]))
 
+    @admin.get("/datasets/{name}/images/{sha256}")
+    def dataset_image(self, name: str, sha256: str):
+        """One image of a dataset's newest snapshot (its bytes, for thumbnails). Token."""
+        from training.datasets import blob_key
+
+        def read(d):
+            if not any(e["sha256"] == sha256 for e in d.manifest(name)["entries"]):
+                return error(404, f"no image {sha256[:64]!r} in the newest snapshot of {name!r}")
+            return self.store.read_bytes(blob_key(sha256))
+
+        data = _on_datasets(self.store, read)
+        if isinstance(data, bytes):
+            return Response(data, media_type=_media_type(data), headers={"cache-control": "private, max-age=3600"})
+        return data if data is not None else error(404, f"the bytes of image {sha256[:64]!r} are missing")
+
     @admin.delete("/datasets/{name}/images/{sha256}")
     def dataset_remove(self, name: str, sha256: str):
         """Remove one image: a new snapshot without it; the old one (and the image's bytes) stay."""
@@ -629,6 +668,7 @@ class Refit:
 # RouteLabels first: it gives the real path back to the middleware after it (service/routes.py).
 Refit.add_asgi_middleware(RouteLabels)
 Refit.add_asgi_middleware(Guard)
+Refit.add_asgi_middleware(console.ConsoleLink)
 
 # BentoML works out a reply's media type from its output's JSON schema, which it builds again on every
 # call: a fifth of the front's CPU under load (py-spy). These replies are always JSON; say so once.

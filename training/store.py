@@ -190,6 +190,11 @@ class Store:
         root = self._local_copy(v)
         return _check_files(v, root, self.info(v))
 
+    def version_file(self, version: str, name: str) -> bytes | None:
+        """One file of a version (its confusion matrix, its results.csv), or None when the version has none;
+        read alone, so an S3 store does not download the whole version to show one figure."""
+        return self._entry_file(self.resolve(version), name, missing_ok=True)
+
     def _entry_file(self, version: str, name: str, missing_ok: bool = False) -> bytes | None:
         """One file of a version: from this machine when it is here (a folder store, or a copy in the
         cache that was checked when it arrived), else from S3."""
@@ -590,6 +595,16 @@ class Store:
             return True
         finally:
             tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A whole object beside the records (an image of a dataset), or None when there is none."""
+        if self.remote:
+            got = self.remote.get(rel)
+            return got[0] if got else None
+        try:
+            return (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def exists(self, rel: str) -> bool:
         if self.remote:

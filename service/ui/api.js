@@ -1,0 +1,97 @@
+// Talking to the Refit API: the bearer token (kept in this tab's session storage only), JSON and multipart
+// requests, and errors shown as the API words them.
+
+const TOKEN_KEY = "refit.token";
+
+export function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+export function setToken(value) {
+  if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+}
+
+export class ApiError extends Error {
+  constructor(status, message, body) { super(message); this.status = status; this.body = body; }
+}
+
+// fetch() with the token; `json` sends a JSON body, `form` a FormData. Answers the parsed JSON (or the Response
+// itself with raw: true); any status >= 400 throws an ApiError whose message is the API's own `error` text.
+export async function api(path, { method, json, form, raw = false } = {}) {
+  const headers = {};
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  let body;
+  if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
+  if (form !== undefined) body = form;
+  let resp;
+  try {
+    resp = await fetch(path, { method: method || (body ? "POST" : "GET"), headers, body });
+  } catch (e) {
+    throw new ApiError(0, `the server could not be reached (${e.message})`);
+  }
+  if (resp.status >= 400) {
+    const text = await resp.text();
+    let data = null;
+    try { data = JSON.parse(text); } catch { /* not JSON: shown as it came */ }
+    const msg = data && typeof data.error === "string" ? data.error
+      : data && data.detail ? JSON.stringify(data.detail) : text || resp.statusText;
+    throw new ApiError(resp.status, `${resp.status}: ${msg}`, data);
+  }
+  return raw ? resp : resp.json();
+}
+
+// An image the API guards with the token (a dataset's, a captured one): fetched with the header, shown from
+// a blob URL, since an <img src> cannot send it.
+export async function imageURL(path) {
+  const resp = await api(path, { raw: true });
+  return URL.createObjectURL(await resp.blob());
+}
+
+// The page-wide message area: errors from the API, word for word.
+export function showError(e) {
+  const box = document.getElementById("error");
+  box.textContent = e instanceof ApiError || e instanceof Error ? e.message : String(e);
+  box.hidden = false;
+}
+export function clearError() {
+  const box = document.getElementById("error");
+  box.textContent = "";
+  box.hidden = true;
+}
+
+// h("button", {type: "button", onclick: f}, "text", child...): a small element builder, so no page writes
+// HTML from strings (API text is always set as text, never parsed).
+export function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+// el.replaceChildren(...) without the absent parts (null, undefined, false), which the DOM would print.
+export function put(el, ...children) {
+  el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return el;
+}
+
+export const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
+export const fixed = (x, n = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(n));
+
+// Ask before doing something that changes what is served; a native <dialog>, so focus and Escape work.
+export function confirmDialog(message, okText) {
+  return new Promise((resolve) => {
+    const ok = h("button", { type: "submit", value: "ok", class: "primary" }, okText);
+    const dlg = h("dialog", { "aria-labelledby": "confirm-text" },
+      h("form", { method: "dialog" }, h("p", { id: "confirm-text" }, message),
+        h("div", { class: "row" }, ok, h("button", { type: "submit", value: "cancel" }, "Cancel"))));
+    dlg.addEventListener("close", () => { dlg.remove(); resolve(dlg.returnValue === "ok"); });
+    document.body.append(dlg);
+    dlg.showModal();
+    ok.focus();
+  });
+}

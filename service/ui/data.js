@@ -1,0 +1,91 @@
+// Data: the store's datasets with counts per class and thumbnails, captured images to label next (suggest)
+// with one-click labels that send POST /feedback, and drift per served version.
+import { ApiError, api, fixed, h, imageURL, showError } from "./api.js";
+
+const THUMBS_PER_CLASS = 6;
+
+export async function render(main) {
+  const list = await api("/datasets");
+  main.append(h("h2", {}, "Data"));
+  if (!list.length) main.append(h("p", { class: "muted" }, "No datasets yet: a retrain upload, or images added to a dataset, makes one."));
+  for (const d of list) main.append(await dataset(d.dataset));
+  main.append(await drift());
+}
+
+async function dataset(name) {
+  const d = await api(`/datasets/${encodeURIComponent(name)}`);
+  const sec = h("section", { class: "dataset", "data-dataset": name }, h("h3", {}, `${name}: ${d.images} images`),
+    h("p", { class: "muted" }, `Snapshot ${d.snapshot}; split hints: `,
+      Object.entries(d.splits || {}).map(([k, v]) => `${k} ${v}`).join(", ")));
+  const thumbs = h("div", {});
+  sec.append(h("table", {}, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Class"), h("th", { scope: "col" }, "Images"))),
+    h("tbody", {}, Object.entries(d.classes).map(([c, n]) => h("tr", {}, h("th", { scope: "row" }, c), h("td", { class: "num" }, n))))),
+  thumbs);
+  thumbnails(name, d.snapshot, thumbs);
+  const suggestBox = h("div", { class: "suggest" });
+  sec.append(h("h4", {}, "To label next"),
+    h("button", { type: "button", onclick: () => suggest(name, Object.keys(d.classes), suggestBox) }, `Suggest images for ${name}`),
+    suggestBox);
+  return sec;
+}
+
+// A few images per class, fetched with the token (image bytes are guarded as captured images are).
+async function thumbnails(name, snapshot, box) {
+  try {
+    const m = await api(`/datasets/${encodeURIComponent(name)}/snapshots/${snapshot}`);
+    const byClass = {};
+    for (const e of m.entries) (byClass[e.label] ||= []).length < THUMBS_PER_CLASS && byClass[e.label].push(e);
+    for (const [label, entries] of Object.entries(byClass)) {
+      const row = h("div", { class: "thumbs", "aria-label": `Images of ${label}`, role: "group" });
+      box.append(h("p", {}, label), row);
+      for (const e of entries) {
+        const url = await imageURL(`/datasets/${encodeURIComponent(name)}/images/${e.sha256}`);
+        row.append(h("img", { src: url, alt: `${label}: ${e.name || e.sha256.slice(0, 12)}` }));
+      }
+    }
+  } catch (e) {
+    box.append(h("p", { class: "muted" }, `Thumbnails: ${e.message}`));
+  }
+}
+
+async function suggest(name, classes, box) {
+  box.replaceChildren(h("p", {}, "Asking the model…"));
+  let r;
+  try { r = await api(`/datasets/${encodeURIComponent(name)}/suggest?n=12`); } catch (e) {
+    box.replaceChildren(h("p", { class: "bad" }, e.message)); showError(e); return;
+  }
+  box.replaceChildren(h("p", { class: "muted" }, `${r.suggestions.length} of ${r.candidates} captured images, ranked by ${r.ranked_by} (model ${r.version}).`));
+  const cards = h("div", { class: "cards" });
+  box.append(cards);
+  for (const s of r.suggestions) {
+    const card = h("article", { class: "card" }, h("p", {}, `${s.name}: predicted ${s.predicted} (margin ${fixed(s.margin)})`));
+    cards.append(card);
+    try { card.prepend(h("img", { src: await imageURL(s.image), alt: `Captured image ${s.name}` })); } catch (e) { card.append(h("p", { class: "bad" }, e.message)); }
+    card.append(h("div", { class: "row", role: "group", "aria-label": `Label ${s.name}` }, classes.map((c) =>
+      h("button", { type: "button", onclick: async () => {
+        try {
+          const f = await api("/feedback", { json: { prediction_id: s.prediction_id, label: c, dataset: name } });
+          card.replaceChildren(h("p", { class: "ok", role: "status" }, `${s.name} labelled ${f.label}: snapshot ${f.snapshot}${f.relabelled ? " (relabelled)" : ""}.`));
+        } catch (e) { showError(e); }
+      } }, `${c}`))));
+  }
+}
+
+async function drift() {
+  const sec = h("section", { id: "drift" }, h("h3", {}, "Drift per version"));
+  try {
+    const r = await api("/drift");
+    sec.append(h("table", {}, h("thead", {}, h("tr", {}, ["Version", "Inputs seen", "Embedding score / threshold",
+      "Labels score / threshold", "Flagged"].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, r.versions.map((v) => v.available
+        ? h("tr", {}, h("th", { scope: "row" }, v.version), h("td", { class: "num" }, `${v.window_fill} of ${v.window_size}`),
+            h("td", { class: "num" }, `${fixed(v.embedding.score)} / ${fixed(v.embedding.threshold)}`),
+            h("td", { class: "num" }, `${fixed(v.labels.score)} / ${fixed(v.labels.threshold)}`),
+            h("td", { class: v.flagged ? "bad" : "ok" }, v.flagged ? "yes" : v.window_fill >= v.min_fill ? "no" : `no (from ${v.min_fill} inputs)`))
+        : h("tr", {}, h("th", { scope: "row" }, v.version), h("td", { colspan: 4, class: "muted" }, v.reason))))));
+  } catch (e) {
+    if (!(e instanceof ApiError)) throw e;
+    sec.append(h("p", { class: "bad" }, e.message));
+  }
+  return sec;
+}
