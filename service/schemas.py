@@ -41,11 +41,16 @@ class ScoredLabel(BaseModel):
     score: float = Field(description="Probability, 0..1.")
 
 
-class Prediction(BaseModel):
+class Answer(BaseModel):
+    """What the model said about one image: the fields /predict and /explain share."""
+
     label: str = Field(description='Best class, or "unknown" when its score is under the threshold.')
     score: float = Field(description="Probability of the best class.")
     top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
     version: str = Field(description="The model version that answered.")
+
+
+class Prediction(Answer):
     prediction_id: str = Field(description="This answer's id: send it to POST /feedback to confirm or correct "
                                "the label (the image is kept for that only while the server captures, "
                                "REFIT_CAPTURE=1).")
@@ -263,11 +268,7 @@ class Point(BaseModel):
     y: float = Field(description="From the crop's top edge, as a fraction of its height.")
 
 
-class Explanation(BaseModel):
-    label: str = Field(description='Best class, or "unknown" when its score is under the threshold.')
-    score: float = Field(description="Probability of the best class.")
-    top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
-    version: str = Field(description="The model version that answered.")
+class Explanation(Answer):
     explained: str = Field(description="The class the heatmap is for (`label`, or the best class).")
     explained_score: float = Field(description="Its probability.")
     heatmap: list[list[float]] = Field(description="The class activation map at the model's feature-map "
