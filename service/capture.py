@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 
-from training.store import Store, StoreError, now_iso
+from training.store import Store, now_iso
 
 log = logging.getLogger("refit.capture")
 
@@ -116,10 +114,7 @@ class Captures:
     def _write(self, capture_id: str, name: str, data: bytes, result: dict) -> None:
         import hashlib
 
-        with tempfile.TemporaryDirectory(prefix="refit-capture-") as tmp:
-            path = Path(tmp) / "image"
-            path.write_bytes(data)
-            self.store.put_file(f"{PREFIX}{capture_id}.img", path)
+        self.store.put_bytes(f"{PREFIX}{capture_id}.img", data)
         record = {"id": capture_id, "at": now_iso(), "name": name, "version": result["version"],
                   "label": result["label"], "score": result["score"], "top_k": result["top_k"],
                   "margin": result["margin"], "sha256": hashlib.sha256(data).hexdigest(),
@@ -155,13 +150,7 @@ class Captures:
         return data
 
     def image(self, capture_id: str) -> bytes | None:
-        with tempfile.TemporaryDirectory(prefix="refit-capture-") as tmp:
-            path = Path(tmp) / "image"
-            try:
-                self.store.get_file(f"{PREFIX}{capture_id}.img", path)
-            except (FileNotFoundError, StoreError):
-                return None
-            return path.read_bytes()
+        return self.store.read_bytes(f"{PREFIX}{capture_id}.img")
 
     def recent(self, limit: int) -> list[dict]:
         """The newest `limit` records, newest first."""

@@ -852,8 +852,7 @@ def _trained_on(store, version: str) -> str | None:
         info = store.info(version)
     except Exception:  # noqa: BLE001 - a version removed or unreadable: no lineage to follow
         return None
-    lineage = info.get("lineage") or info.get("dataset") or {}
-    return lineage.get("dataset") if isinstance(lineage, dict) else None
+    return (info.get("lineage") or {}).get("dataset")
 
 
 def _classes(store, name: str) -> list[str] | None:
