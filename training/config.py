@@ -39,6 +39,12 @@ class TrainRequest(BaseModel):
                        "is served when its validation accuracy is within 1 point of FP32.")
     val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
                                 "folder (stratified, seeded split).")
+    cache_views: int = Field(4, ge=0, le=64, description="partial: augmented views of each training image whose "
+                             "frozen-stage activations are computed once and cached, so each step runs only the "
+                             "unfrozen stages (0: no cache, every step runs the whole network).")
+    time_budget: float = Field(20.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "
+                               "always, then partial fine-tuning while a short trial says it pays and the time "
+                               "allows); export, checks and publishing come on top.")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")
     parity_images: int = Field(32, ge=0, le=100_000, description="Validation images (evenly spread) on which "
                                "ONNX Runtime must match PyTorch before anything is published; 0 = all of "

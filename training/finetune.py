@@ -100,7 +100,8 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
 
 def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
              val_y: torch.Tensor, *, lr: float, weight_decay: float, label_smoothing: float, epochs: int,
-             batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print) -> list[dict]:
+             batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print,
+             progress=None) -> list[dict]:
     """Fit a linear head on cached features with early stopping on validation; best epoch restored."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
@@ -130,6 +131,8 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
                "val_acc": (va_logits.argmax(1) == val_y).float().mean().item()}
         history.append(row)
         key = (row["val_acc"], -row["val_loss"])
+        if progress is not None:
+            progress.epoch(epoch, val_acc=row["val_acc"])
         if best is None or key > best:
             best, best_state, since = key, copy.deepcopy(head.state_dict()), 0
         else:
@@ -194,9 +197,16 @@ class ImageListDataset(torch.utils.data.Dataset):
 
 def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray, val_labels: np.ndarray, *,
               epochs: int, batch_size: int, weight_decay: float, label_smoothing: float, patience: int,
-              seed: int, phase: str, warm_started: bool = False, log: Callable = print) -> list[dict]:
-    """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls."""
-    model = bb.model.to(memory_format=torch.channels_last)  # oneDNN is faster in NHWC on CPU
+              seed: int, phase: str, warm_started: bool = False, log: Callable = print, model: nn.Module | None = None,
+              budget: float | None = None, trial: int = 0, progress=None) -> tuple[list[dict], dict]:
+    """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls.
+
+    `model` is what runs on `train_ds`'s inputs: the whole backbone on images, or, with the activation cache
+    (training/activations.py), the unfrozen tail on cached activations; a dataset with `set_epoch` is told
+    each epoch first. `budget`: seconds this may take; an epoch that the mean epoch time says would end past
+    it is not started. `trial`: after this many epochs, stop unless validation loss is below the warmed-up
+    head's (auto's cheap test of whether fine-tuning pays). Returns the history and the kept epoch's figures."""
+    model = (model if model is not None else bb.model).to(memory_format=torch.channels_last)  # oneDNN: NHWC on CPU
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
                                          num_workers=0, drop_last=len(train_ds) > batch_size)
@@ -209,12 +219,25 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     best, best_state, since, history, t0 = None, None, 0, [], time.time()
+    kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
+    start_loss = None
     if warm_started:
         # The warmed-up head is the point to beat: fine-tuning that only hurts validation is undone.
         ev = evaluate(model, val_arrays, val_labels)
         best, best_state = (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict())
+        kept.update(val_acc=ev["val_acc"], val_loss=ev["val_loss"])
+        start_loss = ev["val_loss"]
         log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}")
+        if progress is not None:
+            progress.best(ev["val_acc"])
     for epoch in range(1, epochs + 1):
+        spent = time.time() - t0
+        if budget is not None and epoch > 1 and spent + spent / (epoch - 1) > budget:
+            log(f"{phase}: time budget: {spent:.1f}s spent of {budget:.1f}s, another epoch would not fit")
+            kept["stopped"] = "budget"
+            break
+        if hasattr(train_ds, "set_epoch"):
+            train_ds.set_epoch(epoch)
         row = {"epoch": epoch, "phase": phase}
         row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))
         ev = evaluate(model, val_arrays, val_labels)
@@ -225,12 +248,24 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
         log(f"{phase} epoch {epoch}/{epochs}  train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f}  "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  {row['train_seconds']:.1f}s"
             + ("  *" if improved else ""))
+        if progress is not None:
+            progress.epoch(epoch, val_acc=row["val_acc"])
         if improved:
             best, best_state, since = key, copy.deepcopy(model.state_dict()), 0
+            kept.update(epoch=epoch, val_acc=row["val_acc"], val_loss=row["val_loss"])
         else:
             since += 1
             if since >= patience:
                 log(f"{phase}: early stop, no validation improvement for {patience} epochs")
+                kept["stopped"] = "patience"
                 break
+        if trial and epoch == trial and start_loss is not None and min(
+                r["val_loss"] for r in history) >= start_loss:
+            log(f"{phase}: trial: validation loss not below the warmed-up head's ({start_loss:.4f}) after "
+                f"{trial} epoch(s); stopping")
+            kept["stopped"] = "trial"
+            break
     model.load_state_dict(best_state)
-    return history
+    kept["epochs_run"] = len(history)
+    kept["seconds"] = round(time.time() - t0, 2)
+    return history, kept

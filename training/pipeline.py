@@ -23,6 +23,7 @@ from training.export import CAM_FILE, CONTRACT_KEY, VERSION_KEY, export_onnx, re
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
     fine_tune, fit_head
 from training.metrics import classification_report, save_confusion_png, save_results_csv
+from training.progress import Progress
 from training.preprocess import Prepared, load_image, prepare, preprocess, train_transform
 from training.registry import Backbone, create_backbone, get_module
 from training.scratch import run_folder
@@ -50,8 +51,11 @@ def input_contract(request: TrainRequest) -> Contract:
 class Run:
     """What one training run shares between strategies: the data, decoded once, and cached features."""
 
-    def __init__(self, request: TrainRequest, ds: Dataset, log: Callable, cache_dir: Path):
+    def __init__(self, request: TrainRequest, ds: Dataset, log: Callable, cache_dir: Path,
+                 progress: Progress | None = None):
         self.request, self.ds, self.log, self.cache_dir = request, ds, log, cache_dir
+        self.progress = progress or Progress()
+        self.progress.set_images(len(ds.val))
         self.contract = input_contract(request).with_classes(ds.classes)
         t0 = time.time()
 
@@ -104,13 +108,23 @@ class Run:
         with torch.no_grad():
             return torch.softmax(head(self._features[2]), dim=1).numpy()
 
+    def head_eval(self, bb: Backbone) -> dict:
+        """Validation loss and accuracy of `bb`'s head on the cached frozen features: the same numbers as
+        running the whole network on the images, without running it."""
+        probs = self.head_val_probs(bb)
+        y = self.val_labels
+        return {"val_acc": float((probs.argmax(1) == y).mean()),
+                "val_loss": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1)).mean())}
+
     def backbone(self, pretrained: bool) -> Backbone:
         bb = create_backbone(self.request.backbone, num_classes=len(self.ds.classes), pretrained=pretrained,
                              weights=self.request.weights if pretrained else None)
         return bb
 
-    def run(self, name: str, start: Backbone | None = None) -> tuple[Backbone, list[dict], dict]:
-        """Train one strategy. `start` continues from an already warmed-up model (used by auto)."""
+    def run(self, name: str, start: Backbone | None = None, *, budget: float | None = None,
+            trial: int = 0) -> tuple[Backbone, list[dict], dict]:
+        """Train one strategy. `start` continues from an already warmed-up model (used by auto), within
+        `budget` seconds and after a `trial` of that many epochs (see fine_tune)."""
         r, spec = self.request, STRATEGIES[name]
         seed_everything(r.seed)
         t0 = time.time()
@@ -119,18 +133,72 @@ class Run:
                                          unfreeze_blocks=min(r.unfreeze_blocks, len(bb.stages)), log=self.log)
         history: list[dict] = []
         if start is None and (spec.trainable == "head" or spec.warmup):
+            self.progress.phase("features")
             tr, ty, va, vy = self.features(bb)
+            self.progress.phase("head", epochs=r.head_epochs)
             history += fit_head(get_module(bb.model, bb.classifier), tr, ty, va, vy, lr=r.lr,
                                 weight_decay=r.weight_decay, label_smoothing=r.label_smoothing,
-                                epochs=r.head_epochs, batch_size=r.batch_size, seed=r.seed, log=self.log)
+                                epochs=r.head_epochs, batch_size=r.batch_size, seed=r.seed, log=self.log,
+                                progress=self.progress)
         if spec.trainable != "head":
-            ds = ImageListDataset(self.aug_images, self.train_labels, train_transform(self.contract, r.augment))
-            history += fine_tune(bb, groups, ds, self.val_arrays, self.val_labels, epochs=r.epochs,
-                                 batch_size=r.batch_size, weight_decay=r.weight_decay,
-                                 label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
-                                 phase=name, warm_started=spec.pretrained, log=self.log)
+            self.progress.phase(name, epochs=r.epochs, budget=budget)
+            train_ds, model, val_inputs, cache = self._tuning_inputs(bb, spec, summary)
+            tuned, kept = fine_tune(bb, groups, train_ds, val_inputs, self.val_labels, epochs=r.epochs,
+                                    batch_size=r.batch_size, weight_decay=r.weight_decay,
+                                    label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
+                                    phase=name, warm_started=spec.pretrained, log=self.log, model=model,
+                                    budget=budget, trial=trial, progress=self.progress)
+            history += tuned
+            summary["kept"] = kept
+            if cache is not None:
+                summary["activation_cache"].update(views_made=cache.made, bytes=cache.nbytes,
+                                                   view_seconds=round(cache.seconds, 2))
+                self.log(f"activation cache: {cache.made} view(s) of {len(cache)} images, "
+                         f"{cache.nbytes / 2**20:.0f} MB, made in {cache.seconds:.1f}s")
         summary["seconds"] = round(time.time() - t0, 2)
         return bb, history, summary
+
+    def _tuning_inputs(self, bb: Backbone, spec, summary: dict):
+        """What fine-tuning runs on: for `partial`, the unfrozen tail on cached activations of the frozen
+        stages (training/activations.py) when the cut is known and the cache fits its memory bound; else,
+        the whole network on augmented images. Returns (dataset, model, validation inputs, cache or None)."""
+        r = self.request
+        transform = train_transform(self.contract, r.augment)
+        whole = (ImageListDataset(self.aug_images, self.train_labels, transform), None, self.val_arrays, None)
+        if spec.trainable != "last_n" or r.cache_views == 0:
+            return whole
+        from training.activations import ViewCache, activation_bytes, limit_bytes, prefix_outputs, \
+            prefix_session, split_model
+
+        split = split_model(bb, summary["unfrozen_stages"])
+        if split is None:
+            self.log(f"activation cache: {bb.name}'s forward pass cannot be cut before its unfrozen stages; "
+                     "fine-tuning runs the whole network every step")
+            return whole
+        views = r.cache_views if r.augment else 1  # without augmentation every view is the same
+        size = self.contract.input_size
+        need = activation_bytes(split, size, len(self.train_labels), views) + \
+            activation_bytes(split, size, len(self.val_labels), 1)
+        limit = limit_bytes()
+        summary["activation_cache"] = {"views": views, "cut_after": split.name, "planned_bytes": need,
+                                       "limit_bytes": limit}
+        if need > limit:
+            self.log(f"activation cache: {views} views of {len(self.train_labels)} images would need "
+                     f"{need / 2**20:.0f} MB, over the limit of {limit / 2**20:.0f} MB "
+                     "(REFIT_ACTIVATION_CACHE_MB, at most half the available memory); fine-tuning runs the "
+                     "whole network every step instead")
+            summary["activation_cache"]["used"] = False
+            return whole
+        t0 = time.time()
+        sess = prefix_session(bb, split, size, self.cache_dir, threads=torch.get_num_threads())
+        val_acts = prefix_outputs(sess, self.val_arrays)
+        cache = ViewCache(split, sess, self.aug_images, self.train_labels, transform, views=views, seed=r.seed,
+                          log=self.log)
+        summary["activation_cache"]["used"] = True
+        self.log(f"activation cache: frozen stages up to {split.name} run once per view; {views} view(s) of "
+                 f"{len(self.train_labels)} images planned, {need / 2**20:.0f} MB (limit {limit / 2**20:.0f} MB); "
+                 f"validation activations in {time.time() - t0:.1f}s")
+        return cache, split.tail, val_acts, cache
 
 
 def _shrink(im, size: int):
@@ -139,33 +207,67 @@ def _shrink(im, size: int):
     return im if s >= 1 else im.resize((max(1, round(w * s)), max(1, round(h * s))))
 
 
+# auto's cheap signals: a head at least this accurate with a train/val gap at most this small leaves partial
+# fine-tuning nothing it could show within the noise of a few hundred validation images.
+AUTO_HEAD_ENOUGH_ACC = 0.98
+AUTO_HEAD_ENOUGH_GAP = 0.02
+AUTO_TRIAL_EPOCHS = 1  # partial epochs after which validation loss must be below the head's to go on
+
+
 def choose_and_train(run: Run, log: Callable) -> tuple[Backbone, str, list[dict], dict]:
-    """Train the requested strategy, or for `auto` decide from the data and validation and say why."""
+    """Train the requested strategy, or for `auto` decide from the data, validation and the time budget,
+    and say why."""
     r = run.request
     if r.strategy != "auto":
         bb, hist, summary = run.run(r.strategy)
         return bb, r.strategy, hist, {"strategy": r.strategy, "reason": "requested", "candidates": {}}
+    t0 = time.time()
     n = len(run.ds.train)
     bb, hist, summary = run.run("feature_extraction")
-    fe = evaluate(bb.model, run.val_arrays, run.val_labels)
+    fe = run.head_eval(bb)
+    head_row = max(hist, key=lambda h: (h["val_acc"], -h["val_loss"]))
+    signals = {"train_images": n, "head_val_acc": round(fe["val_acc"], 4),
+               "head_train_acc": round(head_row["train_acc"], 4),
+               "head_gap": round(head_row["train_acc"] - fe["val_acc"], 4), "time_budget": r.time_budget}
     candidates = {"feature_extraction": {"val_acc": fe["val_acc"], "val_loss": fe["val_loss"],
                                          "seconds": summary["seconds"]}}
     best = ("feature_extraction", bb, hist, fe)
+    left = r.time_budget - (time.time() - t0)
     if n < AUTO_PARTIAL_MIN_IMAGES:
         reason = f"{n} training images < {AUTO_PARTIAL_MIN_IMAGES}: head only (feature extraction)"
+    elif fe["val_acc"] >= AUTO_HEAD_ENOUGH_ACC and signals["head_gap"] <= AUTO_HEAD_ENOUGH_GAP:
+        reason = (f"the head alone reaches {fe['val_acc']:.4f} with a train/val gap of {signals['head_gap']:.3f}: "
+                  "nothing left for fine-tuning to show; head only")
+    elif left <= 0:
+        reason = f"the time budget ({r.time_budget:g}s) was spent on the head; head only"
     else:
         tries = ["partial"] + (["full"] if n >= AUTO_FULL_MIN_IMAGES else [])
+        notes = []
         for name in tries:
-            log(f"auto: {n} training images, trying {name} fine-tuning from the feature-extraction head")
-            bb2, hist2, s2 = run.run(name, start=bb)
-            ev = evaluate(bb2.model, run.val_arrays, run.val_labels)
-            candidates[name] = {"val_acc": ev["val_acc"], "val_loss": ev["val_loss"], "seconds": s2["seconds"]}
-            if (ev["val_acc"], -ev["val_loss"]) > (best[3]["val_acc"], -best[3]["val_loss"]):
+            left = r.time_budget - (time.time() - t0)
+            if left <= 0:
+                notes.append(f"{name} not tried: time budget spent")
+                continue
+            log(f"auto: {n} training images, head val_acc {fe['val_acc']:.4f} (train/val gap "
+                f"{signals['head_gap']:.3f}); trying {name} fine-tuning for at most {left:.1f}s of the "
+                f"{r.time_budget:g}s budget")
+            bb2, hist2, s2 = run.run(name, start=bb, budget=left, trial=AUTO_TRIAL_EPOCHS)
+            kept = s2["kept"]
+            ev = {"val_acc": kept["val_acc"], "val_loss": kept["val_loss"]}
+            candidates[name] = {**ev, "seconds": s2["seconds"], "epochs_run": kept["epochs_run"],
+                                "stopped": kept["stopped"], "best_epoch": kept["epoch"]}
+            if "activation_cache" in s2:
+                candidates[name]["activation_cache"] = s2["activation_cache"]
+            notes.append(f"{name} stopped by {kept['stopped']} after {kept['epochs_run']} epoch(s)")
+            if kept["epoch"] > 0 and (ev["val_acc"], -ev["val_loss"]) > (best[3]["val_acc"], -best[3]["val_loss"]):
                 best = (name, bb2, hist + hist2, ev)
-        reason = (f"{n} training images: tried {', '.join(candidates)}; kept {best[0]} "
+        reason = (f"{n} training images: tried {', '.join(candidates)} ({'; '.join(notes)}); kept {best[0]} "
                   f"(best validation accuracy, then loss)")
+    signals["fit_seconds"] = round(time.time() - t0, 2)
     log(f"auto: {reason}")
-    return best[1], best[0], best[2], {"strategy": best[0], "reason": reason, "candidates": candidates}
+    run.progress.best(best[3]["val_acc"])
+    return best[1], best[0], best[2], {"strategy": best[0], "reason": reason, "candidates": candidates,
+                                       "signals": signals}
 
 
 def evaluate_onnx_on(path: Path, ds: Dataset, run: Run | None = None) -> float:
@@ -207,10 +309,12 @@ def promotion_decision(request: TrainRequest, store: Store, ds: Dataset, val_acc
 
 
 def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
-          actor: str = "cli", log: Callable = print) -> dict:
+          actor: str = "cli", log: Callable = print, progress: Callable[[dict], None] | None = None) -> dict:
     """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
-    snapshot `request.snapshot`, else its newest, which the version then records)."""
+    snapshot `request.snapshot`, else its newest, which the version then records). `progress` is called with
+    the run's phase, epoch, best validation accuracy so far and time left (training/progress.py)."""
     t_start = time.time()
+    tracker = Progress(progress)
     store = store or Store()
     if request.threads:
         torch.set_num_threads(request.threads)
@@ -229,10 +333,11 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
         counts = ds.counts()
         log(f"dataset {ds.root}: {len(ds.classes)} classes {ds.classes}, {len(ds.train)} train / {len(ds.val)} val "
             f"({ds.split} split), {len(ds.skipped)} skipped")
-        run = Run(request, ds, log, store.home / "cache")
+        run = Run(request, ds, log, store.home / "cache", tracker)
         t_fit = time.time()
         bb, strategy, history, auto = choose_and_train(run, log)
         train_seconds = time.time() - t_fit
+        tracker.phase("finishing")
         onnx_path = export_onnx(bb.model, run.contract, tmp / "model.onnx", classifier=bb.classifier)
         # Parity: PyTorch against ONNX Runtime on (request.parity_images of) the validation images. Eager
         # PyTorch is the slow side on a CPU, so a capped, evenly spread sample keeps retraining fast.
@@ -293,6 +398,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             "dataset_hash": fingerprint["content_hash"], "note": request.note or "",
             "precision": "int8" if int8 and int8["chosen"] else "fp32", "lineage": lineage})
     log(f"published {version}: {strategy}, val_accuracy {report['accuracy']:.4f}, train {train_seconds:.1f}s")
+    tracker.phase("done")
     promoted = False
     if decision["promote"]:
         store.promote(version, actor=actor, reason=decision["reason"])
