@@ -118,9 +118,9 @@ def imagenet_categories() -> list[str]:
 # Resolution each variant was trained and evaluated at (the architecture package's efficientnet_params,
 # copied from the TF-Lite builder; its width/depth coefficients are what the packaged weights fit).
 _LITE_INPUT = {0: 224, 1: 240, 2: 260}
-# The TF reference evaluation crops the centre image_size / (image_size + 32) of the shorter side
-# (its CROP_PADDING). (A later revision keeps 87.5 % at every size,
-# 274 and 297 pixels for lite1 and lite2: on the hymenoptera photos the two differ by one image.)
+# The TF reference evaluation crops the centre image_size / (image_size + 32) of the shorter side (its
+# CROP_PADDING). A later revision keeps 87.5 % at every size, 274 and 297 pixels for lite1 and lite2:
+# on the hymenoptera photos the two differ by one image at most.
 _LITE_CROP_PADDING = 32
 
 
