@@ -3,16 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import inprocess, model, preprocessing, retrain, served
+from bench import backbones, inprocess, model, preprocessing, retrain, served
 from bench.common import CONCURRENCY, ROOT, Plan, md_table
 
 TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess": inprocess.tables,
-          "served": served.tables, "retrain": retrain.tables}
+          "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "preprocess": "2. Preprocessing: full vs reduced-size (draft) JPEG decoding",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
           "served": "4. Served: `POST /predict` under load",
-          "retrain": "5. Retraining on the real dataset"}
+          "retrain": "5. Retraining on the real dataset",
+          "backbones": "6. Backbones: EfficientNet-Lite0, -Lite1 and -Lite2"}
 
 
 # --- targets -----------------------------------------------------------------------------------------

