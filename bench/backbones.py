@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench import wrkgen
-from bench.common import PYTHON, ROOT, Plan, data_dir, log, md_table
+from bench.common import PYTHON, ROOT, Plan, data_dir, flowers_dir, log, md_table
 from bench.servers import refit_server, wait_standby_warm
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -30,18 +30,14 @@ SERVE_WARMUP_SECONDS = 3.0
 SAME_ACCURACY = 0.01
 
 
-def flowers_dir() -> Path:
-    return Path(os.environ.get("REFIT_BENCH_FLOWERS") or ROOT.parent / "shared" / "data" / "flowers5_128px").resolve()
-
-
 def datasets() -> tuple[dict[str, Path], dict[str, str]]:
     """({name: folder} to measure, {name: why it is skipped})."""
     found, skipped = {"hymenoptera": data_dir()}, {}
     flowers = flowers_dir()
-    if (flowers / "train").is_dir() and (flowers / "val").is_dir():
+    if flowers is not None:
         found["flowers5_128px"] = flowers
     else:
-        skipped["flowers5_128px"] = f"no dataset at {flowers} (set REFIT_BENCH_FLOWERS)"
+        skipped["flowers5_128px"] = "flowers5_128px not found (set REFIT_BENCH_FLOWERS)"
     return found, skipped
 
 

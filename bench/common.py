@@ -69,6 +69,13 @@ def data_dir() -> Path:
     return path
 
 
+def flowers_dir() -> Path | None:
+    """The second real dataset (5 flower classes, small blurry photos where fine-tuning beats a frozen
+    backbone): REFIT_BENCH_FLOWERS, else flowers5_128px beside the project; None when absent."""
+    path = Path(os.environ.get("REFIT_BENCH_FLOWERS") or ROOT.parent / "shared" / "data" / "flowers5_128px").resolve()
+    return path if (path / "train").is_dir() and (path / "val").is_dir() else None
+
+
 def jpeg_files(split: str | None = None, limit: int | None = None) -> list[tuple[str, bytes]]:
     """(name, bytes) of the dataset's JPEGs in a fixed order; other formats are skipped so every
     figure is about JPEG decoding."""

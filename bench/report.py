@@ -117,6 +117,20 @@ def _retrain_targets(r: dict) -> list[list]:
         kept = f" (kept {row['chosen']})" if name == "auto" and row.get("chosen") else ""
         rows.append(_row(f"{name} val accuracy", f"{acc:.4f}{kept}" if acc is not None else "failed",
                          f"≥ {goal}", acc is not None and acc >= goal))
+    fast = r.get("fast") or {}
+    for d in fast.get("default", []):
+        acc, wall = d.get("val_accuracy"), d["wall_seconds"]
+        goal_acc, goal_s = {"hymenoptera": (0.955, 30), "flowers5_128px": (0.73, 45)}[d["dataset"]]
+        rows.append(_row(f"{d['dataset']}: default `refit train`, whole CLI run",
+                         f"{acc:.4f} in {wall:.1f} s (kept {d['chosen']})" if acc is not None else "failed",
+                         f"≥ {goal_acc} in ≤ {goal_s} s", acc is not None and acc >= goal_acc and wall <= goal_s))
+    summary = retrain.partial_summary(fast)
+    if summary and "speedup_train" in summary:
+        rows.append(_row("partial on flowers5_128px: activation cache vs the path before (mean of 3 seeds)",
+                         f"{summary['speedup_train']:.2f} × faster (train s; whole run "
+                         f"{summary['speedup_wall']:.2f} ×), {summary['accuracy_points']:+.1f} points",
+                         "≥ 3 ×, same accuracy ± 1 point",
+                         summary["speedup_train"] >= 3 and summary["accuracy_points"] >= -1))
     answered = (r.get("submit") or {}).get("submit_to_answer_seconds")
     rows.append(_row("feature_extraction: /retrain/submit → first /predict by the new version",
                      f"{answered:.1f} s" if answered else r["submit"].get("error", "failed"), "≤ 20 s",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import PYTHON, ROOT, Plan, data_dir, jpeg_files, log, md_table
+from bench.common import PYTHON, ROOT, Plan, data_dir, flowers_dir, jpeg_files, log, md_table
 from bench.servers import refit_server, wait_standby_warm
 
 STRATEGIES = ("feature_extraction", "partial", "full", "scratch", "auto")
@@ -33,21 +33,90 @@ def run(plan: Plan) -> dict:
         tmp = Path(tmp)
         data = _dataset(plan, tmp / "data")
         rows = [train_cli(data, s, tmp / "cli-home", plan, default_epochs) for s in STRATEGIES]
+        fast = fast_runs(plan, tmp, data)
         submit = submit_to_answer(data, tmp, plan)
     return {"data": str(data_dir()), "subset": plan.retrain_subset, "rows": rows, "submit": submit,
-            "default_epochs": default_epochs}
+            "default_epochs": default_epochs, "fast": fast}
 
 
-def _dataset(plan: Plan, where: Path) -> Path:
+# --- fine-tuning in seconds: default runs against the time targets, and partial with and without the cache --
+
+SEEDS = (0, 1, 2)
+
+
+def fast_runs(plan: Plan, tmp: Path, hymenoptera: Path) -> dict:
+    """Whole default CLI runs (strategy auto, every setting at its default, a fresh store each) on both real
+    datasets, and `partial` on flowers5 over three seeds with today's defaults (activation cache) and with
+    the cache off (`--cache-views 0`, every step through the whole network: the path before the cache)."""
+    quick = plan.retrain_subset is not None
+    opts = {"head_epochs": 5, "epochs": 1} if quick else {}
+    out = {"default": [default_run(hymenoptera, "hymenoptera", tmp / "fast-h", plan, opts)]}
+    flowers = flowers_dir()
+    if flowers is None:
+        out["flowers_missing"] = "flowers5_128px not found (set REFIT_BENCH_FLOWERS); its rows are not measured"
+        log(f"retrain: {out['flowers_missing']}")
+        return out
+    flowers = _dataset(plan, tmp / "flowers", flowers)
+    out["default"].append(default_run(flowers, "flowers5_128px", tmp / "fast-f", plan, opts))
+    out["partial"] = []
+    for seed in SEEDS[:1] if quick else SEEDS:
+        for label, extra in (("no cache (the path before)", {"cache_views": 0}), ("activation cache", {})):
+            row = default_run(flowers, "flowers5_128px", tmp / f"fast-p{seed}-{bool(extra)}", plan,
+                              {**opts, "strategy": "partial", "seed": seed, **extra})
+            out["partial"].append({**row, "path": label, "seed": seed})
+    return out
+
+
+def default_run(data: Path, name: str, home: Path, plan: Plan, options: dict) -> dict:
+    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--json", *_flags(options)]
+    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    tag = "-".join(f"{k}{v}" for k, v in options.items()) or "defaults"
+    _keep_log(plan, f"fast-{name}-{tag}.log", proc.stderr)
+    row = {"dataset": name, "options": options, "wall_seconds": wall, "returncode": proc.returncode}
+    if proc.returncode != 0:
+        row["error"] = (proc.stderr or proc.stdout)[-2000:]
+        log(f"retrain: {name} {tag} failed: {row['error'][-300:]}")
+        return row
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = _version_metrics(home, result["version"])
+    row.update(chosen=result["strategy"], val_accuracy=result["val_accuracy"], train_seconds=result["train_seconds"],
+               total_seconds=result["total_seconds"], auto=result.get("auto"), epochs_run=_epochs_run(metrics))
+    log(f"retrain: {name} {tag} -> {row['chosen']} val_acc {row['val_accuracy']:.4f}, train "
+        f"{row['train_seconds']:.1f}s, wall {wall:.1f}s")
+    return row
+
+
+def partial_summary(fast: dict) -> dict | None:
+    """Means over seeds of the two partial paths on flowers5, and the speed-up of the cache."""
+    rows = [r for r in fast.get("partial") or [] if "error" not in r]
+    if not rows:
+        return None
+    out = {}
+    for path in dict.fromkeys(r["path"] for r in rows):
+        rs = [r for r in rows if r["path"] == path]
+        out[path] = {k: sum(r[k] for r in rs) / len(rs) for k in ("val_accuracy", "train_seconds", "wall_seconds")}
+        out[path]["seeds"] = len(rs)
+    before, now = out.get("no cache (the path before)"), out.get("activation cache")
+    if before and now:
+        out["speedup_train"] = before["train_seconds"] / now["train_seconds"]
+        out["speedup_wall"] = before["wall_seconds"] / now["wall_seconds"]
+        out["accuracy_points"] = (now["val_accuracy"] - before["val_accuracy"]) * 100
+    return out
+
+
+def _dataset(plan: Plan, where: Path, root: Path | None = None) -> Path:
     """The real dataset, or for a smoke test a few images per class linked from it (nothing is copied)."""
-    root = data_dir()
+    root = root or data_dir()
     if plan.retrain_subset is None:
         return root
     for split in ("train", "val"):
         for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
             dest = where / split / cls.name
             dest.mkdir(parents=True)
-            for f in sorted(cls.glob("*.jpg"))[:plan.retrain_subset]:
+            for f in sorted(cls.glob("*.jp*g"))[:plan.retrain_subset]:
                 (dest / f.name).symlink_to(f)
     return where
 
@@ -214,7 +283,41 @@ def tables(result: dict) -> str:
              "in the standby process it keeps warm (imports done, feature graph exported; the submit waits "
              "until the service reports it warm). Its log, with the time of each step, is kept in "
              "`logs/retrain-job.log` beside the JSON results.")
+    return text + fast_tables(result.get("fast") or {})
+
+
+def fast_tables(fast: dict) -> str:
+    if not fast:
+        return ""
+    text = "\n\n### Fine-tuning in seconds\n\n"
+    rows = [[r["dataset"], r.get("chosen", "failed"), _acc(r.get("val_accuracy")), r.get("train_seconds"),
+             r.get("total_seconds"), round(r["wall_seconds"], 1), _auto_note(r)] for r in fast.get("default", [])]
+    text += md_table(["dataset", "kept", "val accuracy", "train s", "CLI total s", "wall s (whole run)",
+                      "auto's decision"], rows)
+    text += ("\n\nDefault `refit train DATA` (strategy `auto`, every setting at its default, a fresh store, so "
+             "the frozen graphs are exported too). The wall time is the whole command, from Python start-up to "
+             "the published and promoted version.\n\n")
+    if fast.get("flowers_missing"):
+        return text + fast["flowers_missing"] + "\n"
+    rows = [[r["path"], r["seed"], _acc(r.get("val_accuracy")), r.get("epochs_run"), r.get("train_seconds"),
+             round(r["wall_seconds"], 1)] for r in fast.get("partial", [])]
+    text += md_table(["partial on flowers5_128px", "seed", "val accuracy", "epochs", "train s", "wall s"], rows)
+    summary = partial_summary(fast)
+    if summary and "speedup_train" in summary:
+        before, now = summary["no cache (the path before)"], summary["activation cache"]
+        text += (f"\n\nMean of {now['seeds']} seeds: {now['val_accuracy']:.4f} with the cache vs "
+                 f"{before['val_accuracy']:.4f} before ({summary['accuracy_points']:+.1f} points); train "
+                 f"{now['train_seconds']:.1f} s vs {before['train_seconds']:.1f} s = "
+                 f"{summary['speedup_train']:.2f} × faster, whole run {summary['speedup_wall']:.2f} × faster. "
+                 "`train s` includes the head's warm-up on cached features, which both paths run first.\n")
     return text
+
+
+def _auto_note(row: dict) -> str:
+    auto = row.get("auto") or {}
+    cands = auto.get("candidates") or {}
+    return "; ".join(f"{k} {v['val_acc']:.4f} in {v['seconds']:.1f}s"
+                     + (f" (stopped by {v['stopped']})" if v.get("stopped") else "") for k, v in cands.items())
 
 
 def _acc(value: float | None) -> str | None:

@@ -5,7 +5,9 @@ computed once per augmented view of each training image (in ONNX Runtime, severa
 PyTorch on a CPU) and kept; each training step then runs only the unfrozen stages and the head. Views are
 made lazily, one per epoch while fewer than K exist (an epoch that early stopping never reaches costs
 nothing), after which every epoch draws one of the K cached views per image. Validation images are not
-augmented, so their activations are computed once.
+augmented, so their activations are computed once. The frozen stages run in eval mode, so their BatchNorm
+layers use the ImageNet statistics as before; unlike the whole-network path, their drop-connect is off too
+(it drew fresh noise in layers that do not learn).
 
     split = split_model(bb, unfrozen_stages)        # None: this backbone's forward cannot be cut
     cache = ViewCache(split, images, labels, transform, views=K, cache_dir=...)
@@ -16,11 +18,11 @@ the stages it covers; the tail shares its modules with the backbone, so training
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -119,16 +121,12 @@ def split_model(bb: Backbone, unfrozen: list[str]) -> Split | None:
     # The segments restate the forward pass; checked against it on a small input rather than trusted, so an
     # architecture that does something between its stages falls back to the whole network instead of
     # training a different function.
-    mode = bb.model.training
-    bb.model.eval()
     try:
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(bb.model):
             same = torch.allclose(split.tail(split.prefix(x)), bb.model(x), rtol=1e-4, atol=1e-5)
     except RuntimeError:
         same = False
-    finally:
-        bb.model.train(mode)
     return split if same else None
 
 
@@ -144,15 +142,29 @@ def prefix_session(bb: Backbone, split: Split, input_size: int, cache_dir: Path,
     path = Path(cache_dir) / f"prefix-{bb.name}-{split.cut}-{input_size}-{h.hexdigest()[:12]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        prefix = copy.deepcopy(split.prefix).eval()
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with warnings.catch_warnings():
+        # Exported from the backbone's own modules (the segments call them, so a copy would not be what runs),
+        # in eval mode: frozen BatchNorm layers use their ImageNet statistics, as in training.
+        with warnings.catch_warnings(), evaluating(split.prefix):
             warnings.simplefilter("ignore")
-            torch.onnx.export(prefix, torch.zeros(2, 3, input_size, input_size), str(tmp), input_names=["input"],
-                              output_names=["activations"], opset_version=17, dynamo=False,
+            torch.onnx.export(split.prefix, torch.zeros(2, 3, input_size, input_size), str(tmp),
+                              input_names=["input"], output_names=["activations"], opset_version=17, dynamo=False,
                               dynamic_axes={"input": {0: "batch"}, "activations": {0: "batch"}})
         os.replace(tmp, path)
     return session(path, threads)
+
+
+@contextmanager
+def evaluating(module: nn.Module):
+    """Eval mode for the block, then every submodule's own mode back (frozen BatchNorm layers stay in eval mode
+    while the rest trains: set_train_mode)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def limit_bytes() -> int:
@@ -218,8 +230,8 @@ class ViewCache(torch.utils.data.Dataset):
 
 def activation_bytes(split: Split, input_size: int, images: int, views: int) -> int:
     """What the cache will hold: the prefix's output size (from one tiny forward pass) x views x images."""
-    with torch.no_grad():
-        shape = split.prefix.eval()(torch.zeros(1, 3, input_size, input_size)).shape
+    with torch.no_grad(), evaluating(split.prefix):
+        shape = split.prefix(torch.zeros(1, 3, input_size, input_size)).shape
     return int(np.prod(shape[1:])) * 4 * images * views
 
 

@@ -42,7 +42,7 @@ class TrainRequest(BaseModel):
     cache_views: int = Field(4, ge=0, le=64, description="partial: augmented views of each training image whose "
                              "frozen-stage activations are computed once and cached, so each step runs only the "
                              "unfrozen stages (0: no cache, every step runs the whole network).")
-    time_budget: float = Field(20.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "
+    time_budget: float = Field(15.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "
                                "always, then partial fine-tuning while a short trial says it pays and the time "
                                "allows); export, checks and publishing come on top.")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")

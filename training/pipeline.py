@@ -36,6 +36,20 @@ AUTO_PARTIAL_MIN_IMAGES = 100
 AUTO_FULL_MIN_IMAGES = 5000
 
 
+def _prepare_optimizer_in_background() -> None:
+    """torch.optim's first optimizer imports torch's compiler (about 1.6 s on 2 cores, measured), which every
+    strategy pays before its first step. Done on a thread while the images decode (Pillow and ONNX Runtime
+    release the GIL), it is off the critical path; the main thread's first optimizer waits on the import lock
+    if it is not done yet. Nothing to do in a process that made one already (the service's standby)."""
+    import sys
+    import threading
+
+    if "torch._dynamo" in sys.modules:
+        return
+    threading.Thread(target=lambda: torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), daemon=True,
+                     name="optimizer-import").start()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -235,11 +249,11 @@ def choose_and_train(run: Run, log: Callable) -> tuple[Backbone, str, list[dict]
     left = r.time_budget - (time.time() - t0)
     if n < AUTO_PARTIAL_MIN_IMAGES:
         reason = f"{n} training images < {AUTO_PARTIAL_MIN_IMAGES}: head only (feature extraction)"
+    elif left <= 0:
+        reason = f"the time budget ({r.time_budget:g}s) was spent on the head; head only"
     elif fe["val_acc"] >= AUTO_HEAD_ENOUGH_ACC and signals["head_gap"] <= AUTO_HEAD_ENOUGH_GAP:
         reason = (f"the head alone reaches {fe['val_acc']:.4f} with a train/val gap of {signals['head_gap']:.3f}: "
                   "nothing left for fine-tuning to show; head only")
-    elif left <= 0:
-        reason = f"the time budget ({r.time_budget:g}s) was spent on the head; head only"
     else:
         tries = ["partial"] + (["full"] if n >= AUTO_FULL_MIN_IMAGES else [])
         notes = []
@@ -315,6 +329,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
     the run's phase, epoch, best validation accuracy so far and time left (training/progress.py)."""
     t_start = time.time()
     tracker = Progress(progress)
+    _prepare_optimizer_in_background()
     store = store or Store()
     if request.threads:
         torch.set_num_threads(request.threads)
