@@ -12,6 +12,7 @@ most every `every` seconds. No torch here: the service imports this module.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Callable, TextIO
@@ -37,6 +38,13 @@ def throttled(sink: Callable[[dict], None], every: float) -> Callable[[dict], No
     return pass_on
 
 
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class ProgressView:
     """The CLI's progress display on `stream` (stderr). On a terminal: a tqdm bar (phase, epoch of epochs,
     best validation accuracy, time left) redrawn in place, with log lines printed above it. Otherwise (CI,
@@ -51,9 +59,12 @@ class ProgressView:
         if self.live:
             from tqdm import tqdm
 
-            # leave=False: the bar goes when the run ends; the log lines and the summary stay.
-            self.bar = tqdm(total=None, desc="preparing", file=self.stream, leave=False, dynamic_ncols=True,
-                            bar_format="{desc} {postfix}")
+            # leave=False: the bar goes when the run ends; the log lines and the summary stay. A terminal
+            # that reports no size (a pty nobody sized) would get no bar at all: 100 x 20 then.
+            sized = _columns(self.stream) > 0
+            self.bar = tqdm(total=None, desc="preparing", file=self.stream, leave=False, dynamic_ncols=sized,
+                            ncols=None if sized else 100, nrows=None if sized else 20,
+                            bar_format="{desc}{postfix}")  # tqdm puts ", " before a postfix
         else:
             self._print("progress: preparing")
 
@@ -82,9 +93,9 @@ class ProgressView:
         epochs = state.get("epochs")
         if state.get("phase") != self._phase:
             self._phase = state.get("phase")
-            bar.reset(total=epochs)
-            bar.bar_format = ("{desc} {n_fmt}/{total_fmt} |{bar:20}| {postfix}" if epochs else "{desc} {postfix}")
+            bar.bar_format = "{desc} {n_fmt}/{total_fmt} |{bar:20}|{postfix}" if epochs else "{desc}{postfix}"
             bar.set_description_str(self._phase or "?", refresh=False)
+            bar.reset(total=epochs)
         bar.n = state.get("epoch") or 0
         extra = []
         if state.get("best_val_acc") is not None:
