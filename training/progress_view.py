@@ -91,12 +91,6 @@ class ProgressView:
         if bar is None:
             return
         epochs = state.get("epochs")
-        if state.get("phase") != self._phase:
-            self._phase = state.get("phase")
-            bar.bar_format = "{desc} {n_fmt}/{total_fmt} |{bar:20}|{postfix}" if epochs else "{desc}{postfix}"
-            bar.set_description_str(self._phase or "?", refresh=False)
-            bar.reset(total=epochs)
-        bar.n = state.get("epoch") or 0
         extra = []
         if state.get("best_val_acc") is not None:
             extra.append(f"best val acc {state['best_val_acc']:.4f}")
@@ -104,6 +98,12 @@ class ProgressView:
             extra.append(f"about {state['eta_seconds']:.0f} s left")
         extra.append(f"{state.get('elapsed_seconds') or 0:.0f} s in")
         bar.set_postfix_str(", ".join(extra), refresh=False)
+        if state.get("phase") != self._phase:  # a new phase: its own description, bar and length
+            self._phase = state.get("phase")
+            bar.bar_format = "{desc} {n_fmt}/{total_fmt} |{bar:20}|{postfix}" if epochs else "{desc}{postfix}"
+            bar.set_description_str(self._phase or "?", refresh=False)
+            bar.reset(total=epochs)
+        bar.n = state.get("epoch") or 0
         bar.refresh()
 
     # -- logs ---------------------------------------------------------------------------------------
