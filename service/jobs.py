@@ -1,7 +1,8 @@
 """Retrain jobs: admission, state on disk, and the training run in its own process.
 
 Each job is a folder REFIT_HOME/jobs/<id>/ with job.json (replaced atomically on every change), the
-extracted dataset, the training log, and result.json or error.json written by the training process.
+extracted dataset, the training log, progress.json (where the run is: phase, epoch, best validation accuracy,
+time left; replaced atomically as it goes) and result.json or error.json written by the training process.
 One job at a time: admitting a job takes an exclusive flock on jobs/.lock that the admitting worker
 holds until the job ends; a worker that dies releases it, which is how a restart recognises a job whose
 owner is gone and records it as failed. The training process is killed with its worker (PDEATHSIG), and
@@ -34,9 +35,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from service import settings
 from training.data import check_layout
+from training.progress import describe
+from training.progress_view import throttled
 from training.scratch import scratch_root, sweep
 from training.store import atomic_write_json, now_iso
 
@@ -45,6 +49,9 @@ log = logging.getLogger("refit.jobs")
 ACTIVE = ("queued", "running")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding service/ and training/
 _JOB_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")
+PROGRESS_FILE = "progress.json"
+# A poll every second sees a fresh state; the head's hundreds of epochs a second are not each written.
+PROGRESS_EVERY = 0.5
 
 
 class AdmissionError(Exception):
@@ -90,11 +97,11 @@ class Jobs:
         jobs = []
         for f in self.root.glob("*/job.json"):
             try:
-                jobs.append(_with_progress(json.loads(f.read_text()), f.parent))
+                jobs.append((json.loads(f.read_text()), f.parent))
             except (OSError, ValueError):
                 continue
-        jobs.sort(key=lambda j: j.get("created", ""), reverse=True)
-        return jobs[:limit]
+        jobs.sort(key=lambda j: j[0].get("created", ""), reverse=True)
+        return [_with_progress(job, d) for job, d in jobs[:limit]]
 
     def active(self) -> dict | None:
         return next((j for j in self.list(limit=1000) if j.get("status") in ACTIVE), None)
@@ -363,9 +370,17 @@ def _alive(pid: int) -> bool:
 
 
 def _with_progress(job: dict, job_dir: Path) -> dict:
-    """A running job with `progress`, the last line of its training log, as a queued job's heartbeat carries
-    it: what the console shows live (epoch, accuracy so far). Read from the log's tail, only while it runs."""
-    if job.get("status") != "running" or job.get("progress"):
+    """A job with `progress`, where its training run is (phase, epoch, epochs, best_val_acc, eta_seconds,
+    elapsed_seconds and `message`, one line of them), from the progress.json its training process keeps, as a
+    queued job's heartbeat carries it: what the console shows live. A running job that has none (yet, or
+    one from before progress.json) gets the last line of its training log instead, as a string."""
+    if job.get("progress"):
+        return job
+    state = _read_json(job_dir / PROGRESS_FILE)
+    if isinstance(state, dict):
+        job["progress"] = state
+        return job
+    if job.get("status") != "running":
         return job
     try:
         with open(job_dir / "train.log", "rb") as f:
@@ -474,12 +489,14 @@ def standby(address: Path) -> int:
     return run_job(job_dir, started=True)
 
 
-def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
-    """Run one job; `started`: the process has already tied itself to the service and lowered its priority;
-    `progress` is called with each line of the training log (a queue worker's heartbeat carries it)."""
+def run_job(job_dir: Path, *, started: bool = False, progress: Callable[[dict], None] | None = None) -> int:
+    """Run one job; `started`: the process has already tied itself to the service and lowered its priority.
+    Where the run is goes to job_dir/progress.json at most every PROGRESS_EVERY s and on every phase change;
+    `progress` is called with each state written there (a queue worker's heartbeat carries it)."""
     from training.config import TrainRequest
     from training.data import DatasetError
     from training.pipeline import train
+    from training.progress import Progress
     from training.store import Store
 
     if not started:
@@ -499,8 +516,17 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
 
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    def report(state: dict) -> None:
+        state = {**state, "message": describe(state)}
+        try:
+            atomic_write_json(job_dir / PROGRESS_FILE, state)
+        except OSError as e:  # a full disk say: the job's outcome matters more than its progress display
+            print(f"progress not written ({e})", flush=True)
         if progress:
-            progress(msg)
+            progress(state)
+
+    report(Progress().state)  # "preparing", until the run reports its own phases
 
     what = job.get("data") or f"dataset {request.dataset} snapshot {request.snapshot or '(newest)'}"
     say(f"job {job['id']}: training on {what} with {request.threads} thread(s) in process {os.getpid()}")
@@ -508,7 +534,8 @@ def run_job(job_dir: Path, *, started: bool = False, progress=None) -> int:
     for r in refused:
         say(f"refused when the upload was admitted: {r['name']}: {r['error']}")
     try:
-        result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say)
+        result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say,
+                       progress=throttled(report, PROGRESS_EVERY))
     except DatasetError as e:
         atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
         print(f"dataset error: {e}", flush=True)

@@ -68,9 +68,12 @@ class LocalRunner:
 
 
 def task_status(job: dict) -> dict:
-    """The reply of GET /retrain/status."""
-    return {"task_id": job["id"], "status": TASK_STATUS.get(job["status"], job["status"]),
-            "created_at": job.get("created"), "executed_at": job.get("started"), "job_id": job["id"]}
+    """The reply of GET /retrain/status; while the job runs, with its `progress` (as GET /jobs/{id} has it)."""
+    reply = {"task_id": job["id"], "status": TASK_STATUS.get(job["status"], job["status"]),
+             "created_at": job.get("created"), "executed_at": job.get("started"), "job_id": job["id"]}
+    if job["status"] == "running" and job.get("progress"):
+        reply["progress"] = job["progress"]
+    return reply
 
 
 def task_result(job: dict) -> tuple[int, dict]:

@@ -404,7 +404,8 @@ class Refit:
     @admin.get("/retrain/status")
     def retrain_status(self, task_id: str = Query("", description="The id /retrain/submit answered with.")):
         """`in_progress` (queued or training), `completed` or `failed` (see /retrain/get for why), with the
-        job's id and times; tasks outlive restarts (a job cut short by one is `failed`)."""
+        job's id and times, and while it trains its `progress` (see GET /jobs/{id}); tasks outlive restarts
+        (a job cut short by one is `failed`)."""
         job = self._task(task_id)
         return task_status(job) if isinstance(job, dict) else job
 
@@ -448,7 +449,9 @@ class Refit:
 
     @admin.get("/jobs/{job_id}")
     def get_job(self, job_id: str):
-        """One retrain job."""
+        """One retrain job: status, request, times, result or error, and `progress`: where its training run
+        is, {phase, epoch, epochs, best_val_acc, eta_seconds, elapsed_seconds, message} (phases: preparing,
+        features, head, partial/full/scratch, finishing, done)."""
         try:
             return public(self.jobs.get(job_id))
         except KeyError:

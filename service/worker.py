@@ -122,21 +122,30 @@ def _run(folder: Path, beat: "_Heartbeat") -> dict:
 
 
 class _Heartbeat(threading.Thread):
-    """Rewrites the running job's record every JOB_TTL/6 s with the last line of its training log. When the
+    """Rewrites the running job's record every JOB_TTL/6 s, and at once when the run enters a new phase, with
+    where the run is (`progress`: the small dict service/jobs.py's run_job writes to progress.json). When the
     record no longer says running (a reader declared this worker dead after a stall), the job stops here at
     once: the line has been given to the next job, and two jobs must never train on one line together."""
 
     def __init__(self, store: Store, job_id: str):
         super().__init__(name=f"heartbeat {job_id}", daemon=True)
         self.store, self.job_id = store, job_id
-        self.last: str | None = None
+        self.last: dict | None = None
         self._halt = threading.Event()
+        self._wake = threading.Event()  # set by a new phase or by stop()
 
-    def say(self, line: str) -> None:
-        self.last = line
+    def say(self, state: dict) -> None:
+        new_phase = self.last is None or state.get("phase") != self.last.get("phase")
+        self.last = state
+        if new_phase:
+            self._wake.set()
 
     def run(self) -> None:
-        while not self._halt.wait(settings.JOB_TTL / 6):
+        while True:
+            self._wake.wait(settings.JOB_TTL / 6)
+            self._wake.clear()
+            if self._halt.is_set():
+                return
             try:
                 job, tag = self.store.record(record_key(self.job_id))
                 if job is not None and job.get("status") != "running":
@@ -150,6 +159,7 @@ class _Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._halt.set()
+        self._wake.set()
         self.join(timeout=10)
 
 

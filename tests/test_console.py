@@ -207,9 +207,12 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     page.select_option("#promote", "true")
     page.click("#start")
     seen: list[str] = []
+    figures: set[str] = set()
     deadline = time.time() + 600
     while time.time() < deadline and not page.locator("#job-result").count():
         line = page.locator("#job-line").text_content() if page.locator("#job-line").count() else ""
+        if page.locator("#job-figures").count():
+            figures.add(page.locator("#job-figures").text_content())
         if line and (not seen or seen[-1] != line):
             seen.append(line)
             if line.startswith("running:") and len(seen) == 2:
@@ -222,6 +225,9 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     assert new not in known and new in [v["id"] for v in http.get("/versions").json()["versions"]]
     # Progress was live: lines of the training log while the job ran, before the result.
     assert any(s.startswith("running: ") for s in seen), seen
+    # ... drawn from the job's structured progress: the phase in words, with the time so far.
+    phases = ("Preparing the data", "Computing features", "Training the head", "Exporting, checking and publishing")
+    assert any(f.startswith(phases) and " s in" in f for f in figures), figures
     assert "Promoted:" in result
     page.wait_for_function(f"() => document.getElementById('promoted').textContent === '{new}'")
     # The new version's figures: per-class table, confusion matrix and curves drawn from results.csv.

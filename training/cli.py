@@ -1,6 +1,6 @@
 """The `refit` command line.
 
-    refit train ./photos [--strategy partial --epochs 8 ...] [--json]
+    refit train ./photos [--strategy partial --epochs 8 ...] [--json]   # a progress bar on stderr
     refit versions | refit promote v0003 | refit rollback
     refit predict cat.jpg [--version v0003] [--top-k 5]
     refit explain ant.jpg [--version v0003] [-o heatmap.png] [--label ants]   # where the model looked
@@ -95,8 +95,16 @@ def cmd_train(args) -> int:
         for err in e.errors():
             print(f"  --{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
+    from training.progress_view import ProgressView
+
     out = sys.stderr if args.json else sys.stdout
-    result = train(request, args.data, log=lambda msg: print(msg, file=out, flush=True))
+    # The bar (or, when stderr is not a terminal, a line per phase) goes to stderr, so stdout keeps the log,
+    # or with --json nothing but the summary.
+    view = ProgressView(sys.stderr)
+    try:
+        result = train(request, args.data, log=view.write_to(out), progress=view)
+    finally:
+        view.close()
     if args.json:
         print(json.dumps(result, default=str))
     return 0

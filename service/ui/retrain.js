@@ -1,6 +1,6 @@
 // Retrain: a zip upload or a dataset of the store, a strategy (auto by default), then the job followed live
-// from its record (GET /jobs/{id}: status and the training log's last line) until the version is published,
-// with the promotion decision.
+// from its record (GET /jobs/{id}: status and progress: phase, epoch, best accuracy, time left) until the
+// version is published, with the promotion decision.
 import { api, h, pct, showError } from "./api.js";
 
 const STRATEGIES = ["auto", "feature_extraction", "partial", "full", "scratch"];
@@ -69,16 +69,39 @@ async function recent() {
   }
 }
 
-// "head epoch 3/10 ... val_acc 0.9200" and the like, from the training log.
-function parse(line, seen) {
-  const ep = /(?<!best )epoch (\d+)\/(\d+)/.exec(line || ""); // "best epoch 12/40" is a summary, not progress
-  if (ep) { seen.epoch = Number(ep[1]); seen.epochs = Number(ep[2]); }
-  const acc = /val_acc(?:uracy)? ([\d.]+)/.exec(line || "");
-  if (acc) seen.acc = Number(acc[1]);
+const PHASES = { preparing: "Preparing the data", features: "Computing features", head: "Training the head",
+  partial: "Partial fine-tuning", full: "Full fine-tuning", scratch: "Training from scratch",
+  finishing: "Exporting, checking and publishing", done: "Done" };
+
+// The job's `progress`: {phase, epoch, epochs, best_val_acc, eta_seconds, elapsed_seconds, message}; a job
+// without one yet (or from an older server) has the last line of its training log, a string.
+function show(job, elapsed, bar, figures) {
+  const p = job.progress;
+  const secs = `${Math.round(elapsed)} s in`;
+  if (!p || typeof p !== "object") {
+    bar.removeAttribute("value");
+    figures.textContent = `${job.status}, ${secs}`;
+    return;
+  }
+  const parts = [PHASES[p.phase] || p.phase];
+  if (p.epochs) {
+    bar.max = p.epochs; bar.value = p.epoch || 0;
+    parts[0] += `: epoch ${p.epoch || 0} of at most ${p.epochs}`;
+  } else if (p.phase === "done") {
+    bar.max = 1; bar.value = 1;
+  } else {
+    bar.removeAttribute("value"); // indeterminate: a phase without epochs
+  }
+  if (p.best_val_acc !== null && p.best_val_acc !== undefined) parts.push(`best validation accuracy so far ${pct(p.best_val_acc)}`);
+  parts.push(secs);
+  if (p.eta_seconds !== null && p.eta_seconds !== undefined && p.phase !== "done") {
+    parts.push(`about ${Math.round(p.eta_seconds)} s left${p.epochs ? " (early stopping may end it sooner)" : ""}`);
+  }
+  figures.textContent = parts.join(", ");
 }
 
 function follow(id, box, ctx, submit) {
-  const seen = { started: Date.now() };
+  let started = Date.now();
   const bar = h("progress", { id: "job-progress", "aria-label": "Training progress" });
   const line = h("p", { id: "job-line" });
   const figures = h("p", { id: "job-figures" });
@@ -86,19 +109,11 @@ function follow(id, box, ctx, submit) {
   const tick = async () => {
     let job;
     try { job = await api(`/jobs/${encodeURIComponent(id)}`); } catch (e) { showError(e); polling = setTimeout(tick, 3000); return; }
-    if (job.started) seen.started = Date.parse(job.started) || seen.started;
-    parse(job.progress, seen);
-    line.textContent = `${job.status}${job.progress ? `: ${job.progress}` : ""}`;
-    const elapsed = (Date.now() - seen.started) / 1000;
-    if (seen.epoch && seen.epochs) {
-      bar.max = seen.epochs; bar.value = seen.epoch;
-      const left = (elapsed / seen.epoch) * (seen.epochs - seen.epoch);
-      figures.textContent = `Epoch ${seen.epoch} of at most ${seen.epochs}` +
-        (seen.acc !== undefined ? `, validation accuracy so far ${pct(seen.acc)}` : "") +
-        `, ${Math.round(elapsed)} s in, about ${Math.round(left)} s left (early stopping may end it sooner)`;
-    } else {
-      figures.textContent = `${job.status}, ${Math.round(elapsed)} s in`;
-    }
+    if (job.started) started = Date.parse(job.started) || started;
+    const p = job.progress;
+    const message = p && typeof p === "object" ? p.message : p;
+    line.textContent = `${job.status}${message ? `: ${message}` : ""}`;
+    show(job, (Date.now() - started) / 1000, bar, figures);
     if (job.status === "succeeded" || job.status === "failed") {
       submit.disabled = false;
       bar.max = 1; bar.value = 1;
