@@ -439,7 +439,8 @@ def _lower_priority() -> None:
 
 def warm_up() -> None:
     """What every run would otherwise pay first: imports, torch.optim's lazy compiler import, and the
-    default backbone's frozen feature graph (exported once into the store's cache)."""
+    default backbone's frozen graphs (exported once into the store's cache): its features for the head, and
+    the frozen stages of a default `partial` for the activation cache."""
     import matplotlib.pyplot  # noqa: F401 - the confusion-matrix plot
     import onnxruntime.quantization  # noqa: F401
     import torch
@@ -454,6 +455,15 @@ def warm_up() -> None:
     backbone = TrainRequest.model_fields["backbone"].default
     bb = create_backbone(backbone, num_classes=2, pretrained=True)
     feature_session(bb, bb.contract.input_size, Store().home / "cache")
+    from training.activations import prefix_session, split_model
+    from training.finetune import STRATEGIES, apply_strategy
+
+    defaults = TrainRequest()
+    _, summary = apply_strategy(bb, STRATEGIES["partial"], lr=defaults.lr, backbone_lr=defaults.backbone_lr,
+                                unfreeze_blocks=defaults.unfreeze_blocks, log=lambda _: None)
+    split = split_model(bb, summary["unfrozen_stages"])
+    if split is not None:
+        prefix_session(bb, split, bb.contract.input_size, Store().home / "cache")
 
 
 def standby(address: Path) -> int:

@@ -54,7 +54,7 @@ def test_cli_prints_a_line_per_phase_when_stderr_is_not_a_terminal(tmp_path):
     epochs = [ln for ln in lines if ln.startswith("partial epoch ") and not ln.startswith("partial epoch 0/")]
     assert [ln.split(",")[0] for ln in epochs] == ["partial epoch 1/2", "partial epoch 2/2"], lines
     assert all("best val acc " in ln and " s left" in ln for ln in epochs), epochs
-    assert lines[-1].startswith("done, best val acc "), lines
+    assert lines[-1].startswith("done in ") and ", best val acc " in lines[-1], lines
     # The head's hundreds of epochs do not each get a line.
     assert sum(ln.startswith("head") for ln in lines) == 1, lines
 

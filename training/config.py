@@ -39,7 +39,7 @@ class TrainRequest(BaseModel):
                        "is served when its validation accuracy is within 1 point of FP32.")
     val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
                                 "folder (stratified, seeded split).")
-    cache_views: int = Field(4, ge=0, le=64, description="partial: augmented views of each training image whose "
+    cache_views: int = Field(2, ge=0, le=64, description="partial: augmented views of each training image whose "
                              "frozen-stage activations are computed once and cached, so each step runs only the "
                              "unfrozen stages (0: no cache, every step runs the whole network).")
     time_budget: float = Field(15.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "

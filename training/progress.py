@@ -27,6 +27,7 @@ class Progress:
         self.state: dict = {"phase": "preparing", "epoch": None, "epochs": None, "best_val_acc": None,
                             "eta_seconds": None, "elapsed_seconds": 0.0}
         self._phase_t0 = self.t0
+        self._first_epoch_end: float | None = None
         self._budget_end: float | None = None
 
     def set_images(self, val_images: int) -> None:
@@ -36,6 +37,7 @@ class Progress:
         """A new phase starts; `budget`: seconds it may take at most (auto's time budget)."""
         now = time.monotonic()
         self._phase_t0 = now
+        self._first_epoch_end = None
         self._budget_end = now + budget if budget is not None else None
         eta = None if epochs else (self.finish_estimate if name not in ("done",) else 0.0)
         self._emit(phase=name, epoch=0 if epochs else None, epochs=epochs, eta_seconds=eta)
@@ -47,8 +49,12 @@ class Progress:
         if val_acc is not None and (best is None or val_acc > best):
             best = val_acc
         eta = None
+        if epoch == 1 or self._first_epoch_end is None:
+            self._first_epoch_end = now
         if st["epochs"]:
-            per = (now - self._phase_t0) / max(1, epoch)
+            # The first epoch pays one-off costs (an optimizer's first step, a view of the activation cache):
+            # from the second on, the mean of the later ones is the better guess.
+            per = (now - self._first_epoch_end) / (epoch - 1) if epoch > 1 else now - self._phase_t0
             left = per * max(0, st["epochs"] - epoch)
             if self._budget_end is not None:
                 left = min(left, max(0.0, self._budget_end - now))
@@ -73,6 +79,9 @@ class Progress:
 
 def describe(state: dict) -> str:
     """One line for logs and the console: 'partial epoch 3/10, best val acc 0.9412, about 12 s left'."""
+    if state.get("phase") == "done":
+        best = state.get("best_val_acc")
+        return f"done in {state.get('elapsed_seconds') or 0:.0f} s" + (f", best val acc {best:.4f}" if best else "")
     parts = [state.get("phase") or "?"]
     if state.get("epochs"):
         parts[0] += f" epoch {state.get('epoch') or 0}/{state['epochs']}"
