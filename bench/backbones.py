@@ -8,15 +8,12 @@ accuracy, the strategy `auto` kept, fit seconds), then the version it published 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from bench import wrkgen
-from bench.common import PYTHON, ROOT, Plan, data_dir, flowers_dir, log, md_table
+from bench.common import Plan, data_dir, flowers_dir, log, md_table
+from bench.retrain import cli_flags, cli_train, subset
 from bench.servers import refit_server, wait_standby_warm
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -49,7 +46,7 @@ def run(plan: Plan) -> dict:
     with tempfile.TemporaryDirectory(prefix="refit-bench-backbones-") as tmp:
         tmp = Path(tmp)
         for dname, root in found.items():
-            data = _subset(root, plan.retrain_subset, tmp / "data" / dname)
+            data = subset(plan, tmp / "data" / dname, root)
             images = _val_jpegs(data)
             for backbone in BACKBONES:
                 home = tmp / "homes" / f"{dname}-{backbone}"
@@ -59,19 +56,6 @@ def run(plan: Plan) -> dict:
                 rows.append(row)
     return {"datasets": {n: str(p) for n, p in found.items()}, "skipped": skipped, "subset": plan.retrain_subset,
             "concurrency": CONCURRENCY, "rows": rows, "recommendation": recommend(rows)}
-
-
-def _subset(root: Path, per_class: int | None, where: Path) -> Path:
-    """The dataset, or for a smoke test a few images per class and split linked from it (nothing copied)."""
-    if per_class is None:
-        return root
-    for split in ("train", "val"):
-        for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
-            dest = where / split / cls.name
-            dest.mkdir(parents=True)
-            for f in sorted(cls.glob("*.jpg"))[:per_class]:
-                (dest / f.name).symlink_to(f)
-    return where
 
 
 def _val_jpegs(data: Path) -> list[tuple[str, bytes]]:
@@ -87,26 +71,16 @@ def _val_jpegs(data: Path) -> list[tuple[str, bytes]]:
     return out
 
 
-def _flags(options: dict) -> list[str]:
-    return [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
-
-
 def train(data: Path, backbone: str, home: Path, plan: Plan) -> dict:
     """The default `refit train` with this backbone (a smoke test adds the plan's caps), as a user runs it."""
     epochs = plan.retrain_epochs.get("auto") if plan.retrain_subset else None
     options = {**plan.retrain_options, **({"epochs": epochs} if epochs else {})} if plan.retrain_subset else {}
-    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--backbone", backbone, "--json", *_flags(options)]
-    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
     log(f"backbones: training {backbone} on {data.name if plan.retrain_subset is None else 'a subset'}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
-    _keep_log(plan, f"backbones-{home.name}-train.log", proc.stderr)
-    if proc.returncode != 0:
-        error = (proc.stderr or proc.stdout)[-2000:]
-        log(f"backbones: {backbone} failed ({proc.returncode}): {error[-300:]}")
+    result, wall, error = cli_train(data, home, ["--backbone", backbone, *cli_flags(options)], plan,
+                                    f"backbones-{home.name}-train.log")
+    if result is None:
+        log(f"backbones: {backbone} failed: {error[-300:]}")
         return {"wall_seconds": wall, "error": error}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     precision = _precision(home, result["version"])
     log(f"backbones: {backbone} -> {result['strategy']}: val_acc {result['val_accuracy']:.4f}, "
         f"train {result['train_seconds']:.1f}s, wall {wall:.1f}s, serves {precision}")
@@ -146,12 +120,6 @@ def serve(home: Path, version: str, images: list[tuple[str, bytes]], plan: Plan,
         f"(p50 {row['p50_ms'] or 0:.0f} ms, errors {row['errors']})")
     keep = ("throughput", "p50_ms", "p99_ms", "ok", "errors", "error_kinds", "seconds")
     return {k: row[k] for k in keep} | {"startup_seconds": srv.startup_seconds}
-
-
-def _keep_log(plan: Plan, name: str, text: str) -> None:
-    logs = plan.results_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (logs / name).write_text(text)
 
 
 # --- the recommendation, from the figures -----------------------------------------------------------------

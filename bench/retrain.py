@@ -31,7 +31,7 @@ def run(plan: Plan) -> dict:
     default_epochs = TrainRequest.model_fields["epochs"].default
     with tempfile.TemporaryDirectory(prefix="refit-bench-retrain-") as tmp:
         tmp = Path(tmp)
-        data = _dataset(plan, tmp / "data")
+        data = subset(plan, tmp / "data")
         rows = [train_cli(data, s, tmp / "cli-home", plan, default_epochs) for s in STRATEGIES]
         fast = fast_runs(plan, tmp, data)
         submit = submit_to_answer(data, tmp, plan)
@@ -56,7 +56,7 @@ def fast_runs(plan: Plan, tmp: Path, hymenoptera: Path) -> dict:
         out["flowers_missing"] = "flowers5_128px not found (set REFIT_BENCH_FLOWERS); its rows are not measured"
         log(f"retrain: {out['flowers_missing']}")
         return out
-    flowers = _dataset(plan, tmp / "flowers", flowers)
+    flowers = subset(plan, tmp / "flowers", flowers)
     out["default"].append(default_run(flowers, "flowers5_128px", tmp / "fast-f", plan, opts))
     out["partial"] = []
     for seed in SEEDS[:1] if quick else SEEDS:
@@ -68,25 +68,32 @@ def fast_runs(plan: Plan, tmp: Path, hymenoptera: Path) -> dict:
 
 
 def default_run(data: Path, name: str, home: Path, plan: Plan, options: dict) -> dict:
-    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--json", *_flags(options)]
-    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
     tag = "-".join(f"{k}{v}" for k, v in options.items()) or "defaults"
-    _keep_log(plan, f"fast-{name}-{tag}.log", proc.stderr)
-    row = {"dataset": name, "options": options, "wall_seconds": wall, "returncode": proc.returncode}
-    if proc.returncode != 0:
-        row["error"] = (proc.stderr or proc.stdout)[-2000:]
-        log(f"retrain: {name} {tag} failed: {row['error'][-300:]}")
-        return row
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result, wall, error = cli_train(data, home, cli_flags(options), plan, f"fast-{name}-{tag}.log")
+    row = {"dataset": name, "options": options, "wall_seconds": wall}
+    if result is None:
+        log(f"retrain: {name} {tag} failed: {error[-300:]}")
+        return {**row, "error": error}
     metrics = _version_metrics(home, result["version"])
     row.update(chosen=result["strategy"], val_accuracy=result["val_accuracy"], train_seconds=result["train_seconds"],
                total_seconds=result["total_seconds"], auto=result.get("auto"), epochs_run=_epochs_run(metrics))
     log(f"retrain: {name} {tag} -> {row['chosen']} val_acc {row['val_accuracy']:.4f}, train "
         f"{row['train_seconds']:.1f}s, wall {wall:.1f}s")
     return row
+
+
+def cli_train(data: Path, home: Path, args: list[str], plan: Plan, log_name: str) -> tuple[dict | None, float, str]:
+    """`refit train DATA --json ARGS` in a process of its own with REFIT_HOME=home, as a user runs it: (its JSON
+    summary or None, wall seconds, the error text). Its log is kept under the results' logs/."""
+    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--json", *args]
+    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    _keep_log(plan, log_name, proc.stderr)
+    if proc.returncode != 0:
+        return None, wall, f"exit {proc.returncode}: " + (proc.stderr or proc.stdout)[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, ""
 
 
 def partial_summary(fast: dict) -> dict | None:
@@ -107,7 +114,7 @@ def partial_summary(fast: dict) -> dict | None:
     return out
 
 
-def _dataset(plan: Plan, where: Path, root: Path | None = None) -> Path:
+def subset(plan: Plan, where: Path, root: Path | None = None) -> Path:
     """The real dataset, or for a smoke test a few images per class linked from it (nothing is copied)."""
     root = root or data_dir()
     if plan.retrain_subset is None:
@@ -121,27 +128,20 @@ def _dataset(plan: Plan, where: Path, root: Path | None = None) -> Path:
     return where
 
 
-def _flags(options: dict) -> list[str]:
+def cli_flags(options: dict) -> list[str]:
     return [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
 def train_cli(data: Path, strategy: str, home: Path, plan: Plan, default_epochs: int) -> dict:
     epochs = plan.retrain_epochs.get(strategy) if strategy != "feature_extraction" else None
     options = {**plan.retrain_options, **({"epochs": epochs} if epochs else {})}
-    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--strategy", strategy, "--json", *_flags(options)]
-    env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    log(f"retrain: {strategy} ({' '.join(_flags(options)) or 'defaults'})")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    wall = time.perf_counter() - t0
-    _keep_log(plan, f"cli-{strategy}.log", proc.stderr)
+    log(f"retrain: {strategy} ({' '.join(cli_flags(options)) or 'defaults'})")
+    result, wall, error = cli_train(data, home, ["--strategy", strategy, *cli_flags(options)], plan, f"cli-{strategy}.log")
     row = {"strategy": strategy, "epochs": epochs or (None if strategy == "feature_extraction" else default_epochs),
-           "epochs_capped": bool(epochs), "wall_seconds": wall, "returncode": proc.returncode}
-    if proc.returncode != 0:
-        row["error"] = (proc.stderr or proc.stdout)[-2000:]
-        log(f"retrain: {strategy} failed ({proc.returncode}): {row['error'][-300:]}")
-        return row
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+           "epochs_capped": bool(epochs), "wall_seconds": wall}
+    if result is None:
+        log(f"retrain: {strategy} failed: {error[-300:]}")
+        return {**row, "error": error}
     metrics = _version_metrics(home, result["version"])
     row.update(version=result["version"], chosen=result["strategy"], val_accuracy=result["val_accuracy"],
                train_seconds=result["train_seconds"], total_seconds=result["total_seconds"],
