@@ -21,11 +21,11 @@ def trained(plan: Plan) -> dict:
     first use in this process, into a temporary store removed at exit."""
     if plan.name in _cache:
         return _cache[plan.name]
-    from bench.retrain import _dataset
+    from bench.retrain import subset
     from training.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="refit-bench-version-"))
-    data = _dataset(plan, tmp / "data")
+    data = subset(plan, tmp / "data")
     home = tmp / "home"
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
     cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--strategy", "feature_extraction", "--json",
