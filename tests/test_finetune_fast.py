@@ -97,24 +97,21 @@ def test_augmented_views_differ_and_train_the_backbones_own_layers(tmp_path):
     assert any("activation cache: 2 view(s)" in line for line in logs)
 
 
-def test_cache_over_its_memory_bound_falls_back_and_still_publishes(tmp_path):
+def test_cache_over_its_memory_bound_falls_back_and_still_publishes(tmp_path, monkeypatch):
     """With the bound below what the views need, partial runs the whole network each step, says so, records
     it, and publishes a working version."""
     data = make_dataset(tmp_path / "data", classes=("red", "blue"), n=10, split=True)
     home = tmp_path / "home"
-    import os
-
-    os.environ["REFIT_ACTIVATION_CACHE_MB"] = "0.5"  # 10 images x 4 views x 37 KB is 1.5 MB
-    try:
-        r = run_cli("train", data, "--strategy", "partial", "--epochs", "1", "--head-epochs", "3", "--json",
-                    "--no-int8", "--parity-images", "2", home=home)
-    finally:
-        del os.environ["REFIT_ACTIVATION_CACHE_MB"]
+    monkeypatch.setenv("REFIT_ACTIVATION_CACHE_MB", "0.5")  # 10 images x 4 views x 37 KB is 1.5 MB
+    r = run_cli("train", data, "--strategy", "partial", "--epochs", "1", "--head-epochs", "3", "--json",
+                "--no-int8", "--parity-images", "2", "--cache-views", "4", home=home)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "over the limit of 0 MB" in r.stderr and "runs the whole network every step instead" in r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     metrics = json.loads((home / "models" / "refit" / out["version"] / "metrics.json").read_text())
     assert metrics["strategy"] == "partial"
+    cache = metrics["auto"]["activation_cache"]
+    assert cache["used"] is False and cache["planned_bytes"] > cache["limit_bytes"] == int(0.5 * 2**20)
     assert any(h["phase"] == "partial" for h in metrics["history"])
     sess = ort.InferenceSession(str(home / "models" / "refit" / out["version"] / "model.onnx"))
     probs = sess.run(["probs"], {"input": np.zeros((1, 3, 224, 224), np.float32)})[0]

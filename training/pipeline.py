@@ -234,7 +234,8 @@ def choose_and_train(run: Run, log: Callable) -> tuple[Backbone, str, list[dict]
     r = run.request
     if r.strategy != "auto":
         bb, hist, summary = run.run(r.strategy)
-        return bb, r.strategy, hist, {"strategy": r.strategy, "reason": "requested", "candidates": {}}
+        figures = {k: summary[k] for k in ("kept", "activation_cache") if k in summary}
+        return bb, r.strategy, hist, {"strategy": r.strategy, "reason": "requested", "candidates": {}, **figures}
     t0 = time.time()
     n = len(run.ds.train)
     bb, hist, summary = run.run("feature_extraction")
