@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import httpx
 import pytest
 from PIL import Image
 
@@ -64,6 +65,13 @@ def run_cli(*args, home: Path, timeout: int = 600) -> subprocess.CompletedProces
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """A client of the module's `server` fixture (a real `bentoml serve`), for the modules that start one."""
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from conftest import run_cli
 from training.contract import Contract
 from training.export import export_onnx, read_contract
 from training.preprocess import preprocess
-from training.registry import create_backbone, list_backbones
+from training.registry import create_backbone
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 NEW = LITES[1:]

@@ -61,12 +61,6 @@ def server(imagenet_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def browser(server):
     sync_playwright = _browser_or_skip()
     with sync_playwright() as p:

@@ -204,12 +204,6 @@ def server(imagenet_store, tmp_path_factory):
     srv.stop(kill=True)
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
 def upload(http, name: str, files: list[tuple[str, bytes]], label: str | None, headers=AUTH):
     data = {"label": label} if label is not None else {}
     return http.post(f"/datasets/{name}/images", files=[("images", (n, b, "image/jpeg")) for n, b in files],

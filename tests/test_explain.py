@@ -77,12 +77,6 @@ def server(store, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
-
-
 def explain(http, data: bytes, name: str = "photo.jpg", **fields) -> httpx.Response:
     return http.post("/explain", files={"image": (name, data, "image/jpeg")},
                      data={k: str(v) for k, v in fields.items()})

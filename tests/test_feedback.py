@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving
@@ -23,12 +22,6 @@ def server(tmp_path_factory, imagenet_store):
     srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def _captured(home: Path) -> list[Path]:

@@ -7,7 +7,6 @@ version whatever its budget.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort

@@ -15,7 +15,6 @@ import textwrap
 import time
 import zipfile
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -50,12 +49,6 @@ def server(tmp_path_factory, imagenet_store):
     srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as c:
-        yield c
 
 
 def answer(http, name: str, data: bytes) -> dict:
