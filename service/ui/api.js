@@ -12,9 +12,16 @@ export class ApiError extends Error {
   constructor(status, message, body) { super(message); this.status = status; this.body = body; }
 }
 
+// A page that is left aborts its AbortSignal (app.js): its reads are cancelled and their answers dropped, and
+// what it still awaits rejects with this error, which no page shows.
+export function pageLeft(e) { return Boolean(e) && e.name === "AbortError"; }
+function leftError(signal) { return signal.reason || new DOMException("the page was left", "AbortError"); }
+
 // fetch() with the token; `json` sends a JSON body, `form` a FormData. Answers the parsed JSON (or the Response
 // itself with raw: true); any status >= 400 throws an ApiError whose message is the API's own `error` text.
-export async function api(path, { method, json, form, raw = false } = {}) {
+// `signal`: the page's; once it is aborted the request is cancelled (or never sent) and nothing is answered.
+export async function api(path, { method, json, form, raw = false, signal } = {}) {
+  if (signal && signal.aborted) throw leftError(signal);
   const headers = {};
   if (token()) headers.Authorization = `Bearer ${token()}`;
   let body;
@@ -22,30 +29,38 @@ export async function api(path, { method, json, form, raw = false } = {}) {
   if (form !== undefined) body = form;
   let resp;
   try {
-    resp = await fetch(path, { method: method || (body ? "POST" : "GET"), headers, body });
+    resp = await fetch(path, { method: method || (body ? "POST" : "GET"), headers, body, signal });
   } catch (e) {
+    if (pageLeft(e)) throw e;
     throw new ApiError(0, `the server could not be reached (${e.message})`);
   }
   if (resp.status >= 400) {
     const text = await resp.text();
+    if (signal && signal.aborted) throw leftError(signal);
     let data = null;
     try { data = JSON.parse(text); } catch { /* not JSON: shown as it came */ }
     const msg = data && typeof data.error === "string" ? data.error
       : data && data.detail ? JSON.stringify(data.detail) : text || resp.statusText;
     throw new ApiError(resp.status, `${resp.status}: ${msg}`, data);
   }
-  return raw ? resp : resp.json();
+  if (raw) return resp;
+  const data = await resp.json();
+  if (signal && signal.aborted) throw leftError(signal);
+  return data;
 }
 
 // An image the API guards with the token (a dataset's, a captured one): fetched with the header, shown from
 // a blob URL, since an <img src> cannot send it.
-export async function imageURL(path) {
-  const resp = await api(path, { raw: true });
-  return URL.createObjectURL(await resp.blob());
+export async function imageURL(path, signal) {
+  const resp = await api(path, { raw: true, signal });
+  const blob = await resp.blob();
+  if (signal && signal.aborted) throw leftError(signal);
+  return URL.createObjectURL(blob);
 }
 
-// The page-wide message area: errors from the API, word for word.
+// The page-wide message area: errors from the API, word for word (not a left page's, which are not errors).
 export function showError(e) {
+  if (pageLeft(e)) return;
   const box = document.getElementById("error");
   box.textContent = e instanceof ApiError || e instanceof Error ? e.message : String(e);
   box.hidden = false;

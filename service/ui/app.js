@@ -1,6 +1,6 @@
 // The console's shell: pages by URL hash (#try, #versions, #retrain, #data), the token form, and the
 // promoted version shown on every page.
-import { api, clearError, setToken, showError, token } from "./api.js";
+import { api, clearError, pageLeft, setToken, showError, token } from "./api.js";
 import * as tryit from "./tryit.js";
 import * as versions from "./versions.js";
 import * as retrain from "./retrain.js";
@@ -9,15 +9,29 @@ import * as data from "./data.js";
 const PAGES = { try: tryit, versions, retrain, data };
 
 // The version the server promotes now, in the header of every page; pages call it after a change.
-export async function refreshServing() {
+export async function refreshServing(signal) {
   const out = document.getElementById("promoted");
   try {
-    const v = await api("/versions");
+    const v = await api("/versions", { signal });
     out.textContent = v.promoted || (v.problem ? `none (${v.problem})` : "none");
   } catch (e) {
+    if (pageLeft(e)) return;
     out.textContent = "unknown";
     showError(e);
   }
+}
+
+// The page on screen: its render's AbortController, aborted when another page is shown.
+let current = null;
+
+// A fresh <main> for each page render: a left page that still holds its old one writes off screen, and its
+// listeners go with it; its reads are aborted through the signal in ctx (api.js), so it stops at its next await.
+function freshMain(name) {
+  const old = document.getElementById("page");
+  const main = old.cloneNode(false);
+  main.dataset.page = name;
+  old.replaceWith(main);
+  return main;
 }
 
 async function show() {
@@ -26,13 +40,15 @@ async function show() {
     if (a.getAttribute("href") === `#${name}`) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
+  if (current) current.abort();
+  current = new AbortController();
+  const { signal } = current;
   clearError();
-  const main = document.getElementById("page");
-  main.replaceChildren();
-  main.dataset.page = name;
-  refreshServing();
+  const main = freshMain(name);
+  const ctx = { signal, refreshServing: () => refreshServing(signal) };
+  ctx.refreshServing();
   try {
-    await PAGES[name].render(main, { refreshServing });
+    await PAGES[name].render(main, ctx);
   } catch (e) {
     showError(e);
   }

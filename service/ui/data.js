@@ -1,19 +1,20 @@
 // Data: the store's datasets with counts per class and thumbnails, captured images to label next (suggest)
 // with one-click labels that send POST /feedback, and drift per served version.
-import { ApiError, api, fixed, h, imageURL, showError } from "./api.js";
+import { ApiError, api, fixed, h, imageURL, pageLeft, showError } from "./api.js";
 
 const THUMBS_PER_CLASS = 6;
 
-export async function render(main) {
-  const list = await api("/datasets");
+// `signal` (ctx's) is aborted when the page is left: every read below takes it, so a left page stops.
+export async function render(main, { signal }) {
+  const list = await api("/datasets", { signal });
   main.append(h("h2", {}, "Data"));
   if (!list.length) main.append(h("p", { class: "muted" }, "No datasets yet: a retrain upload, or images added to a dataset, makes one."));
-  for (const d of list) main.append(await dataset(d.dataset));
-  main.append(await drift());
+  for (const d of list) main.append(await dataset(d.dataset, signal));
+  main.append(await drift(signal));
 }
 
-async function dataset(name) {
-  const d = await api(`/datasets/${encodeURIComponent(name)}`);
+async function dataset(name, signal) {
+  const d = await api(`/datasets/${encodeURIComponent(name)}`, { signal });
   const sec = h("section", { class: "dataset", "data-dataset": name }, h("h3", {}, `${name}: ${d.images} images`),
     h("p", { class: "muted" }, `Snapshot ${d.snapshot}; split hints: `,
       Object.entries(d.splits || {}).map(([k, v]) => `${k} ${v}`).join(", ")));
@@ -21,37 +22,39 @@ async function dataset(name) {
   sec.append(h("table", {}, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Class"), h("th", { scope: "col" }, "Images"))),
     h("tbody", {}, Object.entries(d.classes).map(([c, n]) => h("tr", {}, h("th", { scope: "row" }, c), h("td", { class: "num" }, n))))),
   thumbs);
-  thumbnails(name, d.snapshot, thumbs);
+  thumbnails(name, d.snapshot, thumbs, signal);
   const suggestBox = h("div", { class: "suggest" });
   sec.append(h("h4", {}, "To label next"),
-    h("button", { type: "button", onclick: () => suggest(name, Object.keys(d.classes), suggestBox) }, `Suggest images for ${name}`),
+    h("button", { type: "button", onclick: () => suggest(name, Object.keys(d.classes), suggestBox, signal) }, `Suggest images for ${name}`),
     suggestBox);
   return sec;
 }
 
 // A few images per class, fetched with the token (image bytes are guarded as captured images are).
-async function thumbnails(name, snapshot, box) {
+async function thumbnails(name, snapshot, box, signal) {
   try {
-    const m = await api(`/datasets/${encodeURIComponent(name)}/snapshots/${snapshot}`);
+    const m = await api(`/datasets/${encodeURIComponent(name)}/snapshots/${snapshot}`, { signal });
     const byClass = {};
     for (const e of m.entries) (byClass[e.label] ||= []).length < THUMBS_PER_CLASS && byClass[e.label].push(e);
     for (const [label, entries] of Object.entries(byClass)) {
       const row = h("div", { class: "thumbs", "aria-label": `Images of ${label}`, role: "group" });
       box.append(h("p", {}, label), row);
       for (const e of entries) {
-        const url = await imageURL(`/datasets/${encodeURIComponent(name)}/images/${e.sha256}`);
+        const url = await imageURL(`/datasets/${encodeURIComponent(name)}/images/${e.sha256}`, signal);
         row.append(h("img", { src: url, alt: `${label}: ${e.name || e.sha256.slice(0, 12)}` }));
       }
     }
   } catch (e) {
+    if (pageLeft(e)) return;
     box.append(h("p", { class: "muted" }, `Thumbnails: ${e.message}`));
   }
 }
 
-async function suggest(name, classes, box) {
+async function suggest(name, classes, box, signal) {
   box.replaceChildren(h("p", {}, "Asking the model…"));
   let r;
-  try { r = await api(`/datasets/${encodeURIComponent(name)}/suggest?n=12`); } catch (e) {
+  try { r = await api(`/datasets/${encodeURIComponent(name)}/suggest?n=12`, { signal }); } catch (e) {
+    if (pageLeft(e)) return;
     box.replaceChildren(h("p", { class: "bad" }, e.message)); showError(e); return;
   }
   box.replaceChildren(h("p", { class: "muted" }, `${r.suggestions.length} of ${r.candidates} captured images, ranked by ${r.ranked_by} (model ${r.version}).`));
@@ -60,7 +63,10 @@ async function suggest(name, classes, box) {
   for (const s of r.suggestions) {
     const card = h("article", { class: "card" }, h("p", {}, `${s.name}: predicted ${s.predicted} (margin ${fixed(s.margin)})`));
     cards.append(card);
-    try { card.prepend(h("img", { src: await imageURL(s.image), alt: `Captured image ${s.name}` })); } catch (e) { card.append(h("p", { class: "bad" }, e.message)); }
+    try { card.prepend(h("img", { src: await imageURL(s.image, signal), alt: `Captured image ${s.name}` })); } catch (e) {
+      if (pageLeft(e)) return;
+      card.append(h("p", { class: "bad" }, e.message));
+    }
     card.append(h("div", { class: "row", role: "group", "aria-label": `Label ${s.name}` }, classes.map((c) =>
       h("button", { type: "button", onclick: async () => {
         try {
@@ -71,10 +77,10 @@ async function suggest(name, classes, box) {
   }
 }
 
-async function drift() {
+async function drift(signal) {
   const sec = h("section", { id: "drift" }, h("h3", {}, "Drift per version"));
   try {
-    const r = await api("/drift");
+    const r = await api("/drift", { signal });
     sec.append(h("table", {}, h("thead", {}, h("tr", {}, ["Version", "Inputs seen", "Embedding score / threshold",
       "Labels score / threshold", "Flagged"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, r.versions.map((v) => v.available

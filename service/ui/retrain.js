@@ -1,7 +1,7 @@
 // Retrain: a zip upload or a dataset of the store, a strategy (auto by default), then the job followed live
 // from its record (GET /jobs/{id}: status and progress: phase, epoch, best accuracy, time left) until the
 // version is published, with the promotion decision.
-import { api, h, pct, showError } from "./api.js";
+import { api, h, pageLeft, pct, showError } from "./api.js";
 
 const STRATEGIES = ["auto", "feature_extraction", "partial", "full", "scratch"];
 let polling = null;
@@ -9,7 +9,7 @@ let polling = null;
 export async function render(main, ctx) {
   if (polling) { clearTimeout(polling); polling = null; }
   let datasets = [];
-  try { datasets = await api("/datasets"); } catch (e) { showError(e); }
+  try { datasets = await api("/datasets", { signal: ctx.signal }); } catch (e) { showError(e); }
   const zip = h("input", { id: "zip", type: "file", accept: ".zip,application/zip" });
   const pick = h("select", { id: "dataset-name" }, datasets.map((d) => h("option", { value: d.dataset },
     `${d.dataset} (${d.images} images, ${d.classes} classes)`)));
@@ -53,13 +53,14 @@ export async function render(main, ctx) {
       submit.disabled = false;
     }
   });
-  main.append(h("h2", {}, "Retrain"), form, status, await recent());
-  main.addEventListener("job-ended", async () => main.querySelector("#recent-jobs").replaceWith(await recent()));
+  if (ctx.signal.aborted) return;
+  main.append(h("h2", {}, "Retrain"), form, status, await recent(ctx.signal));
+  main.addEventListener("job-ended", async () => main.querySelector("#recent-jobs").replaceWith(await recent(ctx.signal)));
 }
 
-async function recent() {
+async function recent(signal) {
   try {
-    const jobs = await api("/jobs?limit=10");
+    const jobs = await api("/jobs?limit=10", { signal });
     return h("section", { id: "recent-jobs" }, h("h3", {}, "Recent jobs"), h("table", {},
       h("thead", {}, h("tr", {}, ["Job", "Status", "Created", "Version", "Seconds"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, jobs.map((j) => h("tr", {}, h("td", {}, j.id), h("td", {}, j.status), h("td", {}, j.created || ""),
@@ -106,9 +107,13 @@ function follow(id, box, ctx, submit) {
   const line = h("p", { id: "job-line" });
   const figures = h("p", { id: "job-figures" });
   box.replaceChildren(h("h3", {}, `Job ${id}`), bar, figures, line);
+  // Following stops when the page is left (ctx.signal); the job runs on, listed under Recent jobs.
   const tick = async () => {
     let job;
-    try { job = await api(`/jobs/${encodeURIComponent(id)}`); } catch (e) { showError(e); polling = setTimeout(tick, 3000); return; }
+    try { job = await api(`/jobs/${encodeURIComponent(id)}`, { signal: ctx.signal }); } catch (e) {
+      if (pageLeft(e)) return;
+      showError(e); polling = setTimeout(tick, 3000); return;
+    }
     if (job.started) started = Date.parse(job.started) || started;
     const p = job.progress;
     const message = p && typeof p === "object" ? p.message : p;
@@ -117,7 +122,7 @@ function follow(id, box, ctx, submit) {
     if (job.status === "succeeded" || job.status === "failed") {
       submit.disabled = false;
       bar.max = 1; bar.value = 1;
-      await done(id, box);
+      await done(id, box, ctx.signal);
       await ctx.refreshServing();
       box.dispatchEvent(new Event("job-ended", { bubbles: true }));
       return;
@@ -127,9 +132,9 @@ function follow(id, box, ctx, submit) {
   tick();
 }
 
-async function done(id, box) {
+async function done(id, box, signal) {
   try {
-    const r = await api(`/retrain/get?task_id=${encodeURIComponent(id)}`);
+    const r = await api(`/retrain/get?task_id=${encodeURIComponent(id)}`, { signal });
     const p = r.promotion || {};
     box.append(h("p", { class: "ok", id: "job-result", role: "status" },
       `Published ${r.version} (${r.strategy}, validation accuracy ${pct(r.val_accuracy)}). `,

@@ -6,7 +6,7 @@ import { api, h, pct, put, showError } from "./api.js";
 let threshold = 0;
 const results = []; // {name, url, answer, note}
 
-export async function render(main) {
+export async function render(main, { signal }) {
   results.length = 0;
   const input = h("input", { id: "files", type: "file", accept: "image/*", multiple: true, class: "visually-hidden" });
   const drop = h("label", { for: "files", class: "drop", id: "drop" },
@@ -21,13 +21,13 @@ export async function render(main) {
     out.textContent = threshold.toFixed(2);
     for (const r of results) draw(r);
   });
-  input.addEventListener("change", () => { classify([...input.files], Number(topk.value), cards); input.value = ""; });
+  input.addEventListener("change", () => { classify([...input.files], Number(topk.value), cards, signal); input.value = ""; });
   drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", (ev) => {
     ev.preventDefault();
     drop.classList.remove("over");
-    classify([...ev.dataTransfer.files].filter((f) => f.type.startsWith("image/")), Number(topk.value), cards);
+    classify([...ev.dataTransfer.files].filter((f) => f.type.startsWith("image/")), Number(topk.value), cards, signal);
   });
   main.append(
     h("h2", {}, "Try it"),
@@ -41,8 +41,10 @@ export async function render(main) {
     cards);
 }
 
-async function classify(files, topK, cards) {
+// `signal`: the page's; once it is left, the answers still on their way are dropped and the rest not asked.
+async function classify(files, topK, cards, signal) {
   for (const file of files) {
+    if (signal.aborted) return;
     const r = { name: file.name, url: URL.createObjectURL(file), answer: null, note: "working…", card: h("article", { class: "card" }) };
     results.push(r);
     cards.prepend(r.card);
@@ -51,7 +53,7 @@ async function classify(files, topK, cards) {
     form.append("image", file, file.name);
     form.append("top_k", String(topK || 5));
     try {
-      r.answer = await api("/explain", { form });
+      r.answer = await api("/explain", { form, signal });
       r.note = "";
     } catch (e) {
       if (e.status === 409) {
@@ -60,7 +62,7 @@ async function classify(files, topK, cards) {
         f2.append("images", file, file.name);
         f2.append("top_k", String(topK || 5));
         try {
-          [r.answer] = await api("/predict", { form: f2 });
+          [r.answer] = await api("/predict", { form: f2, signal });
           r.note = `No heatmap: ${e.message}`;
         } catch (e2) { r.note = e2.message; showError(e2); }
       } else {

@@ -4,7 +4,7 @@
 import { api, confirmDialog, fixed, h, pct, put, showError } from "./api.js";
 
 export async function render(main, ctx) {
-  const listing = await api("/versions");
+  const listing = await api("/versions", { signal: ctx.signal });
   const detail = h("section", { id: "version-detail", "aria-live": "polite" });
   const rollback = h("button", { type: "button", id: "rollback", onclick: () => act(ctx, main, null) }, "Roll back one step");
   put(main,
@@ -28,7 +28,7 @@ function table(listing, ctx, main, detail) {
       h("td", {}, lin), h("td", {}, v.parent || "–"),
       h("td", { class: "num" }, m.label_problems ?? "–"),
       h("td", {}, h("div", { class: "row" },
-        h("button", { type: "button", onclick: () => showDetail(v.id, detail) , "aria-label": `Details of ${v.id}` }, "Details"),
+        h("button", { type: "button", onclick: () => showDetail(v.id, detail, ctx.signal), "aria-label": `Details of ${v.id}` }, "Details"),
         v.promoted ? null : h("button", { type: "button", class: "primary", "aria-label": `Promote ${v.id}`,
                                           onclick: () => act(ctx, main, v.id) }, "Promote"))));
   });
@@ -63,10 +63,11 @@ async function act(ctx, main, version) {
   }
 }
 
-async function showDetail(id, box) {
+// `signal`: the page's; a detail still loading when the page is left is dropped.
+async function showDetail(id, box, signal) {
   box.replaceChildren(h("p", {}, `Loading ${id}…`));
   let v;
-  try { v = await api(`/versions/${encodeURIComponent(id)}`); } catch (e) { box.replaceChildren(); showError(e); return; }
+  try { v = await api(`/versions/${encodeURIComponent(id)}`, { signal }); } catch (e) { box.replaceChildren(); showError(e); return; }
   const per = v.per_class || {};
   const lp = v.label_problems || {};
   const nd = v.near_duplicates || {};
@@ -91,7 +92,7 @@ async function showDetail(id, box) {
   box.querySelector("#detail-title").focus();
   if ((v.files || []).includes("results.csv")) {
     try {
-      const csv = await (await api(`/versions/${v.id}/files/results.csv`, { raw: true })).text();
+      const csv = await (await api(`/versions/${v.id}/files/results.csv`, { raw: true, signal })).text();
       box.querySelector("#curves").prepend(curves(csv));
     } catch (e) { showError(e); }
   }
