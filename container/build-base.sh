@@ -2,8 +2,16 @@
 # Build the container base image locally, for machines that reach Debian's package mirror but no image
 # registry. BentoML's generated Dockerfile starts FROM python:3.11-slim; this makes an image of that name
 # from a minimal Debian bookworm (whose Python is 3.11) so `podman build` never needs to pull.
-#   sudo container/build-base.sh            (needs debootstrap and podman: apt-get install debootstrap podman runc)
+#   container/build-base.sh      as root (debootstrap needs it, and `make container` then runs as root too,
+#                                 on root's podman images); needs: apt-get install -y podman runc debootstrap
 set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "build-base.sh: run it as root: debootstrap needs root, and the image goes to root's podman storage" >&2
+  exit 1
+fi
+for tool in debootstrap podman; do
+  command -v "$tool" >/dev/null || { echo "build-base.sh: no $tool: apt-get install -y podman runc debootstrap" >&2; exit 1; }
+done
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 root=$(mktemp -d)/rootfs
 trap 'rm -rf "$(dirname "$root")"' EXIT

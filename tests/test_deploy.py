@@ -237,3 +237,150 @@ def test_serving_image_has_no_torch_and_the_two_images_cover_the_project():
     assert not missing, f"pyproject dependencies in neither image: {sorted(missing)}"
     envs = {e["name"]: e["value"] for e in bentofile["envs"]}
     assert envs["REFIT_HOME"] == REFIT_HOME
+
+
+# -- the documented container steps (issue 20, item 21) ----------------------------------------------------
+DOCS = {"README.md": ROOT / "README.md", "docs/deploy.md": ROOT / "docs" / "deploy.md"}
+WORKER_FILE = ROOT / "container" / "Containerfile.worker"
+
+
+def shell_blocks(text: str) -> list[str]:
+    """The ```sh blocks of a Markdown page, continuation lines joined: the commands a reader copies."""
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+    return [line for b in blocks for line in b.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def container_section(readme: str) -> str:
+    return readme.split("\n## Container\n", 1)[1].split("\n## ", 1)[0]
+
+
+def documented_commands() -> dict[str, list[str]]:
+    """Every command of the container steps: deploy.md's shell blocks, the README's container section (its
+    block and the commands quoted in its text), the compose file's own header and build-base.sh's usage."""
+    readme, deploy = container_section(DOCS["README.md"].read_text()), DOCS["docs/deploy.md"].read_text()
+    header = [line[1:].strip() for line in COMPOSE.read_text().splitlines() if line.startswith("#   ")]
+    usage = [line[1:].strip() for line in (ROOT / "container" / "build-base.sh").read_text().splitlines()
+             if line.startswith("#   ")]
+
+    def quoted(text: str) -> list[str]:
+        return re.findall(r"`([^`\n]*(?:podman|build-base)[^`\n]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+    return {"docs/deploy.md": shell_blocks(deploy) + quoted(deploy), "README.md": shell_blocks(readme) + quoted(readme),
+            "deploy/compose.yaml": header, "container/build-base.sh": usage}
+
+
+def test_container_steps_need_no_sudo_and_no_podman_compose_subcommand():
+    """A fresh Debian machine, as root, has no sudo; podman 4.3 (Debian 12's) has no `podman compose`."""
+    for where, commands in documented_commands().items():
+        assert commands, where
+        for cmd in commands:
+            assert not re.search(r"(^|[\s;&|(])sudo\s", cmd), f"{where}: {cmd}"
+            assert not re.search(r"\bpodman\s+compose\b", cmd), f"{where}: {cmd}"
+    # The packages the steps need are named where a reader starts, debootstrap among them.
+    for where in ("docs/deploy.md", "README.md"):
+        installs = [c for c in documented_commands()[where] if "apt-get install" in c]
+        text = " ".join(installs) or container_section(DOCS["README.md"].read_text())
+        assert {"podman", "runc", "debootstrap"} <= set(re.findall(r"[a-z-]+", text)), where
+
+
+def test_build_base_script_runs_as_root_and_names_what_it_needs():
+    script = ROOT / "container" / "build-base.sh"
+    assert script.stat().st_mode & 0o111, "build-base.sh is not executable"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert 'id -u' in text and "debootstrap" in text.split("for tool in", 1)[1].splitlines()[0]
+
+
+def test_every_podman_compose_command_names_the_project():
+    """podman-compose 1.0.3 ignores `name:` (the project would be called `deploy`, after the folder), so each
+    documented command says `-p <name>`, and the network its `down` leaves behind is removed by that name."""
+    name = yaml.safe_load(COMPOSE.read_text())["name"]
+    seen = 0
+    for where, commands in documented_commands().items():
+        for cmd in (c for c in commands if re.search(r"(^|&&|;|\|)\s*podman-compose\s", c)):
+            seen += 1
+            assert re.search(rf"\s-p\s+{re.escape(name)}\s", cmd), f"{where}: {cmd}"
+            if " down" in cmd:
+                later = commands[commands.index(cmd):]
+                assert any(f"podman network rm -f {name}_default" in c for c in later), f"{where}: {cmd}"
+    assert seen >= 3
+
+
+def test_compose_restarts_a_killed_container():
+    """`unless-stopped` is not started by podman-restart.service at boot; every service says `always`."""
+    for name, svc in yaml.safe_load(COMPOSE.read_text())["services"].items():
+        assert svc.get("restart") == "always", f"{name}: restart {svc.get('restart')!r}"
+
+
+def test_documented_compose_token_is_the_compose_default():
+    """The compose file's default token is what the docs say it is, so a documented call is not a 401."""
+    env = yaml.safe_load(COMPOSE.read_text())["x-refit-env"]
+    default = re.fullmatch(r"\$\{REFIT_TOKEN:-([^}]+)\}", env["REFIT_TOKEN"]).group(1)
+    deploy = DOCS["docs/deploy.md"].read_text()
+    readme = container_section(DOCS["README.md"].read_text())
+    for where, text in (("docs/deploy.md", deploy), ("README.md", readme)):
+        assert f"`{default}`" in text, f"{where} does not say the compose file's token is {default!r}"
+    # The guarded calls of the compose steps send it.
+    guarded = [c for c in documented_commands()["docs/deploy.md"] if "/retrain/" in c]
+    assert guarded and all('Authorization: Bearer $REFIT_TOKEN' in c for c in guarded), guarded
+    assert any(c.startswith("export REFIT_TOKEN=") for c in documented_commands()["docs/deploy.md"])
+
+
+def test_containers_conf_note_names_its_tables_and_creates_the_file():
+    """default_ulimits is a key of [containers] (runtime one of [engine]): the documented lines make a file
+    that podman reads, and is written even where the file does not exist yet."""
+    tomllib = pytest.importorskip("tomllib")
+    (cmd,) = [c for c in documented_commands()["docs/deploy.md"] if "containers.conf" in c and "printf" in c]
+    assert ">> /etc/containers/containers.conf" in cmd
+    assert "mkdir -p /etc/containers" in documented_commands()["docs/deploy.md"]
+    fmt = re.search(r"printf '([^']*)'", cmd).group(1)
+    conf = tomllib.loads(fmt.encode().decode("unicode_escape"))
+    assert conf == {"containers": {"default_ulimits": []}, "engine": {"runtime": "runc"}}
+    readme = container_section(DOCS["README.md"].read_text())
+    assert "`default_ulimits = []` under `[containers]`" in readme
+
+
+def pins(requirements) -> dict[str, str]:
+    found = {}
+    for req in requirements:
+        m = re.fullmatch(r"(torch|torchvision)==([0-9][^\s;]*)", req.strip())
+        if m:
+            found[m.group(1)] = m.group(2)
+    return found
+
+
+def test_torch_pins_agree_between_the_project_and_the_worker_image():
+    """The host (pyproject) and the worker image train with the same torch and torchvision."""
+    tomllib = pytest.importorskip("tomllib")
+    project = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    worker = pins(re.findall(r'"([^"]+)"', WORKER_FILE.read_text()))
+    assert set(project) == {"torch", "torchvision"}, project
+    assert worker == project
+
+
+def test_a_trained_version_records_the_torch_it_was_trained_with(tmp_path):
+    """metrics.json's `software` is the installed pair, which is the pinned one where the project installed."""
+    import torch
+    import torchvision
+
+    from serving import dataset_files
+    from training.config import TrainRequest
+    from training.pipeline import train
+    from training.store import Store
+
+    for name, data in dataset_files(4).items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_bytes(data)
+    store = Store(tmp_path / "home")
+    request = TrainRequest(strategy="feature_extraction", head_epochs=5, parity_images=2, promote=False,
+                           int8=False)
+    result = train(request, tmp_path / "data", store=store, log=lambda *a: None)
+    metrics = store.info(result["version"])["metrics"]
+    assert metrics["software"]["torch"] == torch.__version__
+    assert metrics["software"]["torchvision"] == torchvision.__version__
+    assert {"onnx", "onnxruntime", "python"} <= metrics["software"].keys()
+    tomllib = pytest.importorskip("tomllib")
+    pinned = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    if torch.__version__.split("+")[0] != pinned["torch"]:
+        pytest.skip(f"this environment has torch {torch.__version__}, not the pinned {pinned['torch']}")
+    assert torchvision.__version__.split("+")[0] == pinned["torchvision"]

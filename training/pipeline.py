@@ -27,6 +27,7 @@ from training.progress import Progress
 from training.preprocess import Prepared, load_image, prepare, preprocess, train_transform
 from training.registry import Backbone, create_backbone, get_module
 from training.scratch import run_folder
+from training.software import software
 from training.store import Store, sha256_file
 
 # `auto`: below this many training images only the head is trained (unfreezing layers on so little data
@@ -397,6 +398,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             "promotion": decision, "int8": int8, "lineage": lineage,
             "label_problems": problems, "near_duplicates": duplicates, "drift": drift,
         }
+        metrics["software"] = software()
         config = {**request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
             run.contract.to_json()), "train_images": len(ds.train), "val_images": len(ds.val)}}
         for name, obj in (("metrics.json", metrics), ("config.json", config), ("dataset.json", fingerprint)):
