@@ -13,7 +13,8 @@ export class ApiError extends Error {
 }
 
 // A page that is left aborts its AbortSignal (app.js): its reads are cancelled and their answers dropped, and
-// what it still awaits rejects with this error, which no page shows.
+// what it still awaits rejects with this error, which no page shows. Writes (feedback, promote, rollback, retrain)
+// are sent without the signal: what a person asked for is finished by the server, and only its answer is dropped.
 export function pageLeft(e) { return Boolean(e) && e.name === "AbortError"; }
 function leftError(signal) { return signal.reason || new DOMException("the page was left", "AbortError"); }
 
