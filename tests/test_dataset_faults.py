@@ -300,6 +300,11 @@ def _blobs(home: Path) -> set[str]:
     return {p.name for p in (home / "datasets" / "blobs").rglob("*") if p.is_file() and not p.name.startswith(".")}
 
 
+def _add_folders(home: Path) -> list[Path]:
+    """Temp folders of dataset adds: locked ones under tmp/runs, and those of the layout before locks."""
+    return sorted([*(home / "tmp" / "runs").glob("refit-dataset-*"), *(home / "tmp").glob("refit-dataset-*")])
+
+
 def _kill_an_add(home: Path, tmp: Path) -> subprocess.Popen:
     """`refit dataset add` of a large zip, killed with SIGKILL once it has stored some of its images."""
     (tmp / "big.zip").write_bytes(_zip_of(1500, 1_000_000))
@@ -324,8 +329,8 @@ def leftovers(imagenet_store, tmp_path_factory):
     assert run_cli("dataset", "add", "keep", root / "keep", home=home).returncode == 0
     kept = _blobs(home)
     _kill_an_add(home, root)
-    killed_folders = sorted((home / "tmp" / "runs").glob("refit-dataset-*"))
-    assert killed_folders and (killed_folders[0] / "upload.zip").is_file() and (killed_folders[0] / "unpacked").is_dir()
+    killed_folders = _add_folders(home)
+    assert killed_folders and (killed_folders[0] / "unpacked").is_dir()  # the CLI's zip is unpacked there
     assert len(_blobs(home) - kept) >= 20 and not (home / "datasets" / "big").exists()
     legacy = home / "tmp" / "refit-dataset-abc123"  # the folder an add killed before this version left
     (legacy / "unpacked").mkdir(parents=True)
@@ -341,7 +346,7 @@ def leftovers(imagenet_store, tmp_path_factory):
     live.stdin.write(live_zip[:len(live_zip) // 2])
     live.stdin.flush()
     deadline = time.time() + 60
-    while not [p for p in (home / "tmp" / "runs").glob("refit-dataset-*") if p not in killed_folders]:
+    while not [p for p in _add_folders(home) if p not in killed_folders + [legacy]]:
         assert time.time() < deadline and live.poll() is None, "the live add did not start"
         time.sleep(0.05)
     yield {"home": home, "root": root, "kept": kept, "killed": killed_folders, "legacy": legacy, "half": half,
@@ -367,12 +372,12 @@ def test_a_killed_add_is_swept_at_start_and_a_live_one_is_not(http, leftovers):
     assert not any(p.exists() for p in leftovers["killed"]), "the killed add's upload and unpacked copy stay"
     assert not leftovers["legacy"].exists() and not leftovers["half"].exists()
     assert _blobs(home) == leftovers["kept"], "images no snapshot names stay, or named ones went"
-    live_folders = list((home / "tmp" / "runs").glob("refit-dataset-*"))
-    assert len(live_folders) == 1 and (live_folders[0] / "upload.zip").is_file(), "the live add's folder went"
+    live_folders = _add_folders(home)
+    assert len(live_folders) == 1 and (live_folders[0] / "upload.zip").is_file(), live_folders
     live = leftovers["live"]
     out, _ = live.communicate(leftovers["live_zip"][len(leftovers["live_zip"]) // 2:], timeout=120)
     assert live.returncode == 0 and out.strip() == b"6"
-    assert not list((home / "tmp" / "runs").glob("refit-dataset-*"))
+    assert not _add_folders(home)
     assert http.get("/datasets/live").json()["images"] == 6
     assert len(Datasets(Store(home)).manifest("keep")["entries"]) == 6
 
