@@ -98,6 +98,15 @@ def test_one_class_per_label_in_a_dataset_and_in_a_training_folder(any_store, tm
         load_dataset(root)
 
 
+def test_cli_dataset_add_takes_the_same_rule(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg_bytes("red", 1))
+    r = run_cli("dataset", "add", "d", image, "--label", "ants\u200b", home=tmp_path / "home")
+    assert r.returncode == 2 and "U+200B" in r.stdout, r.stdout + r.stderr
+    r = run_cli("dataset", "add", "d", image, "--label", BEES, home=tmp_path / "home")
+    assert r.returncode == 2 and "280 bytes" in r.stdout, r.stdout + r.stderr
+
+
 # --- item 13: snapshots as deltas, no orphans ----------------------------------------------------------------
 
 def _dataset_bytes(store: Store, name: str) -> int:

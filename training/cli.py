@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=3)
     ex.add_argument("--json", action="store_true", help="print the answer as JSON (the grid included)")
     sub.add_parser("backbones", help="list backbone names")
-    ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show")
+    ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show, sweep")
     dsub = ds.add_subparsers(dest="dataset_command", required=True)
     da = dsub.add_parser("add", help="add images to a dataset (made by its first add); a new snapshot")
     da.add_argument("name", help="dataset name (letters, digits, '.', '_', '-')")

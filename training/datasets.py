@@ -1,7 +1,8 @@
 """Named datasets that live in the store: immutable, content-addressed snapshots of labelled images.
 
     datasets/blobs/<ab>/<sha256>              an image's bytes, stored once whatever dataset holds it
-    datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...)
+    datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...), or
+                                              a delta over an older snapshot (training.snapshots)
     datasets/<name>/head.json                 the newest snapshot and the history of changes, newest last
 
 A snapshot's id is a hash of its entries, so the same images with the same labels are the same snapshot,
@@ -9,7 +10,7 @@ and a change that changes nothing (every image a duplicate) writes nothing and a
 is. Snapshots and images are written create-only and never rewritten; every change (add, relabel, remove)
 makes a new snapshot and moves the head with a compare-and-swap (`Store.put_record(if_tag=...)`). A writer
 that loses the race reads the newer head and applies its change to it again, so two concurrent adds both
-land. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
+land; only the winner writes its snapshot's file, so the loser leaves nothing behind. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
 
     from training.datasets import Datasets
     reply = Datasets(Store()).add("bees", [("a.jpg", data, "bee")], source="upload")
