@@ -215,6 +215,19 @@ def test_a_winner_killed_before_its_snapshot_file_is_still_read_and_written_by_t
     assert len(ds.manifest("k", second["snapshot"])["entries"]) == 2
 
 
+def test_a_large_change_leaves_the_head_small_once_its_file_is_written(any_store):
+    ds = Datasets(any_store)
+    r = ds.add("wide", [(f"{i}.png", tiny_png(300 + i), "a") for i in range(snapshots.SLIM_ENTRIES + 6)], source="zip")
+    head, _ = any_store.record("datasets/wide/head.json")
+    assert head["snapshot"] == r["snapshot"] and "record" not in head
+    assert "entries" in snapshot_files(any_store, "wide")[r["snapshot"]]  # a dataset's first snapshot is full
+    one = ds.add("wide", [("b.png", tiny_png(1), "b")], source="upload")
+    head, _ = any_store.record("datasets/wide/head.json")
+    assert head["record"]["id"] == one["snapshot"] and len(head["record"]["put"]) == 1
+    snapshots._cache.clear()
+    assert len(ds.manifest("wide")["entries"]) == snapshots.SLIM_ENTRIES + 7
+
+
 def _old_format_dataset(store: Store, name: str, entries: list[dict]) -> str:
     """A dataset as the store held it before deltas: full snapshots and a head without a record."""
     from training.datasets import snapshot_id
