@@ -339,3 +339,13 @@ class FeedbackRequest(BaseModel):
                        "or the predicted one to confirm it).")
     dataset: Optional[str] = Field(None, max_length=200, description="The dataset to add the image to; default: "
                                    "the dataset the answering version was trained on.")
+
+    @field_validator("label")
+    @classmethod
+    def _label_rule(cls, value: str) -> str:
+        from training.labels import label_problem  # the one label rule: stored trimmed and in NFC
+
+        problem, label = label_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return label

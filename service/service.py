@@ -152,6 +152,7 @@ class Refit:
         record_supervisor()  # the workers started after this hook exit when this process dies
         log.info("replica %s, store %s", replica_id(), Store(home).describe())  # a bad REFIT_REPLICA stops here
         Jobs(home).recover()
+        _sweep_datasets(Store(home))
         problem = Store(home).pointer_problem()
         if problem:
             log.error("%s; predictions answer 503 until then", problem)
@@ -773,6 +774,17 @@ def _version_row(info: dict) -> dict:
     return row
 
 
+def _sweep_datasets(store) -> None:
+    """What killed dataset adds left (temp folders, half-written files, images no snapshot names), once per
+    start; a problem here is logged, never a reason not to serve."""
+    from training.dataset_sweep import sweep
+
+    try:
+        sweep(store)
+    except Exception:  # noqa: BLE001 - the sweep is housekeeping
+        log.exception("the dataset sweep at start failed; nothing else is affected")
+
+
 def _on_datasets(store, call):
     """`call(Datasets(store))`, its errors as replies: 404 for an unknown dataset, snapshot or image, 400 for
     a bad name, label or archive, 503 when the store cannot be reached."""
@@ -836,6 +848,12 @@ def _form_problem(form) -> JSONResponse | None:
         return error(400, "a .zip holds one folder per class, which names the labels; leave `label` out")
     if files and (not isinstance(label, str) or not label.strip()):
         return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
+    if files:
+        from training.labels import label_problem
+
+        problem, _ = label_problem(label)
+        if problem:  # the same rule as every other way in (zip folders, relabel, feedback, the CLI)
+            return error(400, problem)
     return None
 
 

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--top-k", type=int, default=3)
     ex.add_argument("--json", action="store_true", help="print the answer as JSON (the grid included)")
     sub.add_parser("backbones", help="list backbone names")
-    ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show")
+    ds = sub.add_parser("dataset", help="datasets kept in the store: add images, list, show, sweep")
     dsub = ds.add_subparsers(dest="dataset_command", required=True)
     da = dsub.add_parser("add", help="add images to a dataset (made by its first add); a new snapshot")
     da.add_argument("name", help="dataset name (letters, digits, '.', '_', '-')")
@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     dshow = dsub.add_parser("show", help="classes, counts and snapshots (newest first) of a dataset")
     dshow.add_argument("name")
     dshow.add_argument("--json", action="store_true")
+    dsub.add_parser("sweep", help="remove what killed adds left: temp files, and images no snapshot names "
+                    "once older than REFIT_DATASET_BLOB_GRACE_SECONDS").add_argument("--json", action="store_true")
     w = sub.add_parser("worker", help="run retrain jobs from the job queue (REFIT_QUEUE) against the shared store")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     w.add_argument("--name", default=None, help="worker name shown in job records (default: host-pid)")
@@ -163,6 +165,16 @@ def cmd_dataset(args) -> int:
         for h in info["snapshots"]:
             print(f"  {h['snapshot']}  {h['at']}  {h['action']:8s} {h['images']} images")
         return 0
+    if args.dataset_command == "sweep":
+        from training.dataset_sweep import sweep
+
+        removed = sweep(datasets.store)
+        print(json.dumps(removed) if args.json else
+              ", ".join(f"removed {len(v)} {k}" for k, v in removed.items()))
+        return 0
+    from training.dataset_sweep import sweep_local
+
+    sweep_local(datasets.store)  # what adds killed on this machine left; images need `refit dataset sweep`
     path = Path(args.path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")

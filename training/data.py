@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from training.labels import label_problem
 from training.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
 
 log = logging.getLogger("refit.data")
@@ -174,9 +175,15 @@ def check_layout(root: Path) -> str | None:
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
+    """Class name (a folder's name under the one label rule, training.labels) -> its files. Two folders whose
+    names are the same text in different Unicode forms (NFC and NFD, as macOS writes) are one class."""
     out: dict[str, list[Path]] = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        out[d.name] = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))):
+        problem, label = label_problem(d.name)
+        if problem:
+            raise DatasetError(f"{d}: this class folder's name cannot be a class: {problem}")
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        out[label] = sorted(out.get(label, []) + files)
     return out
 
 

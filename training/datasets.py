@@ -1,7 +1,8 @@
 """Named datasets that live in the store: immutable, content-addressed snapshots of labelled images.
 
     datasets/blobs/<ab>/<sha256>              an image's bytes, stored once whatever dataset holds it
-    datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...)
+    datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...), or
+                                              a delta over an older snapshot (training.snapshots)
     datasets/<name>/head.json                 the newest snapshot and the history of changes, newest last
 
 A snapshot's id is a hash of its entries, so the same images with the same labels are the same snapshot,
@@ -9,7 +10,7 @@ and a change that changes nothing (every image a duplicate) writes nothing and a
 is. Snapshots and images are written create-only and never rewritten; every change (add, relabel, remove)
 makes a new snapshot and moves the head with a compare-and-swap (`Store.put_record(if_tag=...)`). A writer
 that loses the race reads the newer head and applies its change to it again, so two concurrent adds both
-land. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
+land; only the winner writes its snapshot's file, so the loser leaves nothing behind. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
 
     from training.datasets import Datasets
     reply = Datasets(Store()).add("bees", [("a.jpg", data, "bee")], source="upload")
@@ -24,16 +25,19 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable
 
-from training.data import DatasetError, class_root, safe_extract_zip
-from training.preprocess import MAX_PIXELS, ImageError, load_image
+from training import snapshots
 from training.contract import Contract
+from training.data import DatasetError, class_root, safe_extract_zip
+from training.dataset_sweep import freshen
+from training.labels import MAX_CHARS, RESERVED, label_problem
+from training.preprocess import MAX_PIXELS, ImageError, load_image
+from training.scratch import run_folder
 from training.store import CAS_ATTEMPTS, Store, StoreError, now_iso
 
 ROOT = "datasets"
@@ -45,10 +49,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SNAPSHOT_RE = re.compile(r"^[0-9a-f]{16}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 RESERVED_NAMES = {"blobs"}
-# A label becomes a class folder when a snapshot is materialized, so it must be a folder name, and not one
-# the dataset reader gives a meaning of its own (train/, val/, hidden folders).
-RESERVED_LABELS = {"train", "val", "__MACOSX"}
-MAX_LABEL = 100
+RESERVED_LABELS = RESERVED  # labels that are folder names the dataset reader reads (training.labels)
+MAX_LABEL = MAX_CHARS
 MAX_HISTORY = 1000  # changes listed in a dataset's head (show), newest last
 # Decoding for the check uses the JPEG reduced-scale path serving uses: every byte is still decoded, so a
 # truncated file fails, at a fraction of the cost of a full-size decode.
@@ -70,14 +72,10 @@ def check_name(name) -> str:
 
 
 def check_label(label) -> str:
-    if not isinstance(label, str) or not label.strip():
-        raise DatasetError("a label is required (the class name), e.g. label=bees")
-    label = label.strip()
-    bad = next((c for c in label if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
-    if (bad is not None or len(label) > MAX_LABEL or label.startswith(".") or label in RESERVED_LABELS):
-        raise DatasetError(f"label {label[:80]!r} is not allowed: use 1-{MAX_LABEL} characters without '/', "
-                           f"'\\' or control characters, not starting with '.', and not "
-                           f"{', '.join(sorted(RESERVED_LABELS))}")
+    """The label as stored (trimmed, NFC), or a DatasetError saying what is wrong (training.labels)."""
+    problem, label = label_problem(label)
+    if problem:
+        raise DatasetError(problem)
     return label
 
 
@@ -111,7 +109,7 @@ class Datasets:
     def put_blob(self, data: bytes) -> str:
         """Store an image's bytes under their sha256, only when they are not there yet; returns the hash."""
         sha = hashlib.sha256(data).hexdigest()
-        if not self.store.exists(blob_key(sha)):
+        if not freshen(self.store, blob_key(sha), data):  # stored already: made recent for the sweep's grace
             self.store.put_bytes(blob_key(sha), data, create_only=True)  # False: another writer was first
         return sha
 
@@ -135,25 +133,26 @@ class Datasets:
 
     def resolve(self, name: str, snapshot: str | None = None) -> str:
         """The snapshot id to use: `snapshot` once it is known to exist in `name`, else the newest one."""
+        return self._resolve(name, snapshot)[0]
+
+    def _resolve(self, name: str, snapshot: str | None) -> tuple[str, dict]:
         head, _ = self._head(name)
         if not head:
             known = ", ".join(d["dataset"] for d in self.list()) or "none"
             raise UnknownDataset(f"no dataset {name!r}; datasets: {known}")
         if snapshot is None:
-            return head["snapshot"]
+            return head["snapshot"], head
         check_snapshot(snapshot)
-        if not self.store.exists(f"{ROOT}/{name}/snapshots/{snapshot}.json"):
+        if not (snapshots.pending(head, snapshot) or self.store.exists(snapshots.key(name, snapshot))):
             recent = ", ".join(h["snapshot"] for h in reversed(head.get("history", [])[-5:]))
             raise UnknownDataset(f"dataset {name!r} has no snapshot {snapshot!r}; its newest: {recent}")
-        return snapshot
+        return snapshot, head
 
     def manifest(self, name: str, snapshot: str | None = None) -> dict:
-        """The snapshot document: {dataset, id, parent, created, entries: [...]}."""
-        sid = self.resolve(name, snapshot)
-        doc, _ = self.store.record(f"{ROOT}/{name}/snapshots/{sid}.json")
-        if doc is None:
-            raise StoreError(f"dataset {name!r}: snapshot {sid} cannot be read from {self.store.describe()}")
-        return doc
+        """The snapshot document: {dataset, id, parent, created, entries: [...]}, whether its file is a full
+        snapshot or a delta (training.snapshots)."""
+        sid, head = self._resolve(name, snapshot)
+        return snapshots.load(self.store, name, sid, head).doc()
 
     def show(self, name: str) -> dict:
         """Classes with their counts (per split hint too) in the newest snapshot, and the snapshots, newest
@@ -171,9 +170,10 @@ class Datasets:
     # -- changing ----------------------------------------------------------------------------------
     def _change(self, name: str, change: Callable[[list[dict]], tuple[list[dict], dict]], *, action: str,
                 create: bool = False) -> dict:
-        """Apply `change(entries) -> (new entries, facts)` to the newest snapshot, write the result as a
-        snapshot and move the head to it by compare-and-swap; on losing the race, start again from the
-        newer head. Returns {"dataset", "snapshot", "parent", "changed", **facts}."""
+        """Apply `change(entries) -> (new entries, facts)` to the newest snapshot and move the head to the result
+        by compare-and-swap, the new snapshot's record in it; on losing the race, start again from the newer
+        head. Only the winner writes the snapshot's file (training.snapshots), so a loser leaves nothing.
+        Returns {"dataset", "snapshot", "parent", "changed", **facts}."""
         check_name(name)
         head_key = f"{ROOT}/{name}/head.json"
         for attempt in range(CAS_ATTEMPTS):
@@ -183,24 +183,24 @@ class Datasets:
             if head is None and not create:
                 self.resolve(name)  # raises UnknownDataset
             parent = head["snapshot"] if head else None
-            entries = self.manifest(name, parent)["entries"] if parent else []
-            new, facts = change(entries)
+            snapshots.settle(self.store, name, head)  # a winner killed before it wrote its snapshot's file
+            tip = snapshots.load(self.store, name, parent, head) if parent else None
+            new, facts = change([dict(e) for e in tip.entries.values()] if tip else [])
             if new is None or (parent and snapshot_id(new) == parent) or (not new and not parent):
                 return {"dataset": name, "snapshot": parent, "parent": parent, "changed": False, **facts}
             sid = snapshot_id(new)
-            doc = {"dataset": name, "id": sid, "parent": parent, "created": now_iso(),
-                   "entries": sorted(new, key=lambda e: e["sha256"])}
-            # Create-only: a snapshot with this id holds these same entries already (the id is their hash).
-            self.store.put_record(f"{ROOT}/{name}/snapshots/{sid}.json", doc, create_only=True)
+            record, full = snapshots.make(self.store, name, sid, tip, new, now_iso())
             labels = Counter(e["label"] for e in new)
-            event = {"snapshot": sid, "parent": parent, "action": action, "at": now_iso(), "images": len(new),
-                     "classes": len(labels),
+            event = {"snapshot": sid, "parent": parent, "action": action, "at": record["created"],
+                     "images": len(new), "classes": len(labels),
                      **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
             # The head keeps the newest MAX_HISTORY changes, so its size (rewritten by every change) stays
             # bounded; older snapshots stay in the store, reachable through each snapshot's `parent`.
             history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
-            state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history}
+            state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history, "record": record}
             if self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
+                snapshots.write(self.store, name, record, new, full)
+                snapshots.slim(self.store, head_key, record)
                 return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
             time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))  # let the winner finish
         raise StoreError(f"dataset {name!r}: the head kept changing under this update ({CAS_ATTEMPTS} tries)")
@@ -263,7 +263,9 @@ class Datasets:
         """Add a .zip (a path, its bytes, or an open binary file) of class folders, optionally under train/
         and val/ (which become split hints). The archive passes the training reader's checks
         (training.data.safe_extract_zip)."""
-        with tempfile.TemporaryDirectory(prefix="refit-dataset-", dir=self._scratch()) as tmp:
+        # A folder locked for as long as this process lives: a sweep at start removes it once the process is
+        # gone, however it died (training.dataset_sweep), and never while it is in use.
+        with run_folder(self.store.home, "refit-dataset") as tmp:
             path = Path(tmp) / "upload.zip"
             if isinstance(zip_file, bytes):
                 path.write_bytes(zip_file)
@@ -317,6 +319,11 @@ class Datasets:
         if not entries:
             raise DatasetError(f"dataset {name!r} snapshot {doc['id']} holds no images")
         labels = {e["label"] for e in entries}
+        for label in sorted(labels):  # a label stored before the rule (training.labels) was what it is now
+            problem, _ = label_problem(label)
+            if problem:
+                raise DatasetError(f"dataset {name!r} snapshot {doc['id']} cannot be trained on: {problem}; "
+                                   f"relabel its images (POST /datasets/{name}/images/SHA256)")
         val = {e["label"] for e in entries if e.get("split") == "val"}
         train = {e["label"] for e in entries if e.get("split") != "val"}
         use_split = bool(val) and val == labels and train == labels
@@ -343,11 +350,6 @@ class Datasets:
                 except OSError:
                     shutil.copyfile(src, path)
         return dest
-
-    def _scratch(self) -> Path:
-        d = self.store.home / "tmp"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
 
 
 def _problem(filename: str, data: bytes, label, split, max_bytes: int, max_pixels: int
