@@ -227,9 +227,9 @@ def _publish_with_problems(home: Path, root: Path) -> str:
                                    "items": [{"val": {"path": f"val/cats/{SECRET_NAME}"},
                                               "train": {"path": "train/cats/a.jpg"}, "similarity": 0.99}]}}
     (root / "metrics.json").write_text(json.dumps(metrics))
+    meta = {"strategy": "pretrained", "backbone": "efficientnet_lite0", "classes": ["<imagenet-1k>"]}
     return _publish(Store(home), {"model.onnx": model, "metrics.json": root / "metrics.json"},
-                    Contract.from_json(props[CONTRACT_KEY]), {"strategy": "pretrained", "backbone": "efficientnet_lite0",
-                                                              "classes": ["<imagenet-1k>"]})
+                    Contract.from_json(props[CONTRACT_KEY]), meta)
 
 
 @pytest.fixture(scope="module")
