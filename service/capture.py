@@ -10,20 +10,28 @@ in milliseconds (hex), so age and order come from the key alone: pruning lists k
 
 Writes happen on one background thread per worker with a bounded queue: a prediction never waits for the
 store, and when the store is slower than the traffic, captures are dropped (and counted), never predictions.
-Retention: at most `REFIT_CAPTURE_MAX_IMAGES` images and `REFIT_CAPTURE_DAYS` days, oldest removed first, by
-a pass every PRUNE_EVERY captures and whenever captures pause for IDLE_SECONDS (so the limits hold once
-traffic pauses; under steady traffic each worker may be up to PRUNE_EVERY captures over).
+What is kept of an upload is the image alone (service/imagebytes.py): bytes sent after its end are cut.
+Retention: at most `REFIT_CAPTURE_MAX_IMAGES` images, `REFIT_CAPTURE_DAYS` days and `REFIT_CAPTURE_MAX_MB`
+bytes, oldest removed first, by a pass every PRUNE_EVERY captures, whenever captures pause for IDLE_SECONDS,
+before a write that would pass the byte budget (down to LOW_WATER of it, so passes stay rare), and on a
+timer that runs whether the server captures or not (`start_pruning`: a server with capture turned off
+still removes what expires). Each worker counts its own writes between passes, so with several writing
+workers the store may pass the budget by up to a tenth of it per other worker until the next pass.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 import uuid
+from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 
+from service.imagebytes import stored_form
 from training.store import Store, now_iso
 
 log = logging.getLogger("refit.capture")
@@ -32,6 +40,9 @@ PREFIX = "captures/"
 PRUNE_EVERY = 200  # captures written between two retention passes (and at least every PRUNE_SECONDS)
 PRUNE_SECONDS = 300.0
 IDLE_SECONDS = 2.0  # a pause in captures this long ends with a retention pass
+LOW_WATER = 0.9  # a pass forced by the byte budget leaves the captures at this share of it
+RECORD_BYTES = 2048  # what a record is counted as before it is written (they are about 1 KB)
+ORPHAN_SECONDS = 600.0  # an image this old without its record is a write that died between the two files
 
 
 def new_id() -> str:
@@ -64,26 +75,43 @@ def top_margin(probs) -> float:
 class Captures:
     """Reading captures (any worker, any replica) and writing them (the worker that predicted)."""
 
-    def __init__(self, store: Store, *, max_images: int, days: float, queue_size: int = 256):
+    def __init__(self, store: Store, *, max_images: int, days: float, max_bytes: int = 2 << 30,
+                 queue_size: int = 256, on_drop: Callable[[], None] | None = None):
         self.store = store
-        self.max_images, self.days = max_images, days
-        self.dropped = 0  # captures not written because the queue was full
+        self.max_images, self.days, self.max_bytes = max_images, days, max_bytes
+        self.dropped = 0  # captures not written: the queue was full, or one image alone is over the budget
+        self.on_drop = on_drop  # called for each capture the writer drops (the queue-full drops are the caller's)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._since_prune, self._pruned_at = 0, time.monotonic()
+        self._used: int | None = None  # bytes of captures by the last pass, plus this worker's writes since
+        self._prune_lock = threading.Lock()
 
     # -- writing ----------------------------------------------------------------------------------
-    def keep(self, capture_id: str, name: str, data: bytes, result: dict) -> bool:
-        """Queue one image and its prediction for the store; False when the queue is full (dropped)."""
+    def keep(self, capture_id: str, name: str, data: bytes, result: dict, contract=None) -> bool:
+        """Queue one image and its prediction for the store; False when the queue is full (dropped).
+        `contract` is the one the model decoded the image with (service/imagebytes.py)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._write_loop, name="refit-capture", daemon=True)
             self._thread.start()
         try:
-            self._queue.put_nowait((capture_id, name, data, result))
+            self._queue.put_nowait((capture_id, name, data, result, contract))
             return True
         except queue.Full:
             self.dropped += 1
             return False
+
+    def start_pruning(self, every_seconds: float) -> threading.Thread:
+        """A retention pass now and then every `every_seconds`, for the life of the process, whether this
+        server captures or not: what expires is removed although nothing new is written."""
+        def loop() -> None:
+            while True:
+                self._prune_quietly()
+                time.sleep(every_seconds)
+
+        thread = threading.Thread(target=loop, name="refit-capture-prune", daemon=True)
+        thread.start()
+        return thread
 
     def _write_loop(self) -> None:
         dirty = False  # written since the last retention pass
@@ -111,30 +139,60 @@ class Captures:
             log.warning("capture retention pass failed: %s", e)
             return False
 
-    def _write(self, capture_id: str, name: str, data: bytes, result: dict) -> None:
+    def _write(self, capture_id: str, name: str, data: bytes, result: dict, contract=None) -> None:
         import hashlib
 
+        data = stored_form(data, contract)
+        size = len(data) + RECORD_BYTES
+        if size > self.max_bytes:
+            self._drop(f"capture {capture_id} not stored: {size} bytes alone is over the capture budget of "
+                       f"{self.max_bytes} bytes (REFIT_CAPTURE_MAX_MB)")
+            return
+        if self._used is None or self._used + size > self.max_bytes:
+            self.prune(reserve=size)
         self.store.put_bytes(f"{PREFIX}{capture_id}.img", data)
         record = {"id": capture_id, "at": now_iso(), "name": name, "version": result["version"],
                   "label": result["label"], "score": result["score"], "top_k": result["top_k"],
                   "margin": result["margin"], "sha256": hashlib.sha256(data).hexdigest(),
                   "bytes": len(data), "feedback": None}
         self.store.put_record(f"{PREFIX}{capture_id}.json", record)
+        self._used = (self._used or 0) + size
 
-    def prune(self, now: float | None = None) -> int:
-        """Remove captures past the age limit, then the oldest beyond the count limit; how many went."""
-        ids = self.ids()
-        cutoff = (now or time.time()) - self.days * 86400
-        old = [i for i in ids if captured_at(i) < cutoff]
-        keep = [i for i in ids if captured_at(i) >= cutoff]
-        old += keep[:max(0, len(keep) - self.max_images)]
-        for capture_id in old:
-            # The record first: a capture without its record is never listed, one without its image would be.
-            self.store.delete_record(f"{PREFIX}{capture_id}.json")
-            self.store.delete_file(f"{PREFIX}{capture_id}.img")
-        if old:
-            log.info("capture retention: removed %d (limits %d images, %g days)", len(old), self.max_images, self.days)
-        return len(old)
+    def _drop(self, why: str) -> None:
+        self.dropped += 1
+        log.warning(why)
+        if self.on_drop is not None:
+            self.on_drop()
+
+    def prune(self, now: float | None = None, reserve: int = 0) -> int:
+        """Remove captures past the age limit, then the oldest beyond the count limit, then the oldest until
+        the rest and `reserve` more bytes fit the byte budget; also images whose record never came (a write
+        cut short). How many captures went."""
+        with self._prune_lock:
+            now = now or time.time()
+            files = _sizes(self.store)
+            cutoff = now - self.days * 86400
+            gone = {i for i, f in files.items() if captured_at(i) < cutoff
+                    or ("json" not in f and captured_at(i) < now - ORPHAN_SECONDS)}
+            keep = [i for i in sorted(files) if i not in gone and "json" in files[i]]
+            gone.update(keep[:max(0, len(keep) - self.max_images)])
+            keep = keep[max(0, len(keep) - self.max_images):]
+            total = sum(sum(f.values()) for i, f in files.items() if i not in gone)
+            if total + reserve > self.max_bytes:
+                for capture_id in keep:
+                    if total + reserve <= LOW_WATER * self.max_bytes:
+                        break
+                    gone.add(capture_id)
+                    total -= sum(files[capture_id].values())
+            for capture_id in sorted(gone):
+                # The record first: a capture without its record is never listed, one without its image would be.
+                self.store.delete_record(f"{PREFIX}{capture_id}.json")
+                self.store.delete_file(f"{PREFIX}{capture_id}.img")
+            self._used = total
+        if gone:
+            log.info("capture retention: removed %d (limits %d images, %g days, %d bytes); %d bytes kept", len(gone),
+                     self.max_images, self.days, self.max_bytes, total)
+        return len(gone)
 
     # -- reading ----------------------------------------------------------------------------------
     def ids(self) -> list[str]:
@@ -168,3 +226,36 @@ class Captures:
         record, _ = self.store.record(f"{PREFIX}{capture_id}.json")
         if record is not None:
             self.store.put_record(f"{PREFIX}{capture_id}.json", {**record, "feedback": feedback})
+
+
+def _sizes(store: Store) -> dict[str, dict[str, int]]:
+    """capture id -> {"img": bytes, "json": bytes} for every capture file in the store, from one listing (no
+    object is read). Keys that are not a capture's are left out: they are not ours to count or remove."""
+    out: dict[str, dict[str, int]] = defaultdict(dict)
+    for key, size in _listing(store):
+        stem, _, ext = key[len(PREFIX):].rpartition(".")
+        if ext in ("img", "json") and valid_id(stem):
+            out[stem][ext] = size
+    return dict(out)
+
+
+def _listing(store: Store):
+    """(key, size) under PREFIX. The store's own `keys` gives no sizes; S3 lists them with the keys."""
+    if store.remote:
+        bucket = store.remote
+        pages = bucket.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.bucket,
+                                                                        Prefix=bucket.key(PREFIX))
+        for page in pages:
+            for o in page.get("Contents", []):
+                yield o["Key"][len(bucket.prefix):], o["Size"]
+        return
+    base = store.root / PREFIX
+    if not base.is_dir():
+        return
+    with os.scandir(base) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file() and not entry.name.startswith("."):
+                    yield f"{PREFIX}{entry.name}", entry.stat().st_size
+            except FileNotFoundError:  # removed by another worker's pass while listed
+                continue

@@ -20,12 +20,39 @@ LINK = "**Console: [/ui](/ui)**: try the model, manage versions, retrain and lab
 VERSION_FILES = {"confusion_matrix.png": "image/png", "results.csv": "text/csv"}
 
 
+# The console's pages are the service's own files: scripts and styles from here only (ES modules, no inline
+# script), images from here, as data: URLs (the explanation's heatmap) and blob: URLs (guarded images fetched
+# with the token), and no page may frame it (clickjacking of promote and retrain buttons).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "x-frame-options": "DENY",
+           "referrer-policy": "same-origin"}
+
+
 def mount(admin: FastAPI) -> None:
     # html=True: /ui/ answers index.html. /ui itself is a route of its own that redirects to /ui/, so that
     # the page's relative module imports resolve under /ui/ (a mount matches only the paths below it, and
     # service/routes.py answers a path that matches no route with a 404 before Starlette's slash redirect).
-    admin.add_api_route("/ui", lambda: RedirectResponse("/ui/"), include_in_schema=False)
-    admin.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    admin.add_api_route("/ui", lambda: RedirectResponse("/ui/", headers=HEADERS), include_in_schema=False)
+    admin.mount("/ui", WithHeaders(StaticFiles(directory=UI_DIR, html=True)), name="ui")
+
+
+class WithHeaders:
+    """ASGI wrapper: HEADERS on every reply of the wrapped app (its files, its 404s and redirects)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.extra = [(k.encode(), v.encode()) for k, v in HEADERS.items()]
+
+    async def __call__(self, scope, receive, send):
+        async def add(message):
+            if message["type"] == "http.response.start":
+                names = set(HEADERS)
+                kept = [(k, v) for k, v in message.get("headers", []) if k.decode("latin-1").lower() not in names]
+                message = {**message, "headers": kept + self.extra}
+            await send(message)
+
+        await self.app(scope, receive, add)
 
 
 class ConsoleLink:

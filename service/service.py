@@ -128,9 +128,13 @@ class Refit:
         # Explanations run on a thread of their own, one at a time per worker, beside the batcher: they never
         # join a /predict batch, and a burst of them holds at most one model run's worth of cores.
         self.explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-explain")
-        self.captures = Captures(self.store, max_images=settings.CAPTURE_MAX_IMAGES, days=settings.CAPTURE_DAYS)
         self.m_capture_dropped = prom.Counter("refit_capture_dropped", "Predicted images not captured because "
-                                              "the store fell behind (the predictions were answered)")
+                                              "the store fell behind, or one image alone was over the capture "
+                                              "budget (the predictions were answered)")
+        self.captures = Captures(self.store, max_images=settings.CAPTURE_MAX_IMAGES, days=settings.CAPTURE_DAYS,
+                                 max_bytes=settings.CAPTURE_MAX_BYTES, on_drop=self.m_capture_dropped.inc)
+        if bentoml.server_context.worker_index in (None, 1):  # one retention timer per replica, capture on or off
+            self.captures.start_pruning(settings.CAPTURE_PRUNE_SECONDS)
         self.m_retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
         self.m_retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
                                                 buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
@@ -206,7 +210,8 @@ class Refit:
             r = ModelHolder.answer(model, p, top_k, threshold)
             self.m_predictions.labels(version=r["version"], label=r["label"]).inc()
             r["prediction_id"] = new_capture_id()
-            if settings.CAPTURE and not self.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)}):
+            if settings.CAPTURE and not self.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)},
+                                                           contract=model.contract):
                 self.m_capture_dropped.inc()
             replies.append(Prediction(**r))
         return replies
@@ -269,9 +274,12 @@ class Refit:
                 "replica": self.replica, "serving": workers, "refused": refusals}
 
     @admin.get("/versions/{version}")
-    def version_detail(self, version: str):
+    def version_detail(self, version: str, request: Request):
         """One version: what /versions lists for it, plus its label problems (likely mislabeled images with
-        their given and suggested labels) and the near-duplicates found across its train and validation sets."""
+        their given and suggested labels) and the near-duplicates found across its train and validation sets.
+        The images' paths of both lists are given with the token only (when the server has one); without
+        it, their counts."""
+        from service.guard import authorized
         from training.store import StoreError
 
         try:
@@ -289,8 +297,8 @@ class Refit:
         detail = {k: metrics[k] for k in ("per_class", "confusion_matrix", "int8", "parity") if k in metrics}
         return {**_version_row(info), **detail, "precision": info.get("precision"),
                 "files": [n for n in console.VERSION_FILES if self.store.version_file(version, n) is not None],
-                "label_problems": metrics.get("label_problems", none),
-                "near_duplicates": metrics.get("near_duplicates", none)}
+                **_image_lists({"label_problems": metrics.get("label_problems", none),
+                                "near_duplicates": metrics.get("near_duplicates", none)}, authorized(request.scope))}
 
     @admin.get("/versions/{version}/files/{name}")
     def version_file(self, version: str, name: str):
@@ -783,6 +791,15 @@ def _sweep_datasets(store) -> None:
         sweep(store)
     except Exception:  # noqa: BLE001 - the sweep is housekeeping
         log.exception("the dataset sweep at start failed; nothing else is affected")
+
+
+def _image_lists(lists: dict, authorized: bool) -> dict:
+    """A version's label problems and near-duplicates name dataset images by path (upload file names, often
+    personal): without the token their items are left out and `items_hidden` says so; counts stay."""
+    if authorized:
+        return lists
+    return {k: ({**v, "items": [], "items_hidden": "the images' paths are listed with the token only"}
+                if isinstance(v, dict) and "items" in v else v) for k, v in lists.items()}
 
 
 def _on_datasets(store, call):

@@ -88,5 +88,11 @@ JOB_TIMEOUT = _int("REFIT_JOB_TIMEOUT_SECONDS", 6 * 3600)  # a job running longe
 CAPTURE = os.environ.get("REFIT_CAPTURE", "") in ("1", "true", "yes")
 CAPTURE_MAX_IMAGES = _int("REFIT_CAPTURE_MAX_IMAGES", 10_000)
 CAPTURE_DAYS = _float("REFIT_CAPTURE_DAYS", 30)
+# The bytes all captures of the store may take (images and records; each image kept without what was sent
+# after its end). Without it a client could fill the disk: /predict is open by default, and a request may
+# carry REFIT_MAX_REQUEST_MB. The oldest go first when a new capture would not fit.
+CAPTURE_MAX_BYTES = int(_float("REFIT_CAPTURE_MAX_MB", 2048) * 1024 * 1024)
+# How often one worker of each replica removes what is past these limits, capture on or off (and once at start).
+CAPTURE_PRUNE_SECONDS = _float("REFIT_CAPTURE_PRUNE_SECONDS", 300)
 # `suggest` ranks at most this many of the newest captures (each one read from the store per call).
 SUGGEST_POOL = _int("REFIT_SUGGEST_POOL", 1000)

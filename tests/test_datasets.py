@@ -253,7 +253,7 @@ def test_http_add_zip_show_list_relabel_remove(http):
     r = http.delete(f"/datasets/colours/images/{sha}", headers=AUTH)
     assert r.status_code == 200 and r.json()["parent"] == relabelled, r.text
     assert http.get("/datasets/colours").json()["classes"] == {"blue": 3, "red": 5}
-    old = http.get(f"/datasets/colours/snapshots/{relabelled}").json()
+    old = http.get(f"/datasets/colours/snapshots/{relabelled}", headers=AUTH).json()  # a manifest: token
     assert any(e["sha256"] == sha and e["label"] == "red" for e in old["entries"])  # the old one stays
     r = http.delete(f"/datasets/colours/images/{sha}", headers=AUTH)
     assert r.status_code == 404 and sha in r.json()["error"], r.text
@@ -265,7 +265,7 @@ def test_http_add_zip_show_list_relabel_remove(http):
 def test_http_unknown_dataset_or_snapshot_is_404_with_the_name(http):
     r = http.get("/datasets/nope")
     assert r.status_code == 404 and "nope" in r.json()["error"], r.text
-    r = http.get("/datasets/colours/snapshots/0123456789abcdef")
+    r = http.get("/datasets/colours/snapshots/0123456789abcdef", headers=AUTH)
     assert r.status_code == 404 and "0123456789abcdef" in r.json()["error"], r.text
     r = http.post("/retrain/submit", json={"dataset": "nope", **FAST}, headers=AUTH)
     assert r.status_code == 404 and "nope" in r.json()["error"], r.text

@@ -159,7 +159,7 @@ def test_version_without_embedding_serves_and_drift_is_unavailable(http, server,
 
 
 def test_version_detail_lists_label_problems(http):
-    r = http.get("/versions/v0002")
+    r = http.get("/versions/v0002", headers=AUTH)  # the images' paths are listed with the token
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["label_problems"]["available"] and body["label_problems"]["items"]

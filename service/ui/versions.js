@@ -105,7 +105,7 @@ function problems(lp, nd) {
     items.length ? h("table", {}, h("thead", {}, h("tr", {}, ["Image", "Split", "Given", "Suggested", "Score"].map((t) => h("th", {}, t)))),
       h("tbody", {}, items.slice(0, 50).map((p) => h("tr", {}, h("td", {}, p.path), h("td", {}, p.split),
         h("td", {}, p.given), h("td", {}, p.suggested), h("td", { class: "num" }, fixed(p.score))))))
-      : h("p", { class: "muted" }, "None found."),
+      : h("p", { class: "muted" }, lp.items_hidden ? `Images not listed: ${lp.items_hidden}.` : "None found."),
     h("p", { class: "muted" }, `Near-duplicates between training and validation: ${nd.count ?? (nd.items || []).length ?? "–"}`));
 }
 
