@@ -85,7 +85,7 @@ def run_queued(job_id: str) -> str:
     _lower_priority()
     store = Store()
     me = f"{os.environ.get('RQ_WORKER_ID') or socket.gethostname()}/{os.getpid()}"  # worker name / horse pid
-    job, tag = _queued_record(store, job_id, me)
+    job, tag = _queued_record(store, job_id)
     if job.get("status") != "queued":
         log.warning("job %s is %s; not running it", job_id, job.get("status"))
         return "skipped"
@@ -118,16 +118,15 @@ class NotStarted(Exception):
     which is where a replica reads it (the job's record may be out of this worker's reach)."""
 
 
-def _queued_record(store: Store, job_id: str, me: str) -> tuple[dict, str | None]:
+def _queued_record(store: Store, job_id: str) -> tuple[dict, str | None]:
     from training.store import StoreError
 
-    worker = me.split("/")[0]
     try:
         job, tag = store.record(record_key(job_id))
     except StoreError as e:
-        raise NotStarted(f"worker {worker} cannot read the store {store.describe()}: {e}") from None
+        raise NotStarted(f"this worker cannot read its store {store.describe()}: {e}") from None
     if job is None:  # the replicas wrote it: this worker's REFIT_STORE is not theirs
-        raise NotStarted(f"worker {worker} found no record of this job in its store {store.describe()}; is its "
+        raise NotStarted(f"this worker found no record of this job in its store {store.describe()}; is its "
                          f"REFIT_STORE the replicas'?")
     return job, tag
 

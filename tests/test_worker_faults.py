@@ -92,7 +92,7 @@ class Worker:
     def wait_listening(self, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
         while "Listening on" not in self.log():
-            assert self.proc.poll() is None, f"worker {self.name} exited ({self.proc.returncode}):\n{self.log()[-3000:]}"
+            assert self.proc.poll() is None, f"worker {self.name} exited:\n{self.log()[-3000:]}"
             assert time.monotonic() < deadline, f"worker {self.name} not listening:\n{self.log()[-3000:]}"
             time.sleep(0.3)
 
@@ -214,12 +214,6 @@ def test_killed_worker_restarts_at_once_under_its_name_and_runs_the_job_queued_m
     w = Worker("W1", worker_home, shared["url"], redis_server.url)
     try:
         w.wait_listening()
-        twin = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--name", "W1"], cwd=ROOT,
-                              env={**os.environ, **ENV, "REFIT_HOME": str(worker_home), "REFIT_STORE": shared["url"],
-                                   "BENTOML_HOME": str(worker_home), "REFIT_QUEUE": redis_server.url},
-                              capture_output=True, text=True, timeout=180)
-        assert twin.returncode == 2 and "already running on this host" in twin.stderr, twin.stderr
-        assert w.proc.poll() is None
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait(30)
         job_id = submit(shared)  # queued while no worker runs
@@ -227,6 +221,12 @@ def test_killed_worker_restarts_at_once_under_its_name_and_runs_the_job_queued_m
         w = Worker("W1", worker_home, shared["url"], redis_server.url)
         w.wait_listening()
         print(f"restarted worker listening after {time.monotonic() - t0:.1f}s")
+        twin = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--name", "W1"], cwd=ROOT,
+                              env={**os.environ, **ENV, "REFIT_HOME": str(worker_home), "REFIT_STORE": shared["url"],
+                                   "BENTOML_HOME": str(worker_home), "REFIT_QUEUE": redis_server.url},
+                              capture_output=True, text=True, timeout=180)
+        assert twin.returncode == 2 and "already running on this host" in twin.stderr, twin.stderr
+        assert w.proc.poll() is None
         state = wait_for(shared["jobs"], job_id, ("failed", "succeeded"))
     finally:
         w.kill()
