@@ -217,12 +217,26 @@ class Jobs:
                 self.update(job["id"], status="succeeded", finished=now_iso(),
                             result=json.loads((d / "result.json").read_text()))
                 continue
+            end = self._published(job)
+            if end is not None:  # killed after its version landed: that is its outcome (service/outcome.py)
+                self.update(job["id"], finished=now_iso(), **end)
+                continue
             self.update(job["id"], status="failed", finished=now_iso(),
                         error={"status": 500, "message": "the service stopped while this job was running; "
                                "no version was published by it"})
             failed.append(job["id"])
             log.warning("retrain job %s was interrupted by a restart; marked failed", job["id"])
         return failed
+
+    def _published(self, job: dict) -> dict | None:
+        from service.outcome import published_outcome
+        from training.store import Store
+
+        try:
+            return published_outcome(Store(self.root.parent), job)
+        except Exception as e:  # noqa: BLE001 - the store away: the job is recorded failed as before
+            log.warning("retrain job %s: its versions cannot be looked up (%s)", job["id"], e)
+            return None
 
     # -- running ----------------------------------------------------------------------------------
     @staticmethod
@@ -545,7 +559,7 @@ def run_job(job_dir: Path, *, started: bool = False, progress: Callable[[dict], 
         say(f"refused when the upload was admitted: {r['name']}: {r['error']}")
     try:
         result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say,
-                       progress=throttled(report, PROGRESS_EVERY))
+                       progress=throttled(report, PROGRESS_EVERY), job_id=job["id"])
     except DatasetError as e:
         atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
         print(f"dataset error: {e}", flush=True)

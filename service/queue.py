@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import tempfile
 import time
 import uuid
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from service import settings
 from service.jobs import ACTIVE, _JOB_ID, AdmissionError, Jobs, public
+from service.outcome import published_outcome
 from service.replicas import age
 from training.store import Store, now_iso
 
@@ -114,23 +116,26 @@ class SharedJobs:
 
     def _settle(self, job: dict, tag: str | None) -> dict:
         """A job whose worker is gone is recorded as failed by the first reader that notices."""
-        why = None
+        why, end = None, None
         if job.get("status") == "running" and age(job.get("heartbeat") or job.get("started")) > settings.JOB_TTL:
+            end = published_outcome(self.store, job)  # it may have published before it stopped
             why = (f"the worker running this job stopped (no heartbeat for over {settings.JOB_TTL:g} s); no "
                    "version was published by it; submit again")
-        elif job.get("status") == "queued" and age(job.get("created")) > settings.JOB_TTL:
-            why = self._lost_in_queue(job["id"])
+        elif job.get("status") == "queued":
+            why = self._lost_in_queue(job["id"], long=age(job.get("created")) > settings.JOB_TTL)
         if why is None:
             return job
-        failed = {**job, "status": "failed", "finished": now_iso(), "updated": now_iso(),
-                  "error": {"status": 500, "message": why}}
-        if self.store.put_record(record_key(job["id"]), failed, if_tag=tag):
-            log.warning("retrain job %s: %s", job["id"], why)
-            return failed
+        end = end or {"status": "failed", "error": {"status": 500, "message": why}}
+        settled = {**job, **end, "finished": now_iso(), "updated": now_iso()}
+        if self.store.put_record(record_key(job["id"]), settled, if_tag=tag):
+            log.warning("retrain job %s: %s", job["id"], (end.get("error") or {}).get("message") or
+                        f"its worker stopped after publishing {end['result']['version']}")
+            return settled
         return self.get(job["id"])  # its worker (or another reader) wrote first: read what it wrote
 
-    def _lost_in_queue(self, job_id: str) -> str | None:
-        """Why a job queued for a while will never run (Redis lost it, or RQ gave up on it), else None."""
+    def _lost_in_queue(self, job_id: str, *, long: bool) -> str | None:
+        """Why a queued job will never run (a worker failed it before it started, RQ gave up on it, or, once
+        it has been queued for over JOB_TTL, Redis lost it), else None."""
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
@@ -138,12 +143,15 @@ class SharedJobs:
             rq_job = Job.fetch(job_id, connection=self.rq_queue.connection)
             status = rq_job.get_status(refresh=True)
         except NoSuchJobError:
-            return "the job queue has no record of this job (was Redis emptied?); submit again"
+            # Not yet there (admitted, still being enqueued) or lost: only a job queued for long is lost.
+            return "the job queue has no record of this job (was Redis emptied?); submit again" if long else None
         except Exception as e:  # noqa: BLE001 - Redis away: it may still run; say nothing yet
-            log.warning("job %s: the queue cannot be asked (%s)", job_id, e)
+            if long:
+                log.warning("job %s: the queue cannot be asked (%s)", job_id, e)
             return None
         if status in ("failed", "stopped", "canceled"):
-            return f"the job queue reports this job {status} before it started; submit again"
+            return f"the job queue reports this job {getattr(status, 'value', status)} before it started" \
+                   f"{_why_failed(rq_job)}; submit again"
         return None
 
     # -- admission (the calls service/admission.py makes) ----------------------------------------
@@ -244,6 +252,22 @@ class QueueRunner:
 
     async def drain(self) -> None:
         """Jobs run on workers; a replica stopping leaves them running."""
+
+
+def _why_failed(rq_job) -> str:
+    """', on worker W: <the exception's last line>' from RQ's record of the failure, or ''."""
+    try:
+        result = rq_job.latest_result()
+    except Exception:  # noqa: BLE001 - an older record, or Redis away: the status alone is what we know
+        return ""
+    if result is None:
+        return ""
+    lines = [ln.strip() for ln in (result.exc_string or "").strip().splitlines() if ln.strip()]
+    cause = lines[-1] if lines else ""
+    # "service.worker.NotStarted: worker W ..." reads better without the exception's class path.
+    cause = re.sub(r"^[A-Za-z_][\w.]*\.\w+: ", "", cause)
+    where = f", on worker {result.worker_name}" if result.worker_name else ""
+    return f"{where}: {cause[:500]}" if cause else where
 
 
 def _shown(url: str) -> str:

@@ -81,6 +81,9 @@ QUEUE = os.environ.get("REFIT_QUEUE") or None
 # training is not declared dead (the write happens from a thread that waits for the GIL).
 JOB_TTL = _float("REFIT_JOB_TTL_SECONDS", 60)
 JOB_TIMEOUT = _int("REFIT_JOB_TIMEOUT_SECONDS", 6 * 3600)  # a job running longer is stopped by its worker
+# How often a busy `refit worker` renews its registration in Redis (RQ's job_monitoring_interval). While Redis
+# is away these renewals fail and are retried at this pace; the job trains on (service/worker.py).
+WORKER_MONITOR_SECONDS = max(1, _int("REFIT_WORKER_MONITOR_SECONDS", 30))
 
 # Capture (service/capture.py): keep each predicted image and its prediction in the store, for feedback and
 # for choosing what to label next. Off by default: the images are the customer's data. Retention: the newest

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service import settings
 from service.jobs import ACTIVE, _die_with_parent, _lower_priority, _read_json, run_job, warm_up
-from service.queue import QUEUE_NAME, dataset_key, record_key, redis_connection
+from service.queue import LINE, QUEUE_NAME, dataset_key, record_key, redis_connection
 from training.store import Store, atomic_write_json, now_iso
 
 log = logging.getLogger("refit.worker")
@@ -31,26 +31,52 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
               "REFIT_QUEUE=redis://localhost:6379/0 (and REFIT_STORE for the shared store)", file=sys.stderr)
         return 2
     from redis.exceptions import ConnectionError as RedisDown
-    from rq import Worker
 
+    from service.rqworker import QueueWorker, free_name
     from training.scratch import sweep
 
-    store = Store()
-    sweep(store.home)  # temp folders of runs killed on this machine
-    try:
-        warm_up()
-    except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
-        log.warning("warm-up failed (%s: %s); jobs start cold", type(e).__name__, e)
-    os.environ["REFIT_PARENT_PID"] = str(os.getpid())  # the work horses die with this process
     name = name or f"{socket.gethostname()}-{os.getpid()}"
+    store = Store()
+    problem = store_problem(store)
+    if problem:  # a worker that cannot use its store would take jobs from the shared queue only to fail them
+        print(f"refit: error: worker {name}: the store {store.describe()} cannot be used: {problem}", file=sys.stderr)
+        return 2
     try:
-        worker = Worker([QUEUE_NAME], connection=redis_connection(settings.QUEUE), name=name)
+        connection = redis_connection(settings.QUEUE)
+        taken = free_name(connection, name)
+        if taken:
+            print(f"refit: error: {taken}", file=sys.stderr)
+            return 2
+        sweep(store.home)  # temp folders of runs killed on this machine
+        try:
+            warm_up()
+        except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
+            log.warning("warm-up failed (%s: %s); jobs start cold", type(e).__name__, e)
+        os.environ["REFIT_PARENT_PID"] = str(os.getpid())  # the work horses die with this process
+        worker = QueueWorker([QUEUE_NAME], connection=connection, name=name,
+                             job_monitoring_interval=settings.WORKER_MONITOR_SECONDS)
         log.info("worker %s: store %s, queue %s", name, store.describe(), QUEUE_NAME)
         worker.work(burst=burst, logging_level="INFO")
     except RedisDown as e:
         print(f"refit: error: the job queue cannot be reached ({e})", file=sys.stderr)
         return 2
+    except ValueError as e:  # RQ's register_birth: a worker of that name registered since free_name looked
+        print(f"refit: error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def store_problem(store: Store) -> str | None:
+    """Why the store cannot serve as this worker's (no bucket, no credentials, endpoint away), else None:
+    what a job needs first, read at start, as a replica reads it."""
+    from training.store import StoreError
+
+    try:
+        store.versions()
+        store.record(LINE)
+    except StoreError as e:
+        return str(e)
+    return None
 
 
 def run_queued(job_id: str) -> str:
@@ -58,11 +84,11 @@ def run_queued(job_id: str) -> str:
     _die_with_parent()
     _lower_priority()
     store = Store()
-    job, tag = store.record(record_key(job_id))
-    if job is None or job.get("status") != "queued":
-        log.warning("job %s is %s; not running it", job_id, job and job.get("status"))
-        return "skipped"
     me = f"{os.environ.get('RQ_WORKER_ID') or socket.gethostname()}/{os.getpid()}"  # worker name / horse pid
+    job, tag = _queued_record(store, job_id)
+    if job.get("status") != "queued":
+        log.warning("job %s is %s; not running it", job_id, job.get("status"))
+        return "skipped"
     job = {**job, "status": "running", "started": now_iso(), "heartbeat": now_iso(), "worker": me,
            "updated": now_iso()}
     if not store.put_record(record_key(job_id), job, if_tag=tag):
@@ -85,6 +111,24 @@ def run_queued(job_id: str) -> str:
     store.delete_file(dataset_key(job_id))
     shutil.rmtree(folder, ignore_errors=True)  # the model line is free once the record says the job ended
     return outcome["status"]
+
+
+class NotStarted(Exception):
+    """Why a worker took a job from the queue and could not start it; RQ records it as the job's failure,
+    which is where a replica reads it (the job's record may be out of this worker's reach)."""
+
+
+def _queued_record(store: Store, job_id: str) -> tuple[dict, str | None]:
+    from training.store import StoreError
+
+    try:
+        job, tag = store.record(record_key(job_id))
+    except StoreError as e:
+        raise NotStarted(f"this worker cannot read its store {store.describe()}: {e}") from None
+    if job is None:  # the replicas wrote it: this worker's REFIT_STORE is not theirs
+        raise NotStarted(f"this worker found no record of this job in its store {store.describe()}; is its "
+                         f"REFIT_STORE the replicas'?")
+    return job, tag
 
 
 def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:

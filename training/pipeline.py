@@ -325,10 +325,13 @@ def promotion_decision(request: TrainRequest, store: Store, ds: Dataset, val_acc
 
 
 def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
-          actor: str = "cli", log: Callable = print, progress: Callable[[dict], None] | None = None) -> dict:
+          actor: str = "cli", log: Callable = print, progress: Callable[[dict], None] | None = None,
+          job_id: str | None = None) -> dict:
     """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
     snapshot `request.snapshot`, else its newest, which the version then records). `progress` is called with
-    the run's phase, epoch, best validation accuracy so far and time left (training/progress.py)."""
+    the run's phase, epoch, best validation accuracy so far and time left (training/progress.py). `job_id`,
+    the retrain job running this, is recorded in the version's metadata (`job`): a reader finds the version
+    of a job whose process stopped after publishing (service/outcome.py)."""
     t_start = time.time()
     tracker = Progress(progress)
     _prepare_optimizer_in_background()
@@ -414,7 +417,8 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             "val_accuracy": report["accuracy"], "train_seconds": round(train_seconds, 2),
             "parity_max_abs_diff": parity["max_abs_prob_diff"], "promotion": decision, "actor": actor,
             "dataset_hash": fingerprint["content_hash"], "note": request.note or "",
-            "precision": "int8" if int8 and int8["chosen"] else "fp32", "lineage": lineage})
+            "precision": "int8" if int8 and int8["chosen"] else "fp32", "lineage": lineage,
+            "job": job_id})
     log(f"published {version}: {strategy}, val_accuracy {report['accuracy']:.4f}, train {train_seconds:.1f}s")
     tracker.phase("done")
     promoted = False
