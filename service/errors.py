@@ -32,13 +32,14 @@ def field_name(loc) -> str:
     return ".".join(parts) or "body"
 
 
-def describe(errors: list[dict]) -> str:
-    """Pydantic's (or FastAPI's) error list as one line: `field: what is wrong (got 'value')`; ..."""
+def describe(errors: list[dict], fields=None) -> str:
+    """Pydantic's (or FastAPI's) error list as one line: `field: what is wrong (got 'value')`; ... An unknown
+    field is said to be one, with the `fields` there are when they are given."""
     parts = []
     for e in errors[:SHOWN]:
         name, kind = field_name(e.get("loc", ())), e.get("type")
         if kind == "extra_forbidden":
-            parts.append(f"{name}: unknown field")
+            parts.append(f"{name}: unknown field" + (f" (fields: {', '.join(fields)})" if fields else ""))
             continue
         msg = e.get("msg") or "invalid"
         got = e.get("input")

@@ -361,7 +361,8 @@ class JsonInput(SelfParsed):
         except ValidationError as e:
             errors = e.errors(include_url=False)
             bad_json = json_problem(errors)
-            raise RequestError(400, f"body is not valid JSON: {bad_json}" if bad_json else describe(errors)) from None
+            raise RequestError(400, f"body is not valid JSON: {bad_json}" if bad_json
+                               else describe(errors, cls.model_fields)) from None
 
 
 class PromoteInput(JsonInput):
