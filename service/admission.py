@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from service import settings
 from service.jobs import AdmissionError, Jobs, looks_like_dataset, public  # Jobs or service.queue.SharedJobs
-from service.schemas import BodyTooLarge, RetrainFields
+from service.schemas import BodyTimeout, BodyTooLarge, ClientGone, RetrainFields
 
 log = logging.getLogger("refit.admission")
 
@@ -34,6 +34,8 @@ async def admit(request: Request, jobs: Jobs, store) -> dict:
     except AdmissionError as e:
         log.info("retrain refused (%s): %s", e.status, e.body["error"])
         raise
+    except (BodyTimeout, ClientGone):
+        raise  # the guard answers them (408, 499) and has logged them, in one line
     except OSError as e:
         if e.errno in DISK_FULL:
             log.error("retrain refused (507): out of disk space under %s: %s", jobs.root, e)
@@ -60,8 +62,8 @@ async def _admit(request: Request, jobs: Jobs, store) -> dict:
                 form = await request.form(max_files=2, max_fields=100)
             except BodyTooLarge:
                 raise AdmissionError(413, f"request body is over the limit of {settings.MAX_DATASET_MB:g} MB") from None
-            except OSError:
-                raise  # the server's temp space, not the client's form
+            except (OSError, BodyTimeout, ClientGone):
+                raise  # the server's temp space, not the client's form; or a body the guard answers
             except Exception as e:  # noqa: BLE001 - starlette raises several types for a broken form
                 raise AdmissionError(400, f"malformed multipart form: {getattr(e, 'detail', e)}") from None
             try:

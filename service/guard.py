@@ -7,10 +7,11 @@ import hmac
 import json
 import logging
 
+import anyio
 from starlette.responses import JSONResponse
 
 from service import settings
-from service.schemas import BodyTooLarge
+from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
 log = logging.getLogger("refit.guard")
 
@@ -66,7 +67,12 @@ class Guard:
 
         try:
             await self._route(scope, receive, tracked)
-        except Exception:  # noqa: BLE001 - the last line of defence: log it, answer it
+        except Exception as e:  # noqa: BLE001 - the last line of defence: log it, answer it
+            problem = _body_problem(e)
+            if problem is not None:  # a late body or a client that hung up: _limited logged it in one line
+                if not started:
+                    await _refuse(send, problem)
+                return
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:
                 await _reply(send, 500, {"error": "internal error; the cause is in the server log"})
@@ -81,8 +87,8 @@ class Guard:
         if length is not None and length.isdigit() and int(length) > limit:
             return await _reply(send, 413, {"error": f"request body of {int(length)} bytes is over the limit of "
                                                      f"{limit} bytes for {path}"})
-        state = {"too_large": False}
-        await self.app(scope, _limited(receive, limit, state), _fix_errors(send, state, limit))
+        state: dict = {}  # "problem": the error _limited raised, whatever the route then answered
+        await self.app(scope, _limited(scope, receive, limit, state), _fix_errors(send, state))
 
 
 # --- ASGI plumbing ----------------------------------------------------------------------------------------
@@ -93,36 +99,79 @@ async def _reply(send, status: int, body: dict, headers: dict | None = None) -> 
     await send({"type": "http.response.body", "body": resp.body})
 
 
-def _limited(receive, limit: int, state: dict):
-    """Count a body sent without Content-Length (chunked) and stop reading once it passes the limit."""
-    seen = 0
+async def _refuse(send, problem: Exception) -> None:
+    """Answer a body _limited refused; after a late or cut-off body the connection is not reused."""
+    status = getattr(problem, "status", 413)  # BodyTooLarge carries none
+    await _reply(send, status, {"error": str(problem)}, headers=None if status == 413 else {"connection": "close"})
+
+
+def _limited(scope, receive, limit: int, state: dict):
+    """The body as the route reads it, with its problems raised as the error to answer (and kept in `state`,
+    for a route that catches it): over the limit without Content-Length (chunked, 413), no part of it for
+    REFIT_BODY_TIMEOUT seconds (408; uvicorn would wait for it as long as the request timeout, an hour), or
+    the client hanging up before its end (499; Starlette raises ClientDisconnect, and it was a 500 with a
+    traceback). Once the body is complete, messages pass unbounded: a route may wait for the disconnect."""
+    seen, done = 0, False
+    declared = dict(scope["headers"]).get(b"content-length", b"?").decode("latin-1")
+
+    def fail(problem: Exception, level: int, what: str):
+        state["problem"] = problem
+        log.log(level, "%s %s: %s after %d of %s bytes", scope["method"], scope["path"], what, seen, declared)
+        return problem
 
     async def wrapped():
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, done
+        if done:
+            return await receive()
+        if "problem" in state:  # read again after a refusal: the same answer, not another wait
+            raise state["problem"]
+        try:
+            with anyio.fail_after(settings.BODY_TIMEOUT):
+                message = await receive()
+        except TimeoutError:
+            raise fail(BodyTimeout(settings.BODY_TIMEOUT), logging.WARNING, "body timed out") from None
+        if message["type"] == "http.disconnect":
+            raise fail(ClientGone(), logging.INFO, "client hung up mid-body")
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
+            done = not message.get("more_body", False)
             if seen > limit:
-                state["too_large"] = True
-                raise BodyTooLarge()
+                state["problem"] = BodyTooLarge(f"request body is over the limit of {limit} bytes")
+                raise state["problem"]
         return message
 
     return wrapped
 
 
-def _fix_errors(send, state: dict, limit: int):
-    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}]); unwrap it so every error
-    reply has the same shape. Also turns the 500 caused by an oversized chunked body into a 413."""
+def _body_problem(e: BaseException | None, depth: int = 0):
+    """The error _limited raised, if `e` is it or was caused by it (a route may wrap it)."""
+    if e is None or depth > 8:
+        return None
+    if isinstance(e, (BodyTimeout, ClientGone, BodyTooLarge)):
+        return e
+    for inner in getattr(e, "exceptions", None) or ():  # an exception group (anyio task groups)
+        found = _body_problem(inner, depth + 1)
+        if found is not None:
+            return found
+    return _body_problem(e.__cause__ or e.__context__, depth + 1)
+
+
+def _fix_errors(send, state: dict):
+    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}]), and Starlette answers a wrong
+    method as text ("Method Not Allowed") or FastAPI's {"detail": "..."}; rewrite them so every error reply
+    has the same shape. Also answers a body _limited refused (413, 408, 499) with that error, whatever the
+    route made of it (a 500, or FastAPI's "There was an error parsing the body")."""
     pending: dict = {}
 
     async def wrapped(message):
         if message["type"] == "http.response.start":
-            if state["too_large"]:
+            problem = state.get("problem")
+            if problem is not None:
                 pending["replace"] = True
-                return await _reply(send, 413, {"error": f"request body is over the limit of {limit} bytes"})
+                return await _refuse(send, problem)
             status = message["status"]
             ctype = dict(message.get("headers", [])).get(b"content-type", b"")
-            if 400 <= status < 500 and ctype.startswith(b"application/json"):
+            if 400 <= status < 500 and ctype.startswith((b"application/json", b"text/plain")):
                 pending["start"], pending["body"] = message, b""
                 return
             return await send(message)
@@ -134,17 +183,31 @@ def _fix_errors(send, state: dict, limit: int):
                 if message.get("more_body"):
                     return
                 body = pending["body"]
-                try:
-                    data = json.loads(body)
-                    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
-                        body = json.dumps(data[0]).encode()
-                except ValueError:
-                    pass
                 start = pending.pop("start")
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                text = dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain")
+                body = _one_shape(body, text)
+                drop = (b"content-length", b"content-type") if text else (b"content-length",)
+                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+                if text:
+                    headers.append((b"content-type", b"application/json"))
                 headers.append((b"content-length", str(len(body)).encode()))
                 await send({**start, "headers": headers})
                 return await send({"type": "http.response.body", "body": body})
         return await send(message)
 
     return wrapped
+
+
+def _one_shape(body: bytes, text: bool) -> bytes:
+    """A 4xx body as {"error": ...}: BentoML's [{"error": ...}], a framework's {"detail": "..."} or plain text."""
+    if text:
+        return json.dumps({"error": body.decode("utf-8", "replace").strip()[:500] or "refused"}).encode()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
+        return json.dumps(data[0]).encode()
+    if isinstance(data, dict) and "error" not in data and isinstance(data.get("detail"), str):
+        return json.dumps({"error": data["detail"]}).encode()
+    return body

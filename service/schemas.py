@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import UploadFile
 
 from service import settings
+from service.errors import describe, is_json, json_problem
 from training.config import TrainRequest
 
 
@@ -24,6 +25,22 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class BodyTimeout(RequestError):
+    """Raised by the guard's receive wrapper when the next part of a body is later than REFIT_BODY_TIMEOUT."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body stopped arriving: no part of it for {seconds:g} s "
+                              "(REFIT_BODY_TIMEOUT); send the whole body, as its Content-Length says")
+
+
+class ClientGone(RequestError):
+    """Raised by the guard's receive wrapper when the client hangs up before its body is complete. 499 is
+    nginx's status for it: nobody reads the reply, it is for the access log and the metrics."""
+
+    def __init__(self):
+        super().__init__(499, "the client closed the connection before the request body was complete")
 
 
 class Rejected(NamedTuple):
@@ -322,11 +339,47 @@ def _retrain_body() -> dict:
 RETRAIN_BODY = _retrain_body()
 
 
-class PromoteInput(BaseModel):
+class JsonInput(SelfParsed):
+    """An application/json body with exactly the fields the subclass declares, read and validated here rather
+    than by BentoML, which takes any media type as JSON (a multipart body without a boundary was a 500),
+    ignores unknown fields, and answers "1 validation error for Input" with a traceback in the log."""
+
     model_config = ConfigDict(extra="forbid")
 
-    version: str
-    reason: str = ""
+    @classmethod
+    async def _parse(cls, request):
+        ctype = request.headers.get("content-type", "")
+        if ctype and not is_json(ctype):
+            shape = ", ".join(f'"{k}": ...' for k in cls.model_fields)
+            raise RequestError(415, f"send application/json (got {ctype[:80]}): {{{shape}}}")
+        try:
+            body = await request.body()
+        except BodyTooLarge:
+            raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
+        try:
+            return cls.model_validate_json(body or b"{}")
+        except ValidationError as e:
+            errors = e.errors(include_url=False)
+            bad_json = json_problem(errors)
+            raise RequestError(400, f"body is not valid JSON: {bad_json}" if bad_json
+                               else describe(errors, cls.model_fields)) from None
+
+
+class PromoteInput(JsonInput):
+    """`{"version": "v0003", "reason": "..."}`."""
+
+    file_field: ClassVar[str] = "version"
+
+    version: str = Field(max_length=200, description="Version id, e.g. v0003.")
+    reason: str = Field("", max_length=500, description="Why; kept in the promotion history.")
+
+
+class RollbackInput(JsonInput):
+    """`{"reason": "..."}`."""
+
+    file_field: ClassVar[str] = "reason"
+
+    reason: str = Field("", max_length=500, description="Why; kept in the history.")
 
 
 # --- feedback ------------------------------------------------------------------------------------------
@@ -339,6 +392,8 @@ class FeedbackRequest(BaseModel):
                        "or the predicted one to confirm it).")
     dataset: Optional[str] = Field(None, max_length=200, description="The dataset to add the image to; default: "
                                    "the dataset the answering version was trained on.")
+    create: bool = Field(False, description="Start the dataset with this image when it does not exist yet; "
+                         "without it an unknown dataset is refused (404), so a misspelt name cannot start one.")
 
     @field_validator("label")
     @classmethod

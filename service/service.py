@@ -28,13 +28,12 @@ import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse as FastJSON
-from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 from service import settings, timeouts
 from service.admission import admit
 from service.batcher import Batcher, Overloaded
-from service import console
+from service import console, errors
 from service.capture import Captures, new_id as new_capture_id, top_margin
 from service.drift import DriftMonitor
 from service.guard import Guard
@@ -46,7 +45,7 @@ from service.replicas import StatusBoard, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
 from service.schemas import RETRAIN_BODY, ExplainInput, Explanation, FeedbackRequest, PredictBase64Input, \
-    PredictInput, Prediction, Rejected
+    PredictInput, Prediction, PromoteInput, Rejected, RollbackInput
 from training.store import now_iso
 
 timeouts.install()  # before BentoML builds the app: its request timeout keeps every request for an hour
@@ -77,6 +76,7 @@ _UNTRACED = {} if settings.TRACE_PREDICTIONS else {"tracing": {"excluded_urls": 
 
 admin = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
 admin.add_exception_handler(AdmissionError, lambda request, e: FastJSON(e.body, status_code=e.status))
+errors.install(admin)  # validation errors as {"error": ...}, nothing echoed back at length
 console.mount(admin)  # the web console at /ui
 
 
@@ -351,16 +351,17 @@ class Refit:
             out.append(report(v, ref, pooled.get(v), settings.DRIFT_WINDOW, why))
         return {"window_per_worker": settings.DRIFT_WINDOW, "versions": out}
 
-    @bentoml.api(route="/promote")
-    def promote(self, version: str = Field(description="Version id, e.g. v0003."),
-                reason: str = Field("", max_length=500, description="Why; kept in the promotion history.")
-                ) -> dict[str, Any]:
+    @bentoml.api(route="/promote", input_spec=PromoteInput)
+    def promote(self, version: str, reason: str) -> dict[str, Any]:
         """Serve `version`: its checksum and loadability are checked first; every worker follows within
         seconds. Over a damaged pointer this repairs it (the damaged file is kept aside; see `repaired`)."""
         from training.store import StoreError
 
+        if isinstance(version, Rejected):
+            return error(version.status, version.message)
         if version not in self.store.versions():
-            return error(404, f"unknown version {version!r}; known: {', '.join(self.store.versions()) or 'none'}")
+            return error(404, f"unknown version {errors.clip(version)}; known: "
+                              f"{', '.join(self.store.versions()) or 'none'}")
         try:
             event = self.store.promote(version, actor="api", reason=reason)
         except StoreError as e:
@@ -375,13 +376,14 @@ class Refit:
             log.warning("promoted pointer repaired by promote %s: %s", version, repaired["reason"])
         return {"promoted": event["version"], "previous": event["previous"], "event": event, "repaired": repaired}
 
-    @bentoml.api(route="/rollback")
-    def rollback(self, reason: str = Field("", max_length=500, description="Why; kept in the history.")
-                 ) -> dict[str, Any]:
+    @bentoml.api(route="/rollback", input_spec=RollbackInput)
+    def rollback(self, reason: str) -> dict[str, Any]:
         """Go back one step along the promotion history (v4 -> v3 -> v2 ...); 409 when there is nothing
         earlier or the pointer is damaged."""
         from training.store import StoreError
 
+        if isinstance(reason, Rejected):
+            return error(reason.status, reason.message)
         try:
             event = self.store.rollback(actor="api", reason=reason)
         except StoreError as e:
@@ -464,7 +466,7 @@ class Refit:
         try:
             return public(self.jobs.get(job_id))
         except KeyError:
-            return FastJSON({"error": f"no job {job_id!r}"}, status_code=404)
+            return FastJSON({"error": f"no job {errors.clip(job_id)}"}, status_code=404)
 
     # -- feedback and what to label next ---------------------------------------------------------
     @admin.post("/feedback")
@@ -481,7 +483,9 @@ class Refit:
         if not name:
             return error(400, f"name the dataset to add this image to: {record['version']}, which answered, was "
                               "not trained on a dataset of the store")
-        known = _classes(self.store, name)
+        known = _classes(self.store, name, body.create)
+        if isinstance(known, JSONResponse):
+            return known  # no such dataset (and no "create"), a name that is not allowed, or the store is down
         if known and body.label not in known:
             return error(422, f"label {body.label!r} is not a class of dataset {name!r}: {', '.join(known)}")
 
@@ -893,14 +897,21 @@ def _trained_on(store, version: str) -> str | None:
     return (info.get("lineage") or {}).get("dataset")
 
 
-def _classes(store, name: str) -> list[str] | None:
-    """The dataset's classes, or None when there is no such dataset (yet)."""
-    from training.datasets import Datasets, UnknownDataset
+def _classes(store, name: str, create: bool) -> list[str] | JSONResponse:
+    """The dataset's classes ([] for a dataset `create` is to start), or the error reply: 404 for a dataset
+    that does not exist (a misspelt name would otherwise start a new dataset with whatever label it got), 400
+    for a name that is not allowed, 503 when the store cannot be read."""
+    from training.datasets import UnknownDataset
 
-    try:
-        return list(Datasets(store).show(name)["classes"])
-    except UnknownDataset:
-        return None
+    def classes(datasets):
+        try:
+            return list(datasets.show(name)["classes"])
+        except UnknownDataset as e:
+            if create:
+                return []
+            raise UnknownDataset(f'{e}; send "create": true to start dataset {name!r} with this image') from None
+
+    return _on_datasets(store, classes)
 
 
 def _media_type(data: bytes) -> str:

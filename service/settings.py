@@ -67,6 +67,9 @@ IMAGE_LIMITS = {"max_file_bytes": int(MAX_REQUEST_MB * 1024 * 1024), "max_pixels
 # After SIGTERM, how long a worker waits for open requests (a synchronous retrain, a long upload) before it
 # stops them and exits; `bentoml serve` on its own would wait for them without limit (service/lifeline.py).
 SHUTDOWN_SECONDS = _float("REFIT_SHUTDOWN_SECONDS", 30)
+# The longest pause in a request body before the request is answered 408: a client that declares more than it
+# sends would otherwise hold its connection, and a worker's coroutine, as long as the request timeout (an hour).
+BODY_TIMEOUT = _float("REFIT_BODY_TIMEOUT", 30)
 
 # Drift (service/drift.py): each model worker keeps the last DRIFT_WINDOW inputs per served version; GET /drift
 # pools the windows of a replica's workers. 200 per worker: a window of validation-like photos then scores

@@ -106,7 +106,10 @@ def test_feedback_errors_are_named(http, server):
     assert r.status_code == 401, r.text
     r = http.post("/feedback", headers=AUTH, json={"prediction_id": p["prediction_id"], "label": "red",
                                                    "dataset": "nope"})
-    # A dataset that does not exist yet is made by feedback, like by an upload.
+    # A dataset that does not exist yet is refused (a misspelling would start one), unless asked for.
+    assert r.status_code == 404 and "no dataset 'nope'" in r.json()["error"], r.text
+    r = http.post("/feedback", headers=AUTH, json={"prediction_id": p["prediction_id"], "label": "red",
+                                                   "dataset": "nope", "create": True})
     assert r.status_code == 200 and r.json()["dataset"] == "nope", r.text
 
 

@@ -158,7 +158,8 @@ class Store:
             return p
         known = self.versions()
         if v not in known:
-            raise StoreError(f"unknown version {version!r}; known: {', '.join(known) or 'none'}")
+            shown = repr(version) if len(version) <= 80 else repr(version[:80]) + "..."  # a client's text, clipped
+            raise StoreError(f"unknown version {shown}; known: {', '.join(known) or 'none'}")
         return v
 
     def info(self, version: str) -> dict:
