@@ -33,10 +33,13 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
     from redis.exceptions import ConnectionError as RedisDown
     from rq import Worker
 
+    from service.orphans import sweep_worker_home
+    from service.queue import SharedJobs
     from training.scratch import sweep
 
     store = Store()
     sweep(store.home)  # temp folders of runs killed on this machine
+    sweep_worker_home(store, SharedJobs(store, settings.QUEUE))  # a killed job's leftovers
     try:
         warm_up()
     except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
