@@ -98,27 +98,31 @@ def pair(s3_endpoint, tmp_path_factory):
     moto.client().create_bucket(Bucket=BUCKET)
     url = f"s3://{BUCKET}/store"
     env = {"REFIT_STORE": url, "AWS_ENDPOINT_URL": moto.url, **FAST}
-    saved = os.environ.get("AWS_ENDPOINT_URL")
-    os.environ["AWS_ENDPOINT_URL"] = moto.url  # this module's in-process stores talk to this moto too
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", moto.url)  # while the seeder's S3 client is made
         seeder = Store(root / "seeder", url=url)
         v1 = publish(seeder, root, 1)
         seeder.promote(v1, actor="setup")
-        (root / "data").mkdir()
-        a = Server(root / "a", root / "data", root / "a.log", env=env)
-        b = Server(root / "b", root / "data", root / "b.log", env={**env, "REFIT_POLL_SECONDS": "3600"})
+        sha1 = seeder.info(v1)["serving_sha256"]
+    (root / "data").mkdir()
+    a = Server(root / "a", root / "data", root / "a.log", env=env)
+    b = Server(root / "b", root / "data", root / "b.log", env={**env, "REFIT_POLL_SECONDS": "3600"})
+    state = {"moto": moto, "root": root, "url": url, "env": env, "a": a, "b": b, "v1": v1, "sha1": sha1}
+    try:
         for srv in (a, b):
             srv.start()
-        yield {"moto": moto, "root": root, "url": url, "env": env, "a": a, "b": b, "v1": v1,
-               "sha1": seeder.info(v1)["serving_sha256"]}
-        for srv in (a, b):
-            srv.stop(kill=True)
+        yield state
     finally:
+        for name in ("a", "b"):  # a test may have restarted one
+            state[name].stop(kill=True)
         moto.stop()
-        if saved is None:
-            os.environ.pop("AWS_ENDPOINT_URL", None)
-        else:
-            os.environ["AWS_ENDPOINT_URL"] = saved
+
+
+@pytest.fixture
+def on_pair_s3(pair, monkeypatch):
+    """In-process stores of a test talk to the pair's moto."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", pair["moto"].url)
+    return pair
 
 
 def listing(srv: Server) -> httpx.Response:
@@ -144,9 +148,10 @@ def test_versions_answers_its_json_with_the_problem_while_s3_is_down_or_the_buck
     assert predict(httpx.Client(base_url=a.url, timeout=60), RED).status_code == 200  # A kept serving v0001
 
 
-def test_a_store_recreated_empty_numbers_after_the_versions_the_replicas_hold(pair, tmp_path):
+def test_a_store_recreated_empty_numbers_after_the_versions_the_replicas_hold(on_pair_s3, tmp_path):
     """Numbering restarted from the bucket's highest claim: the next publish was v0001 again, an id both
     replicas' caches hold as another model."""
+    pair = on_pair_s3
     a, b = pair["a"], pair["b"]
     deadline = time.monotonic() + 30
     while len((workers := listing(a).json()["serving"])) < 4:  # their heartbeats land in the new bucket
@@ -158,10 +163,11 @@ def test_a_store_recreated_empty_numbers_after_the_versions_the_replicas_hold(pa
     assert publish(publisher, tmp_path, 5) == "v0002"
 
 
-def test_a_replica_serves_the_stores_model_for_a_reused_id_and_versions_shows_the_disagreement(pair, tmp_path):
+def test_replica_serves_the_stores_model_for_a_reused_id_and_versions_shows_it(on_pair_s3, tmp_path):
     """A re-created store's v0001 is another model (ants/bees). A replica served its cached v0001 (red/blue)
     under that id: a running one kept the model it had, a restarted one trusted its cache. /versions showed
     every worker on "v0001"."""
+    pair = on_pair_s3
     a, b, v1 = pair["a"], pair["b"], pair["v1"]
     store = Store(tmp_path / "operator", url=pair["url"])
     assert store.add_entry(entry_with_classes(tmp_path, v1, ("ants", "bees"), 7)) == v1  # e.g. seeded from a bento
@@ -248,8 +254,8 @@ except Exception as e:
     print("refused:", e, flush=True)
     sys.exit(3)
 """
-GRACE = 1.5  # seconds without a claim heartbeat before a claim counts as abandoned; short, for the test
-ORPHANS = {"REFIT_CLAIM_HEARTBEAT_SECONDS": "0.2", "REFIT_ORPHAN_GRACE_SECONDS": str(GRACE)}
+GRACE = 3  # seconds without a claim heartbeat before a claim counts as abandoned; short, for the test
+ORPHANS = {"REFIT_CLAIM_HEARTBEAT_SECONDS": "0.3", "REFIT_ORPHAN_GRACE_SECONDS": str(GRACE)}
 
 
 class Held:
