@@ -46,6 +46,7 @@ class Loaded:
     drift: object = None  # training.drift.Reference; None: drift is not available (why: drift_note)
     drift_note: str | None = None
     folder: Path | None = None  # the version's files (cam.npz for explanations, read when first asked for)
+    sha256: str | None = None  # the served file's checksum, as the store recorded it: which model, not only which id
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probs"], {"input": batch})[0]
@@ -90,7 +91,8 @@ def open_version(store: Store, version: str, threads: int) -> Loaded:
     # The first run allocates onnxruntime's buffers; do it here so no client request pays for it.
     session.run(["probs"], {"input": np.zeros((1, 3, contract.input_size, contract.input_size), np.float32)})
     drift, note = reference_for(session, path.parent)
-    return Loaded(version, session, contract, labels, now_iso(), drift, note, path.parent)
+    sha256 = store.info(version).get("serving_sha256")
+    return Loaded(version, session, contract, labels, now_iso(), drift, note, path.parent, sha256)
 
 
 class ModelHolder:
@@ -144,7 +146,7 @@ class ModelHolder:
                 self.error = None
                 self._write_status()
             return
-        if self.current is not None and self.current.version == target:
+        if self.current is not None and self.current.version == target and self._still_the_stores(self.current):
             self.error = None  # the pointer is back on a version this worker serves: nothing is refused
             self._write_status()
             return
@@ -161,6 +163,19 @@ class ModelHolder:
         self.error = None
         log.info("serving %s (was %s), loaded in %.2fs", new.version, previous, time.perf_counter() - t0)
         self._write_status()
+
+    def _still_the_stores(self, model: Loaded) -> bool:
+        """Whether the store's record of `model`'s id is still the model this worker loaded. A store re-created
+        empty numbers from v0001 again: the same id then names another model, which must be loaded."""
+        try:
+            recorded = self.store.info(model.version).get("serving_sha256")
+        except Exception:  # noqa: BLE001 - gone from the store, or the store away: keep what serves, say why later
+            return True
+        if recorded == model.sha256:
+            return True
+        log.warning("%s in %s is not the %s this worker serves (checksum %s, loaded %s): loading the store's",
+                    model.version, self.store.describe(), model.version, recorded, model.sha256)
+        return False
 
     def _refuse(self, version: str | None, reason: str) -> None:
         serving = self.current.version if self.current else None
@@ -204,7 +219,8 @@ class ModelHolder:
                 return
             model, error = self.current, self.error
             status = {"version": model.version if model else None, "loaded_at": model.loaded_at if model else None,
-                      "error": error, "drift": self.drift.summary() if self.drift else None}
+                      "error": error, "drift": self.drift.summary() if self.drift else None,
+                      "sha256": model.sha256 if model else None, "cached": self._cached_newest()}
             try:
                 self.board.publish(self.replica, os.getpid(), status)
             except (OSError, StoreError) as e:
@@ -215,6 +231,13 @@ class ModelHolder:
             if self._status_failing:
                 log.info("status record written to %s again", self.store.describe())
             self._status_failing = False
+
+    def _cached_newest(self) -> str | None:
+        """The newest version in this replica's cache: a publish into a re-created store numbers after it."""
+        try:
+            return self.store.cached_newest()
+        except OSError:
+            return None
 
     def close(self) -> None:
         self._stop.set()

@@ -112,3 +112,31 @@ class StatusBoard:
         """The newest refused promotes, oldest first (their keys sort by time)."""
         found = self.store.records(REFUSED)
         return [found[k] for k in sorted(found)[-KEEP_REFUSALS:] if isinstance(found[k], dict)]
+
+
+def disagreement(workers: list[dict], recorded: dict[str, str | None]) -> dict | None:
+    """What the live workers disagree on, or None when they all serve one model: workers on different
+    versions, one id served with different checksums (a replica kept a copy from a store since re-created),
+    or a worker serving an id whose checksum is not the one the store records for it now (`recorded`:
+    version -> serving checksum). A promote in progress shows here for the second or two of its rollout."""
+    served: dict[tuple[str, str | None], list[str]] = {}
+    for w in workers:
+        if w.get("version"):
+            served.setdefault((w["version"], w.get("sha256")), []).append(f"{w.get('replica')}/{w.get('pid')}")
+    served = dict(sorted(served.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))))
+    problems = []
+    ids = sorted({v for v, _ in served})
+    if len(ids) > 1:
+        problems.append(f"the workers serve different versions ({', '.join(ids)})")
+    for v in ids:
+        if len({sha for (version, sha) in served if version == v}) > 1:
+            problems.append(f"{v} is served as different models (different checksums)")
+    for (v, sha), who in served.items():
+        if v in recorded and sha and recorded[v] and sha != recorded[v]:
+            problems.append(f"{', '.join(who)} serve a {v} that is not the store's ({sha[:12]}, the store records "
+                            f"{recorded[v][:12]})")
+    if not problems:
+        return None
+    return {"message": "; ".join(problems),
+            "served": [{"version": v, "sha256": sha, "store_sha256": recorded.get(v), "workers": who}
+                       for (v, sha), who in served.items()]}

@@ -41,7 +41,7 @@ from service.jobs import PACKAGE_ROOT, AdmissionError, Jobs, public
 from service.lifeline import bound_shutdown, die_with_supervisor, record_supervisor, trim_heap
 from service.model import ModelHolder
 from service.queue import QueueRunner, SharedJobs
-from service.replicas import StatusBoard, replica_id
+from service.replicas import StatusBoard, disagreement, replica_id
 from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
 from service.schemas import RETRAIN_BODY, ExplainInput, Explanation, FeedbackRequest, PredictBase64Input, \
@@ -157,6 +157,7 @@ class Refit:
         log.info("replica %s, store %s", replica_id(), Store(home).describe())  # a bad REFIT_REPLICA stops here
         Jobs(home).recover()
         _sweep_datasets(Store(home))
+        Store(home).sweep_orphans()  # what publishes cut short left: this machine's staging, the store's claims
         problem = Store(home).pointer_problem()
         if problem:
             log.error("%s; predictions answer 503 until then", problem)
@@ -256,22 +257,31 @@ class Refit:
         """Every version (id, created, strategy, metrics), which one is promoted, and what each model
         worker of every live replica serves, with the reason when a worker refused a version. `replica` is
         the replica that answered. `problem` says why nothing is promoted when the pointer is damaged or
-        missing (promote a version to repair it)."""
+        missing (promote a version to repair it), or that the store cannot be read; `disagreement` what the
+        live workers disagree on (service/replicas.py), null when they all serve one model."""
         from training.store import StoreError
 
+        try:
+            infos = self.store.list_info()
+        except StoreError as e:  # S3 unreachable, or the bucket gone: the same shape, with the cause
+            log.error("cannot list the versions in the store: %s", e)
+            return {"promoted": None, "problem": f"the store cannot be read: {e}", "versions": [],
+                    "replica": self.replica, "serving": [], "refused": [], "disagreement": None}
         try:
             promoted = self.store.promoted()
         except StoreError:
             promoted = None
-        rows = [_version_row(i) for i in self.store.list_info()]
+        rows = [_version_row(i) for i in infos]
         try:
             workers, refused = self.board.live(), self.board.refusals()
         except StoreError as e:  # the store is unreachable: `problem` says so too
             log.error("cannot read the replicas' status from the store: %s", e)
             workers, refused = [], []
         refusals = [w["error"] for w in workers if w.get("error")] + refused
+        recorded = {i["version"]: i.get("serving_sha256") for i in infos}
         return {"promoted": promoted, "problem": self.store.pointer_problem(), "versions": rows,
-                "replica": self.replica, "serving": workers, "refused": refusals}
+                "replica": self.replica, "serving": workers, "refused": refusals,
+                "disagreement": disagreement(workers, recorded)}
 
     @admin.get("/versions/{version}")
     def version_detail(self, version: str, request: Request):

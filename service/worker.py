@@ -32,6 +32,8 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
         return 2
     from redis.exceptions import ConnectionError as RedisDown
 
+    from service.orphans import sweep_worker_home
+    from service.queue import SharedJobs
     from service.rqworker import QueueWorker, free_name
     from training.scratch import sweep
 
@@ -48,6 +50,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
             print(f"refit: error: {taken}", file=sys.stderr)
             return 2
         sweep(store.home)  # temp folders of runs killed on this machine
+        sweep_worker_home(store, SharedJobs(store, settings.QUEUE))  # a killed job's leftovers
         try:
             warm_up()
         except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import replace
 import random
 import time
@@ -28,7 +29,7 @@ from training.preprocess import Prepared, load_image, prepare, preprocess, train
 from training.registry import Backbone, create_backbone, get_module
 from training.scratch import run_folder
 from training.software import software
-from training.store import Store, sha256_file
+from training.store import Store, age_seconds, now_iso, sha256_file
 
 # `auto`: below this many training images only the head is trained (unfreezing layers on so little data
 # mostly memorises it); from here on, partial fine-tuning is also tried and kept only if validation improves.
@@ -545,25 +546,70 @@ def bootstrap_imagenet(store: Store | None = None, log: Callable = print) -> str
     store = store or Store()
     with open(store.home / ".bootstrap.lock", "a") as lockf:
         fcntl.flock(lockf, fcntl.LOCK_EX)  # several workers may start together; one bootstraps
-        if store.versions():
+        if store.versions() or not _claim_bootstrap(store, log):
             return None
-        bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
-        contract = bb.contract.with_classes(bb.imagenet_classes)
-        with run_folder(store.home, "bootstrap") as tmp:
-            path = export_onnx(bb.model, contract, tmp / "model.onnx", classifier=bb.classifier)
-            rng = np.random.default_rng(0)
-            arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)
-            with torch.no_grad():
-                probs = torch.softmax(bb.model(torch.from_numpy(arrays)), 1).numpy()
-            parity = verify_parity(path, probs, arrays)
-            (tmp / "metrics.json").write_text(json.dumps({"parity": parity, "strategy": "pretrained",
-                                                          "note": "ImageNet-1k head, no customer data"}))
-            (tmp / "config.json").write_text(json.dumps({"backbone": "efficientnet_lite0", "strategy": "pretrained"}))
-            files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", CAM_FILE) if (tmp / n).is_file()}
-            version = _publish(store, files, contract,
-                               {"strategy": "pretrained", "backbone": "efficientnet_lite0", "parent": None,
-                                "classes": ["<imagenet-1k>"], "val_accuracy": None, "actor": "bootstrap",
-                                "parity_max_abs_diff": parity["max_abs_prob_diff"]})
+        try:
+            version = _bootstrap_version(store)
+        except BaseException:
+            store.delete_record(BOOTSTRAP_CLAIM)  # the next start tries again, without waiting out a stale claim
+            raise
         store.promote(version, actor="bootstrap", reason="first start: pretrained ImageNet model")
+        store.put_record(BOOTSTRAP_CLAIM, {**(store.record(BOOTSTRAP_CLAIM)[0] or {}), "done": version})
         log(f"bootstrapped {version}: efficientnet_lite0 with its ImageNet head")
         return version
+
+
+def _bootstrap_version(store: Store) -> str:
+    """Publish the pretrained backbone with its ImageNet head; returns the version."""
+    bb = create_backbone("efficientnet_lite0", num_classes=None, pretrained=True)
+    contract = bb.contract.with_classes(bb.imagenet_classes)
+    with run_folder(store.home, "bootstrap") as tmp:
+        path = export_onnx(bb.model, contract, tmp / "model.onnx", classifier=bb.classifier)
+        rng = np.random.default_rng(0)
+        arrays = rng.standard_normal((4, 3, contract.input_size, contract.input_size)).astype(np.float32)
+        with torch.no_grad():
+            probs = torch.softmax(bb.model(torch.from_numpy(arrays)), 1).numpy()
+        parity = verify_parity(path, probs, arrays)
+        (tmp / "metrics.json").write_text(json.dumps({"parity": parity, "strategy": "pretrained",
+                                                      "note": "ImageNet-1k head, no customer data"}))
+        (tmp / "config.json").write_text(json.dumps({"backbone": "efficientnet_lite0", "strategy": "pretrained"}))
+        files = {n: tmp / n for n in ("model.onnx", "metrics.json", "config.json", CAM_FILE) if (tmp / n).is_file()}
+        version = _publish(store, files, contract,
+                           {"strategy": "pretrained", "backbone": "efficientnet_lite0", "parent": None,
+                            "classes": ["<imagenet-1k>"], "val_accuracy": None, "actor": "bootstrap",
+                            "parity_max_abs_diff": parity["max_abs_prob_diff"]})
+    return version
+
+
+BOOTSTRAP_CLAIM = "bootstrap.json"
+BOOTSTRAP_STALE_SECONDS = 900  # a bootstrap takes a minute or two; a claim this old belongs to a dead one
+BOOTSTRAP_WAIT_SECONDS = 300
+
+
+def _claim_bootstrap(store: Store, log: Callable) -> bool:
+    """Whether this process bootstraps the store. The flock above is per machine (REFIT_HOME); replicas on
+    one shared store claim `bootstrap.json` with a conditional write, as seeding from the bento claims its
+    version id: one wins; the others wait for its version (up to BOOTSTRAP_WAIT_SECONDS) and publish
+    nothing. A claim that is done (its versions since deleted) or older than BOOTSTRAP_STALE_SECONDS (its
+    bootstrap died) is taken over by the next one, over the state read."""
+    import socket
+
+    deadline, told = time.monotonic() + BOOTSTRAP_WAIT_SECONDS, False
+    while not store.versions():
+        claim, tag = store.record(BOOTSTRAP_CLAIM)
+        mine = {"at": now_iso(), "host": socket.gethostname(), "pid": os.getpid()}
+        if tag is None:
+            if store.put_record(BOOTSTRAP_CLAIM, mine, create_only=True):
+                return True
+        elif claim is None or claim.get("done") or age_seconds(claim.get("at")) > BOOTSTRAP_STALE_SECONDS:
+            if store.put_record(BOOTSTRAP_CLAIM, mine, if_tag=tag):
+                return True
+        elif not told:
+            log(f"another process is bootstrapping {store.describe()} (since {claim.get('at')}, "
+                f"{claim.get('host')} pid {claim.get('pid')}); waiting for its version")
+            told = True
+        if time.monotonic() > deadline:
+            log(f"no version in {store.describe()} after {BOOTSTRAP_WAIT_SECONDS} s; starting without one")
+            return False
+        time.sleep(1)
+    return False

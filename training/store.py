@@ -28,10 +28,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -47,6 +49,23 @@ _VERSION_RE = re.compile(r"^v(\d{4,})$")
 _MARKER_RE = re.compile(rf"^{ENTRIES}(v\d{{4,}})/model\.yaml$")
 _CLAIMED_RE = re.compile(rf"^{ENTRIES}v(\d{{4,}})/")
 CAS_ATTEMPTS = 50  # compare-and-swap rounds before a pointer update gives up (each loss means progress)
+SERVING_RECORDS = "serving/"  # the replicas' status records (service/replicas.py); numbering reads them
+log = logging.getLogger("refit.store")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    # Read at each use, not at import: a test (or an operator's shell) shrinks them for one process.
+    return float(os.environ.get(name) or default)
+
+
+def claim_heartbeat_seconds() -> float:
+    """How often a publish in progress on S3 rewrites its claim, so the orphan sweep can tell it is alive."""
+    return _env_seconds("REFIT_CLAIM_HEARTBEAT_SECONDS", 30)
+
+
+def orphan_grace_seconds() -> float:
+    """A claim not rewritten for this long, without a model.yaml, belongs to a publish that was cut short."""
+    return _env_seconds("REFIT_ORPHAN_GRACE_SECONDS", 600)
 
 
 class StoreError(Exception):
@@ -64,6 +83,11 @@ class PointerError(StoreError):
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _now_ms() -> str:
+    # A claim's heartbeat is judged against a grace of a few heartbeats: whole seconds would age it by up to one.
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def sha256_file(path: Path) -> str:
@@ -113,6 +137,8 @@ class Store:
         self.models_dir = self.root / "models" / MODEL_NAME
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self.pointer = None if self.remote else self.root / POINTER  # the local file; None on S3
+        self._claims: dict[str, _ClaimBeat] = {}  # S3 versions this process claimed and is still writing
+        self._staging_locks: dict[Path, int] = {}  # staging folder -> fd of the flock that marks it in use
 
     def describe(self) -> str:
         return self.remote.url if self.remote else str(self.root)
@@ -167,13 +193,14 @@ class Store:
         import yaml  # BentoML's own dependency; model.yaml is plain YAML
 
         v = self.resolve(version)
-        entry = yaml.safe_load(self._entry_file(v, "model.yaml"))
+        record = self._entry_file(v, "model.yaml")
+        entry = yaml.safe_load(record)
         if not isinstance(entry, dict):
             raise StoreError(f"{v}: model.yaml is not a BentoML model entry")
         info = dict(entry.get("metadata") or {})
         created = info.get("created") or _seconds(entry.get("creation_time"))
         info.update(version=v, tag=f"{MODEL_NAME}:{v}", path=str(self.models_dir / v), created=created)
-        metrics = self._entry_file(v, "metrics.json", missing_ok=True)
+        metrics = self._entry_file(v, "metrics.json", missing_ok=True, record=record)
         if metrics is not None:
             info["metrics"] = json.loads(metrics)
         return info
@@ -196,11 +223,15 @@ class Store:
         read alone, so an S3 store does not download the whole version to show one figure."""
         return self._entry_file(self.resolve(version), name, missing_ok=True)
 
-    def _entry_file(self, version: str, name: str, missing_ok: bool = False) -> bytes | None:
-        """One file of a version: from this machine when it is here (a folder store, or a copy in the
-        cache that was checked when it arrived), else from S3."""
+    def _entry_file(self, version: str, name: str, missing_ok: bool = False,
+                    record: bytes | None = None) -> bytes | None:
+        """One file of a version: from its folder in a folder store. On S3, model.yaml (the store's own record
+        of the version) always from S3, and any other file from this machine's cached copy only when that copy
+        is the store's (the same model.yaml; `record`, when the caller has just read it), else from S3."""
         local = self.models_dir / version / name
-        if not self.remote or (self.models_dir / version / "model.yaml").is_file():
+        if self.remote and name == "model.yaml":
+            return self._store_record(version, missing_ok=missing_ok)
+        if not self.remote or self._cached_is(version, record or self._store_record(version, missing_ok=True)):
             try:
                 return local.read_bytes()
             except FileNotFoundError:
@@ -212,13 +243,55 @@ class Store:
             raise StoreError(f"{version}: {name} is missing from {self.remote.url}")
         return got[0] if got else None
 
+    def _store_record(self, version: str, missing_ok: bool = False) -> bytes | None:
+        """The version's model.yaml as the S3 store holds it now."""
+        got = self.remote.get(f"{ENTRIES}{version}/model.yaml")
+        if got is None and not missing_ok:
+            raise StoreError(f"{version}: model.yaml is missing from {self.remote.url}")
+        return got[0] if got else None
+
+    def _cached_is(self, version: str, record: bytes | None) -> bool:
+        """Whether this machine's cached copy of `version` is the one whose model.yaml is `record`. An id alone
+        does not name a model: a bucket re-created empty hands out v0001 again, and a copy cached from the old
+        one must never be served for it."""
+        try:
+            return record is not None and (self.models_dir / version / "model.yaml").read_bytes() == record
+        except OSError:
+            return False
+
+    def cached_newest(self) -> str | None:
+        """The newest version this machine's cache of an S3 store holds (None for a folder store, or none)."""
+        if not self.remote:
+            return None
+        held = [p.name for p in self.models_dir.iterdir() if _VERSION_RE.match(p.name) and (p / "model.yaml").is_file()]
+        return max(held, key=lambda v: int(v[1:]), default=None)
+
+    def _evict(self, version: str, why: str) -> None:
+        """Move a cached copy that is not the store's out of the cache (a rename: a process reading it keeps its
+        open files), then remove it."""
+        aside = self.root / "tmp" / f"replaced-{version}-{uuid.uuid4().hex}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.models_dir / version, aside)
+        except FileNotFoundError:
+            return  # another process of this machine moved it first
+        log.warning("%s: the cached copy in %s is not the store's (%s); fetching the store's", version,
+                    self.models_dir, why)
+        shutil.rmtree(aside, ignore_errors=True)
+
     def _local_copy(self, version: str) -> Path:
-        """The version's folder on this machine. From S3: downloaded into a temp folder, checked against the
-        checksums in its model.yaml, then renamed into the cache, so the cache only ever holds whole,
-        checked versions (several processes may race; the first rename wins, the others drop theirs)."""
+        """The version's folder on this machine. From S3: used from the cache only when its model.yaml is the
+        store's (the checksums the store records for this id), else downloaded into a temp folder, checked
+        against the checksums in its model.yaml, then renamed into the cache, so the cache only ever holds
+        whole, checked versions (several processes may race; the first rename wins, the others drop theirs)."""
         dest = self.models_dir / version
-        if not self.remote or (dest / "model.yaml").is_file():
+        if not self.remote:
             return dest
+        record = self._store_record(version)
+        if self._cached_is(version, record):
+            return dest
+        if (dest / "model.yaml").is_file():
+            self._evict(version, f"its model.yaml differs from the one in {self.remote.url}")
         import yaml
 
         tmp = self.root / "tmp" / f"fetch-{version}-{uuid.uuid4().hex}"
@@ -237,7 +310,7 @@ class Store:
             try:
                 os.rename(tmp, dest)
             except OSError:
-                if not (dest / "model.yaml").is_file():
+                if not self._cached_is(version, (tmp / "model.yaml").read_bytes()):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -407,7 +480,7 @@ class Store:
                 self._upload(version, built)
                 self._into_cache(version, built)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                self._drop_staging(staging)
             return version
         with self.lock():
             tmp_root = self.root / "tmp"
@@ -431,7 +504,7 @@ class Store:
             tmp_latest = self.models_dir / f".latest.{uuid.uuid4().hex}"
             tmp_latest.write_text(version)
             os.replace(tmp_latest, self.models_dir / "latest")
-            shutil.rmtree(staging, ignore_errors=True)
+            self._drop_staging(staging)
             return version
 
     def add_entry(self, src: Path) -> str:
@@ -451,6 +524,7 @@ class Store:
 
         staging = self.root / "tmp" / f"staging-{uuid.uuid4().hex}"
         staging.mkdir(parents=True)
+        self._staging_locks[staging] = _hold_flock(staging)  # in use: `sweep_orphans` leaves it alone
         try:
             extra = stamp(version) if stamp else {}
             # BentoML's metadata takes basic types only; absent values (None) are left out.
@@ -460,9 +534,16 @@ class Store:
                 for name, src in files.items():
                     shutil.copyfile(src, m.path_of(name))
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self._drop_staging(staging)
+            self._end_claim(version)
             raise
         return staging / MODEL_NAME / version, staging
+
+    def _drop_staging(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+        fd = self._staging_locks.pop(staging, None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     def _claim(self, version: str | None) -> str:
         """Make a version number this publish's own with a create-only write of its claim object: the next
@@ -470,28 +551,71 @@ class Store:
         the publish that claimed it died before its model.yaml was written."""
         from training.s3 import Conflict
 
-        note = json.dumps({"at": now_iso(), "pid": os.getpid(), "host": os.uname().nodename}).encode()
+        note = {"at": _now_ms(), "updated": _now_ms(), "pid": os.getpid(), "host": os.uname().nodename}
+        data = json.dumps(note).encode()
         if version is not None:
             try:
-                self.remote.put(f"{ENTRIES}{version}/.claim", note, create_only=True)
-                return version
+                tag = self.remote.put(f"{ENTRIES}{version}/.claim", data, create_only=True)
             except Conflict:
                 raise StoreError(f"{version} is already taken in {self.remote.url}") from None
-        taken = {int(m.group(1)) for k in self.remote.list(ENTRIES) if (m := _CLAIMED_RE.match(k))}
-        n = max(taken, default=0) + 1
+            return self._hold(version, note, tag)
+        keys = self.remote.list(ENTRIES)
+        # The listing a claim needs also shows the claims of publishes cut short: swept here, past their grace,
+        # as a folder store's publish removes its partial entries.
+        try:
+            self._sweep_claims(keys)
+        except StoreError as e:  # a bucket that refuses deletes, say: publishing still works
+            log.warning("orphan claims not swept: %s", e)
+        taken = {int(m.group(1)) for k in keys if (m := _CLAIMED_RE.match(k))}
+        n = max(taken | self._seen_elsewhere(), default=0) + 1
         for _ in range(CAS_ATTEMPTS):
             try:
-                self.remote.put(f"{ENTRIES}v{n:04d}/.claim", note, create_only=True)
-                return f"v{n:04d}"
+                tag = self.remote.put(f"{ENTRIES}v{n:04d}/.claim", data, create_only=True)
+                return self._hold(f"v{n:04d}", note, tag)
             except Conflict:
                 n += 1  # another publisher claimed it a moment ago
         raise StoreError(f"could not claim a version number in {self.remote.url} ({CAS_ATTEMPTS} tries)")
 
+    def _seen_elsewhere(self) -> set[int]:
+        """Version numbers that live replicas serve or hold in their caches (their status records, rewritten at
+        every heartbeat, land in a bucket re-created empty too) and that this machine's cache holds: a
+        re-created store numbers on after them, instead of handing out an id some cache knows as another model."""
+        seen: set[int] = set()
+        try:
+            records = list(self.records(SERVING_RECORDS).values())
+        except StoreError:
+            records = []
+        for r in [*records, {"cached": self.cached_newest()}]:
+            for key in ("version", "cached"):
+                m = _VERSION_RE.match(str(r.get(key) or "")) if isinstance(r, dict) else None
+                if m:
+                    seen.add(int(m.group(1)))
+        return seen
+
+    def _hold(self, version: str, note: dict, tag: str) -> str:
+        """Keep the claim fresh from a thread until the version is uploaded (or its publish fails)."""
+        beat = _ClaimBeat(self.remote, f"{ENTRIES}{version}/.claim", note, tag, claim_heartbeat_seconds())
+        beat.start()
+        self._claims[version] = beat
+        return version
+
+    def _end_claim(self, version: str) -> None:
+        beat = self._claims.pop(version, None)
+        if beat is not None:
+            beat.finish()
+
     def _upload(self, version: str, folder: Path) -> None:
-        """Every file, model.yaml last: until it is there, the version is not listed."""
+        """Every file, model.yaml last: until it is there, the version is not listed. Just before it, one
+        last conditional write of the claim: when an orphan sweep has taken the claim over (this publish
+        stalled past the grace), this publish stops here instead of making a version the sweep is deleting."""
         files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.name == "model.yaml")
-        for p in files:
-            self.remote.upload(f"{ENTRIES}{version}/{p.relative_to(folder).as_posix()}", p)
+        try:
+            for p in files:
+                if p.name == "model.yaml" and version in self._claims:
+                    self._claims[version].confirm()
+                self.remote.upload(f"{ENTRIES}{version}/{p.relative_to(folder).as_posix()}", p)
+        finally:
+            self._end_claim(version)
 
     def _into_cache(self, version: str, built: Path) -> None:
         """The publisher has the files it just uploaded: they become its cached copy at no cost."""
@@ -499,6 +623,64 @@ class Store:
             os.rename(built, self.models_dir / version)
         except OSError:
             pass  # another process of this machine cached it first
+
+    # -- orphans: what publishes cut short leave behind --------------------------------------------
+    def sweep_orphans(self) -> list[str]:
+        """Remove what publishes cut short left, never what a live publish is writing: staging folders under
+        this machine's `tmp/` that no process holds (each is flocked while its publish runs), and on S3 the
+        files of claimed versions without a model.yaml whose claim nobody has rewritten for the grace period
+        (a live publish rewrites it every heartbeat). The claim itself stays, so its number is never handed
+        out again. Best effort: a store that cannot be reached is logged, not raised. Returns what went."""
+        removed = []
+        for staging in sorted((self.root / "tmp").glob("staging-*")):
+            if staging.is_dir() and _unheld(staging):
+                log.warning("removing a staging folder a killed publish left: %s", staging)
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(str(staging))
+        if self.remote:
+            try:
+                removed += [f"{self.remote.url}/{ENTRIES}{v}" for v in self._sweep_claims()]
+            except StoreError as e:
+                log.warning("orphan claims not swept: %s", e)
+        return removed
+
+    def _sweep_claims(self, keys: list[str] | None = None) -> list[str]:
+        """The claimed versions (from a listing of ENTRIES) a publish cut short left without a model.yaml,
+        emptied but for their claim once it is past the grace; returns their ids."""
+        from training.s3 import Conflict
+
+        files: dict[str, list[str]] = {}
+        for k in self.remote.list(ENTRIES) if keys is None else keys:
+            if m := _CLAIMED_RE.match(k):
+                files.setdefault(f"v{m.group(1)}", []).append(k)
+        swept = []
+        for version, found in sorted(files.items()):
+            names = {k.rsplit("/", 1)[1] for k in found}
+            if "model.yaml" in names or ".claim" not in names or names == {".claim"}:
+                continue  # complete, not Refit's, or nothing but the claim (kept: its number stays taken)
+            claim = f"{ENTRIES}{version}/.claim"
+            got = self.remote.get(claim)
+            try:
+                note = json.loads(got[0]) if got else None
+            except ValueError:
+                note = None
+            if not isinstance(note, dict):
+                continue
+            if not note.get("abandoned"):  # else a sweep cut short: finish it
+                if age_seconds(note.get("updated") or note.get("at")) < orphan_grace_seconds():
+                    continue
+                mark = {**note, "abandoned": now_iso(), "by": f"{os.uname().nodename}/{os.getpid()}"}
+                try:  # only over the state read: a publish that beat again since then keeps its claim
+                    self.remote.put(claim, json.dumps(mark).encode(), if_match=got[1])
+                except Conflict:
+                    continue
+            log.warning("removing %s from %s: its publish was cut short (claimed %s, last alive %s)", version,
+                        self.remote.url, note.get("at"), note.get("updated"))
+            for k in found:
+                if not k.endswith("/.claim"):
+                    self.remote.delete(k)
+            swept.append(version)
+        return swept
 
     # -- small records beside the versions (what each replica serves) ------------------------------
     def put_record(self, rel: str, data: dict, *, if_tag: str | None = None, create_only: bool = False) -> bool:
@@ -672,6 +854,77 @@ class Store:
             i["promoted"] = v == promoted
             out.append(i)
         return out
+
+
+class _ClaimBeat(threading.Thread):
+    """Rewrites a claim (`updated`) every few seconds while its publish runs, each write conditional on the
+    last one: the orphan sweep takes a claim over only when it is older than the grace, with a write
+    conditional on what it read, so of a stalled publisher and a sweep exactly one goes on."""
+
+    def __init__(self, remote, key: str, note: dict, tag: str, every: float):
+        super().__init__(name=f"claim {key}", daemon=True)
+        self.remote, self.key, self.note, self.tag, self.every = remote, key, note, tag, every
+        self.lost: str | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            try:
+                self._write()
+            except StoreError as e:  # S3 away for a moment: the next beat tries again
+                log.warning("%s not kept fresh: %s", self.key, e)
+
+    def _write(self) -> None:
+        from training.s3 import Conflict
+
+        with self._lock:
+            if self.lost or self._done.is_set():
+                return
+            data = json.dumps({**self.note, "updated": _now_ms()}).encode()
+            try:
+                self.tag = self.remote.put(self.key, data, if_match=self.tag)
+            except Conflict:
+                self.lost = (f"{self.key} was taken over by an orphan sweep: this publish went without a "
+                             f"heartbeat for over {orphan_grace_seconds():g} s; publish again")
+
+    def confirm(self) -> None:
+        """The last write before the version becomes visible; raises when the claim is not ours any more."""
+        self._write()
+        if self.lost:
+            raise StoreError(self.lost)
+
+    def finish(self) -> None:
+        self._done.set()
+
+
+def _hold_flock(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies, however it dies
+    return fd
+
+
+def _unheld(path: Path) -> bool:
+    """No process holds `path`'s flock (the one `_hold_flock` takes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def age_seconds(iso) -> float:
+    """Seconds since an ISO time a record carries; infinite for a missing or foreign one."""
+    try:
+        return time.time() - datetime.fromisoformat(str(iso)).timestamp()
+    except ValueError:
+        return float("inf")
 
 
 def _parse_pointer(raw: bytes | None) -> dict:

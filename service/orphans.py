@@ -1,0 +1,51 @@
+"""What a `refit worker` killed mid-job leaves in its REFIT_HOME, removed when it starts again.
+
+A job runs in `jobs/<id>/` of the worker's home (the dataset, unpacked; the run's temp files), and its
+publish builds the version in `tmp/staging-*`; a kill -9 leaves both. At start the worker removes:
+
+- `tmp/staging-*` that no process holds (a publish flocks its staging folder for as long as it runs), and,
+  on S3, the files of versions whose publish was cut short (`Store.sweep_orphans`);
+- `jobs/<id>/` unless the job may still be running here: its record in the store says queued or running
+  (a running job without a heartbeat for REFIT_JOB_TTL_SECONDS is recorded failed on this read) and the work
+  horse its folder names is a live process of this machine. A worker that was killed took its horse with
+  it (PDEATHSIG), so its job's folder goes at the restart, while the record may still say running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+from service.jobs import ACTIVE, _alive, _read_json
+from training.store import Store
+
+log = logging.getLogger("refit.orphans")
+QUEUED_JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")  # the ids SharedJobs.admit gives; nothing else is touched
+
+
+def sweep_worker_home(store: Store, jobs) -> list[str]:
+    """`jobs`: the shared job records (service.queue.SharedJobs). Returns what was removed."""
+    removed = store.sweep_orphans()
+    root = store.home / "jobs"
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if not folder.is_dir() or not QUEUED_JOB_ID.fullmatch(folder.name) or _may_run_here(folder, jobs):
+            continue
+        log.warning("removing the folder of job %s, which no process of this machine runs any more", folder.name)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    return removed
+
+
+def _may_run_here(folder, jobs) -> bool:
+    horse = str((_read_json(folder / "job.json") or {}).get("worker") or "").rpartition("/")[2]
+    if horse.isdigit() and (int(horse) == os.getpid() or not _alive(int(horse))):
+        return False  # its horse is gone (a pid alive again by chance only keeps the folder a while longer)
+    try:
+        status = jobs.get(folder.name).get("status")
+    except KeyError:
+        return False  # the store has no such job
+    except Exception as e:  # noqa: BLE001 - the store away: keep it, the next start looks again
+        log.warning("job %s: its record cannot be read (%s); its folder is kept", folder.name, e)
+        return True
+    return status in ACTIVE
