@@ -55,7 +55,7 @@ def _version_of(store: Store, job: dict) -> dict | None:
     for v in reversed(store.versions()):
         try:
             info = store.info(v)
-        except StoreError as e:
+        except Exception as e:  # noqa: BLE001 - a damaged model.yaml (YAMLError) or metrics.json (ValueError) too
             log.warning("job %s: version %s cannot be read (%s)", job.get("id"), v, e)
             continue
         if info.get("job") == job.get("id"):

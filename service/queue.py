@@ -32,7 +32,7 @@ from service import settings
 from service.jobs import ACTIVE, _JOB_ID, AdmissionError, Jobs, public
 from service.outcome import published_outcome
 from service.replicas import age
-from training.store import Store, now_iso
+from training.store import Store, StoreError, now_iso
 
 log = logging.getLogger("refit.queue")
 
@@ -118,7 +118,7 @@ class SharedJobs:
         """A job whose worker is gone is recorded as failed by the first reader that notices."""
         why, end = None, None
         if job.get("status") == "running" and age(job.get("heartbeat") or job.get("started")) > settings.JOB_TTL:
-            end = published_outcome(self.store, job)  # it may have published before it stopped
+            end = self._published(job)  # it may have published before it stopped
             why = (f"the worker running this job stopped (no heartbeat for over {settings.JOB_TTL:g} s); no "
                    "version was published by it; submit again")
         elif job.get("status") == "queued":
@@ -132,6 +132,15 @@ class SharedJobs:
                         f"its worker stopped after publishing {end['result']['version']}")
             return settled
         return self.get(job["id"])  # its worker (or another reader) wrote first: read what it wrote
+
+    def _published(self, job: dict) -> dict | None:
+        try:
+            return published_outcome(self.store, job)
+        except StoreError:
+            raise  # the store away: settled once it is back, not recorded as publishing nothing
+        except Exception as e:  # noqa: BLE001 - a damaged version must not turn every job read into a 500
+            log.warning("retrain job %s: its versions cannot be looked up (%s)", job["id"], e)
+            return None
 
     def _lost_in_queue(self, job_id: str, *, long: bool) -> str | None:
         """Why a queued job will never run (a worker failed it before it started, RQ gave up on it, or, once
@@ -266,7 +275,8 @@ def _why_failed(rq_job) -> str:
     cause = lines[-1] if lines else ""
     # "service.worker.NotStarted: worker W ..." reads better without the exception's class path.
     cause = re.sub(r"^[A-Za-z_][\w.]*\.\w+: ", "", cause)
-    where = f", on worker {result.worker_name}" if result.worker_name else ""
+    name = getattr(result, "worker_name", "")  # not every RQ release's Result has it
+    where = f", on worker {name}" if name else ""
     return f"{where}: {cause[:500]}" if cause else where
 
 

@@ -129,6 +129,16 @@ def listing(srv: Server) -> httpx.Response:
     return httpx.get(srv.url + "/versions", timeout=120)
 
 
+def recreate_empty(moto: Moto) -> None:
+    """The bucket as a restarted S3 endpoint re-created empty has it, whatever the tests before left."""
+    s3 = moto.client()
+    if BUCKET not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=BUCKET)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+        for o in page.get("Contents", []):
+            s3.delete_object(Bucket=BUCKET, Key=o["Key"])
+
+
 def test_versions_answers_its_json_with_the_problem_while_s3_is_down_or_the_bucket_is_missing(pair):
     """/versions was a bare text 500 while S3 was unreachable or the bucket missing."""
     a, moto = pair["a"], pair["moto"]
@@ -155,6 +165,7 @@ def test_a_store_recreated_empty_numbers_after_the_versions_the_replicas_hold(on
     replicas' caches hold as another model."""
     pair = on_pair_s3
     a, b = pair["a"], pair["b"]
+    recreate_empty(pair["moto"])
     deadline = time.monotonic() + 30
     while len((workers := listing(a).json()["serving"])) < 4:  # their heartbeats land in the new bucket
         assert time.monotonic() < deadline, workers
@@ -171,10 +182,7 @@ def test_replica_serves_the_stores_model_for_a_reused_id_and_versions_shows_it(o
     every worker on "v0001"."""
     pair = on_pair_s3
     a, b, v1 = pair["a"], pair["b"], pair["v1"]
-    s3 = pair["moto"].client()  # re-created empty once more: whatever the test before published goes
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-        for o in page.get("Contents", []):
-            s3.delete_object(Bucket=BUCKET, Key=o["Key"])
+    recreate_empty(pair["moto"])  # once more: whatever the test before published goes
     deadline = time.monotonic() + 30
     while len(before := [w for w in listing(a).json()["serving"] if w["replica"] == b.replica]) < 2:
         assert time.monotonic() < deadline, before  # B's heartbeats write its records again
@@ -383,3 +391,73 @@ def test_restarted_worker_removes_what_its_killed_job_left_and_nothing_a_live_jo
     assert live_job.is_dir() and [p for p in (home / "tmp").glob("staging-*")], "a live job's files were removed"
     rc, out = live_publish.finish()
     assert rc == 0 and "published" in out, out
+
+
+# --- a bootstrap, a claim heartbeat and a cache eviction cut short or raced (items 1, 4, 6, 8) -------------
+
+def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path, monkeypatch):
+    """A first bootstrap killed during its export left `bootstrap.json` without `done`: every start in the next
+    15 minutes waited 300 s for it and then served nothing."""
+    import socket
+
+    from training import pipeline
+    from training.store import now_iso
+
+    monkeypatch.setattr(pipeline, "BOOTSTRAP_WAIT_SECONDS", 3)  # waiting would fail in 3 s, not 300
+    store = Store(tmp_path / "home")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(60)
+    dead = {"at": now_iso(), "host": socket.gethostname(), "pid": gone.pid}
+    said: list[str] = []
+    for claim in (dead, {**dead, "pid": os.getpid()}):  # ours: a dead container's that had our hostname and pid
+        store.put_record(pipeline.BOOTSTRAP_CLAIM, claim)
+        assert pipeline._claim_bootstrap(store, said.append) and said == []
+        assert store.record(pipeline.BOOTSTRAP_CLAIM)[0]["pid"] == os.getpid()
+    # Kept: a live process here (another REFIT_HOME on the same store), or any claim from another host.
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        for claim in ({**dead, "pid": live.pid}, {**dead, "host": "elsewhere"}):
+            store.put_record(pipeline.BOOTSTRAP_CLAIM, claim)
+            assert not pipeline._claim_bootstrap(store, said.append)
+            assert "another process is bootstrapping" in said[0], said
+            said.clear()
+            assert store.record(pipeline.BOOTSTRAP_CLAIM)[0] == claim
+    finally:
+        live.kill()
+        live.wait(30)
+
+
+def test_a_claim_heartbeat_that_landed_on_a_retry_is_not_a_takeover(s3_endpoint, tmp_path):
+    """A conditional heartbeat PUT that botocore retried after it had landed got a 412; that counted as the
+    sweep's takeover for good, and the publish was refused at its last step."""
+    from training.store import StoreError, _ClaimBeat, now_iso
+
+    store = Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
+    key, note = f"{ENTRIES}v0042/.claim", {"at": now_iso(), "host": "h", "pid": 1}
+    beat = _ClaimBeat(store.remote, key, note, store.remote.put(key, json.dumps(note).encode(), create_only=True),
+                      every=3600)
+    # What the first try of a retried PUT leaves: our heartbeat, under an ETag this beat never got back.
+    store.remote.put(key, json.dumps({**note, "updated": "earlier"}).encode())
+    beat.confirm()
+    beat.confirm()  # and it goes on writing over the ETag it read
+    assert beat.lost is None and json.loads(store.remote.get(key)[0])["updated"] != "earlier"
+    store.remote.put(key, json.dumps({**note, "abandoned": now_iso(), "by": "sweeper/1"}).encode())
+    with pytest.raises(StoreError, match="taken over by an orphan sweep"):
+        beat.confirm()
+
+
+def test_evicting_a_stale_cached_copy_keeps_the_store_copy_another_process_fetched(s3_endpoint, tmp_path):
+    """Two processes of one replica both found a cached copy that was not the store's; the one that got there
+    second moved aside the good copy the first had just fetched."""
+    import shutil
+
+    url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
+    v = publish(Store(tmp_path / "writer", url=url), tmp_path, 1)
+    first, second = Store(tmp_path / "replica", url=url), Store(tmp_path / "replica", url=url)
+    shutil.copytree(entry_with_classes(tmp_path, v, ("ants", "bees"), 7), first.models_dir / v)  # the old store's
+    record = first._store_record(v)
+    assert not first._cached_is(v, record)  # what the first process saw before the second went ahead
+    second.verify(v)  # evicts it, fetches the store's copy
+    assert second._cached_is(v, record)
+    first._evict(v, record, "its model.yaml differs")
+    assert first._cached_is(v, record) and first.verify(v) == first.models_dir / v / "model.onnx"

@@ -337,3 +337,29 @@ def test_stale_job_whose_version_is_published_is_settled_from_the_version(shared
         assert state["status"] == "failed" and f"published {v} but not promoted" in state["error"]["message"]
     assert jobs.active() is None
     assert jobs.get(job["id"])["status"] == state["status"]  # settled once: a second read answers the same
+
+
+def test_a_damaged_newer_version_does_not_stop_a_stale_job_being_settled(shared):
+    """A newer version with a damaged model.yaml (yaml.YAMLError) or metrics.json (ValueError) made every
+    read of a stale job (GET /jobs, GET /jobs/{id}, retrain admission) a 500 while the reader looked for the
+    job's version."""
+    from service.queue import record_key
+    from test_store_contract import publish, tiny_model
+    from training.store import ENTRIES, sha256_file
+
+    jobs, store = shared["jobs"], shared["jobs"].store
+    job = jobs.admit(request=REQUEST, source={"upload": "x.zip"}, actor="test")
+    onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
+    sha = sha256_file(onnx)
+    v = store.publish({"model.onnx": onnx}, {"strategy": "feature_extraction", "onnx_sha256": sha,
+                                             "serving_file": "model.onnx", "serving_sha256": sha, "job": job["id"],
+                                             "classes": ["a", "b"], "promotion": {"promote": False}})
+    bad_metrics, bad_yaml = publish(store, shared["tmp"], 2), publish(store, shared["tmp"], 3)
+    store.remote.put(f"{ENTRIES}{bad_metrics}/metrics.json", b"{not json")
+    store.remote.put(f"{ENTRIES}{bad_yaml}/model.yaml", b"metadata: [unclosed")
+    old = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - TTL - 5))
+    store.put_record(record_key(job["id"]), {**job, "status": "running", "started": old, "heartbeat": old})
+    listed = {j["id"]: j for j in jobs.list()}
+    assert listed[job["id"]]["status"] == "succeeded" and listed[job["id"]]["result"]["version"] == v, listed
+    assert jobs.get(job["id"])["result"]["version"] == v
+    assert jobs.active() is None  # what admission asks

@@ -601,7 +601,8 @@ def _claim_bootstrap(store: Store, log: Callable) -> bool:
         if tag is None:
             if store.put_record(BOOTSTRAP_CLAIM, mine, create_only=True):
                 return True
-        elif claim is None or claim.get("done") or age_seconds(claim.get("at")) > BOOTSTRAP_STALE_SECONDS:
+        elif claim is None or claim.get("done") or age_seconds(claim.get("at")) > BOOTSTRAP_STALE_SECONDS \
+                or _claimant_dead(claim):
             if store.put_record(BOOTSTRAP_CLAIM, mine, if_tag=tag):
                 return True
         elif not told:
@@ -612,4 +613,26 @@ def _claim_bootstrap(store: Store, log: Callable) -> bool:
             log(f"no version in {store.describe()} after {BOOTSTRAP_WAIT_SECONDS} s; starting without one")
             return False
         time.sleep(1)
+    return False
+
+
+def _claimant_dead(claim: dict) -> bool:
+    """Whether a claim was made on this host by a process that is gone (Ctrl-C'd hard, kill -9, OOM): its
+    bootstrap will never finish, and waiting out BOOTSTRAP_STALE_SECONDS would leave every start until then
+    serving nothing. Our own pid counts as gone: we hold no claim while asking, so it is a dead earlier
+    container's that had our hostname and pid. A claim from another host, or from a live process here
+    (another REFIT_HOME on the same store), is kept."""
+    import socket
+
+    pid = claim.get("pid")
+    if claim.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
     return False

@@ -266,15 +266,29 @@ class Store:
         held = [p.name for p in self.models_dir.iterdir() if _VERSION_RE.match(p.name) and (p / "model.yaml").is_file()]
         return max(held, key=lambda v: int(v[1:]), default=None)
 
-    def _evict(self, version: str, why: str) -> None:
-        """Move a cached copy that is not the store's out of the cache (a rename: a process reading it keeps its
-        open files), then remove it."""
+    def _evict(self, version: str, record: bytes | None, why: str) -> None:
+        """Move a cached copy that is not the store's (`record`) out of the cache (a rename: a process reading
+        it keeps its open files), then remove it. Another process of this machine may have evicted it and
+        fetched the store's copy since we looked: that one is checked again before and after the move, and
+        put back."""
+        if self._cached_is(version, record):
+            return
         aside = self.root / "tmp" / f"replaced-{version}-{uuid.uuid4().hex}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(self.models_dir / version, aside)
         except FileNotFoundError:
             return  # another process of this machine moved it first
+        try:
+            fetched = record is not None and (aside / "model.yaml").read_bytes() == record
+        except OSError:
+            fetched = False
+        if fetched:
+            try:
+                os.rename(aside, self.models_dir / version)
+            except OSError:  # a third one fetched it again meanwhile: that copy stays, this one goes
+                shutil.rmtree(aside, ignore_errors=True)
+            return
         log.warning("%s: the cached copy in %s is not the store's (%s); fetching the store's", version,
                     self.models_dir, why)
         shutil.rmtree(aside, ignore_errors=True)
@@ -291,7 +305,9 @@ class Store:
         if self._cached_is(version, record):
             return dest
         if (dest / "model.yaml").is_file():
-            self._evict(version, f"its model.yaml differs from the one in {self.remote.url}")
+            self._evict(version, record, f"its model.yaml differs from the one in {self.remote.url}")
+            if self._cached_is(version, record):
+                return dest  # another process fetched the store's copy meanwhile
         import yaml
 
         tmp = self.root / "tmp" / f"fetch-{version}-{uuid.uuid4().hex}"
@@ -885,8 +901,22 @@ class _ClaimBeat(threading.Thread):
             try:
                 self.tag = self.remote.put(self.key, data, if_match=self.tag)
             except Conflict:
-                self.lost = (f"{self.key} was taken over by an orphan sweep: this publish went without a "
-                             f"heartbeat for over {orphan_grace_seconds():g} s; publish again")
+                self._reread()
+
+    def _reread(self) -> None:
+        """After a failed condition: a PUT that botocore retried after it had landed fails its own condition
+        too, so only the sweep's `abandoned` mark (or no claim at all) means the claim is lost; else the
+        claim is still ours, and its new ETag is the one the next beat writes over."""
+        got = self.remote.get(self.key)
+        try:
+            note = json.loads(got[0]) if got else None
+        except ValueError:
+            note = None
+        if isinstance(note, dict) and not note.get("abandoned"):
+            self.tag = got[1]
+            return
+        self.lost = (f"{self.key} was taken over by an orphan sweep: this publish went without a "
+                     f"heartbeat for over {orphan_grace_seconds():g} s; publish again")
 
     def confirm(self) -> None:
         """The last write before the version becomes visible; raises when the claim is not ours any more."""
