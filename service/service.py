@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -496,17 +497,20 @@ class Refit:
         known = _classes(self.store, name, body.create)
         if isinstance(known, JSONResponse):
             return known  # no such dataset (and no "create"), a name that is not allowed, or the store is down
-        if known and body.label not in known:
+        # The label is NFC (FeedbackRequest); a class stored before that rule may be spelt otherwise (NFD).
+        label = body.label if not known or body.label in known else next(
+            (k for k in known if unicodedata.normalize("NFC", k) == body.label), None)
+        if label is None:
             return error(422, f"label {body.label!r} is not a class of dataset {name!r}: {', '.join(known)}")
 
         def add(datasets):
-            added = datasets.add(name, [(record["name"], data, body.label)], source="feedback",
+            added = datasets.add(name, [(record["name"], data, label)], source="feedback",
                                  **settings.IMAGE_LIMITS)
             if added["refused"]:
                 return error(422, added["refused"][0]["error"])
             entry = next(e for e in datasets.manifest(name)["entries"] if e["sha256"] == record["sha256"])
-            if entry["label"] != body.label:  # already in the dataset under another label: this corrects it
-                return {**added, "snapshot": datasets.relabel(name, record["sha256"], body.label)["snapshot"],
+            if entry["label"] != label:  # already in the dataset under another label: this corrects it
+                return {**added, "snapshot": datasets.relabel(name, record["sha256"], label)["snapshot"],
                         "relabelled": True}
             return {**added, "relabelled": False}
 
@@ -514,7 +518,7 @@ class Refit:
         if not isinstance(added, dict):
             return added
         snapshot, relabelled = added["snapshot"], added["relabelled"]
-        given = {"label": body.label, "dataset": name, "snapshot": snapshot, "at": now_iso()}
+        given = {"label": label, "dataset": name, "snapshot": snapshot, "at": now_iso()}
         self.captures.mark(body.prediction_id, given)
         return {"prediction_id": body.prediction_id, "predicted": record["label"], "version": record["version"],
                 "added": bool(added["added"]), "relabelled": relabelled, **given}
@@ -798,11 +802,15 @@ def _version_row(info: dict) -> dict:
 
 def _sweep_datasets(store) -> None:
     """What killed dataset adds left (temp folders, half-written files, images no snapshot names), once per
-    start; a problem here is logged, never a reason not to serve."""
+    start; a problem here is logged, never a reason not to serve. Images only on a folder store: on S3 finding
+    them reads every snapshot of every dataset (one GET each), which would hold the replica's start."""
     from training.dataset_sweep import sweep
 
     try:
-        sweep(store)
+        sweep(store, blobs=not store.remote)
+        if store.remote:
+            log.info("dataset sweep at start: temp files only; images no snapshot names are removed from S3 by "
+                     "`refit dataset sweep`")
     except Exception:  # noqa: BLE001 - the sweep is housekeeping
         log.exception("the dataset sweep at start failed; nothing else is affected")
 

@@ -250,18 +250,89 @@ def _entry(store: Store, data: bytes, label: str) -> dict:
 
 
 def test_a_store_written_before_deltas_still_reads_and_grows(any_store):
-    old = _old_format_dataset(any_store, "old", [_entry(any_store, jpeg_bytes("red", i), "red") for i in range(3)])
+    written = [_entry(any_store, jpeg_bytes("red", i), "red") for i in range(3)]
+    old = _old_format_dataset(any_store, "old", written)
     ds = Datasets(any_store)
     assert len(ds.manifest("old", old)["entries"]) == 3 and ds.show("old")["classes"] == {"red": 3}
     new = ds.add("old", [("n.jpg", jpeg_bytes("blue", 9), "blue")], source="upload")
     assert new["snapshot"] != old and snapshots.is_delta(snapshot_files(any_store, "old")[new["snapshot"]])
     snapshots._cache.clear()
-    assert ds.manifest("old", old)["entries"] == ds.manifest("old", old)["entries"]
+    assert ds.manifest("old", old)["entries"] == sorted(written, key=lambda e: e["sha256"])
     assert len(ds.manifest("old", new["snapshot"])["entries"]) == 4
     assert [h["snapshot"] for h in ds.show("old")["snapshots"]] == [new["snapshot"], old]
 
 
+def test_a_class_stored_in_nfd_stays_one_class(tmp_path):
+    store = Store(tmp_path / "home")
+    nfd = "cafe\u0301"
+    _old_format_dataset(store, "mac", [_entry(store, jpeg_bytes("red", i), nfd) for i in range(2)])
+    ds = Datasets(store)
+    added = ds.add("mac", [("n.jpg", jpeg_bytes("red", 9), "caf\u00e9")], source="upload")
+    assert added["added"][0]["label"] == nfd and ds.show("mac")["classes"] == {nfd: 3}
+    moved = ds.relabel("mac", added["added"][0]["sha256"], "blue")
+    back = ds.relabel("mac", added["added"][0]["sha256"], "caf\u00e9")
+    assert moved["label"] == "blue" and back["label"] == nfd and ds.show("mac")["classes"] == {nfd: 3}
+
+
+def test_a_snapshot_write_that_fails_after_the_head_moved_is_not_an_error(any_store, monkeypatch):
+    from training.store import StoreError
+
+    ds = Datasets(any_store)
+    ds.add("late", [("a.jpg", jpeg_bytes("red", 1), "red")], source="upload")
+    real = snapshots.write
+
+    def fails(*a, **k):
+        raise StoreError("the store dropped the connection")
+
+    monkeypatch.setattr(snapshots, "write", fails)
+    landed = ds.add("late", [("b.jpg", jpeg_bytes("red", 2), "red")], source="upload")
+    monkeypatch.setattr(snapshots, "write", real)
+    assert landed["added"] and ds.resolve("late") == landed["snapshot"]
+    assert landed["snapshot"] not in snapshot_files(any_store, "late")
+    ds.add("late", [("c.jpg", jpeg_bytes("red", 3), "red")], source="upload")  # its settle writes the file
+    assert landed["snapshot"] in snapshot_files(any_store, "late")
+    snapshots._cache.clear()
+    assert len(ds.manifest("late", landed["snapshot"])["entries"]) == 2
+
+
 # --- item 14: what a killed add leaves ---------------------------------------------------------------------
+
+def test_a_sweep_between_making_a_scratch_folder_and_locking_it_leaves_it(tmp_path, monkeypatch):
+    import fcntl
+
+    from training import scratch
+
+    home, swept = tmp_path / "home", []
+
+    class Racing:  # fcntl as run_folder sees it, with a sweep of another process just before its lock
+        LOCK_EX, LOCK_NB = fcntl.LOCK_EX, fcntl.LOCK_NB
+
+        def flock(self, fd, op):
+            if op == fcntl.LOCK_EX and not swept:
+                swept.append(scratch.sweep(home))
+            return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(scratch, "fcntl", Racing())
+    with scratch.run_folder(home, "refit-dataset") as path:
+        assert swept == [[]] and path.is_dir()
+        (path / "upload.zip").write_bytes(b"zip")
+        assert scratch.sweep(home) == [] and path.is_dir()  # locked while in use
+    assert not path.exists()
+    hidden = scratch.scratch_root(home) / ".refit-dataset-1-dead"  # a maker killed between mkdir and rename
+    hidden.mkdir()
+    assert scratch.sweep(home) == [] and hidden.is_dir()
+    os.utime(hidden, (time.time() - 2 * scratch.HIDDEN_GRACE,) * 2)
+    assert scratch.sweep(home) == [hidden.name] and not hidden.exists()
+
+
+def test_the_start_sweep_looks_for_unreferenced_images_on_a_folder_store_only(any_store, monkeypatch):
+    from service.service import _sweep_datasets
+
+    monkeypatch.setenv("REFIT_DATASET_BLOB_GRACE_SECONDS", "0.01")
+    orphan = Datasets(any_store).put_blob(jpeg_bytes("blue", 5))
+    time.sleep(0.05)
+    _sweep_datasets(any_store)
+    assert Datasets(any_store).has_image(orphan) == bool(any_store.remote)
 
 def test_only_unreferenced_old_images_are_swept(any_store):
     ds = Datasets(any_store)
@@ -457,3 +528,23 @@ def test_http_a_label_stored_before_the_rule_fails_a_retrain_by_name_not_with_a_
     assert wait_task(http, task, timeout=300)["status"] == "failed"
     result = http.get("/retrain/get", params={"task_id": task}, headers=AUTH)
     assert result.status_code == 422 and "280 bytes" in result.json()["error"], result.text
+
+
+def test_http_a_class_stored_in_nfd_takes_feedback_and_images_as_one_class(http, server):
+    nfd = "cafe\u0301"  # a class from a macOS zip, stored before labels were NFC
+    store = Store(server.home)
+    _old_format_dataset(store, "mac", [_entry(store, jpeg_bytes("red", 80 + i), nfd) for i in range(2)])
+    r = predict(http, ("y.jpg", solid((40, 200, 40), seed=7)))
+    assert r.status_code == 200, r.text
+    pid = r.json()[0]["prediction_id"]
+    deadline = time.time() + 30
+    while not (server.home / "captures" / f"{pid}.json").exists():
+        assert time.time() < deadline, "not captured"
+        time.sleep(0.1)
+    for label in (nfd, "caf\u00e9"):  # the console's label button sends the class as stored; a person types NFC
+        r = http.post("/feedback", headers=AUTH, json={"prediction_id": pid, "label": label, "dataset": "mac"})
+        assert r.status_code == 200 and r.json()["label"] == nfd and not r.json()["relabelled"], r.text
+    r = http.post("/datasets/mac/images", headers=AUTH, data={"label": "caf\u00e9"},
+                  files=[("images", ("c.jpg", jpeg_bytes("red", 90), "image/jpeg"))])
+    assert r.status_code == 200 and r.json()["added"][0]["label"] == nfd, r.text
+    assert http.get("/datasets/mac").json()["classes"] == {nfd: 4}

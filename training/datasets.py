@@ -21,11 +21,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import time
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -39,6 +41,8 @@ from training.labels import MAX_CHARS, RESERVED, label_problem
 from training.preprocess import MAX_PIXELS, ImageError, load_image
 from training.scratch import run_folder
 from training.store import CAS_ATTEMPTS, Store, StoreError, now_iso
+
+log = logging.getLogger("refit.datasets")
 
 ROOT = "datasets"
 BLOBS = f"{ROOT}/blobs"
@@ -58,6 +62,15 @@ _CHECK = Contract()
 # Suffixes the dataset reader recognises, by the format Pillow detected.
 _SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp",
            "TIFF": ".tif"}
+
+
+def _stored_spellings(entries: list[dict]) -> dict[str, str]:
+    """{NFC spelling: stored spelling} of the classes stored before labels were NFC (`cafe` + U+0301 from a
+    macOS zip): a label given in NFC joins that class as it is spelt, so the dataset keeps one class. Stored
+    labels are never rewritten: that would change the ids of the snapshots that hold them."""
+    labels = {e["label"] for e in entries}
+    spelt = {unicodedata.normalize("NFC", label): label for label in labels}
+    return {nfc: label for nfc, label in spelt.items() if nfc not in labels}  # an NFC class is itself
 
 
 class UnknownDataset(DatasetError):
@@ -199,8 +212,12 @@ class Datasets:
             history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
             state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history, "record": record}
             if self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
-                snapshots.write(self.store, name, record, new, full)
-                snapshots.slim(self.store, head_key, record)
+                try:
+                    snapshots.write(self.store, name, record, new, full)
+                    snapshots.slim(self.store, head_key, record)
+                except StoreError as e:  # the change landed; the head carries its record and the next settle
+                    # (any writer's) writes the file: not an error to the caller
+                    log.warning("dataset %r: snapshot %s is the head, its file not written yet: %s", name, sid, e)
                 return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
             time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))  # let the winner finish
         raise StoreError(f"dataset {name!r}: the head kept changing under this update ({CAS_ATTEMPTS} tries)")
@@ -232,7 +249,9 @@ class Datasets:
         def change(entries: list[dict]):
             have = {} if replace else {e["sha256"]: e for e in entries}
             added, skipped, new = [], [], [] if replace else list(entries)
+            spelled = {} if replace else _stored_spellings(entries)
             for a in accepted:
+                a = {**a, "label": spelled.get(a["label"], a["label"])}
                 if a["sha256"] in have:
                     was = have[a["sha256"]]
                     why = (f"duplicate of {was['name']!r} already in {name!r}, labelled {was['label']!r}"
@@ -294,9 +313,10 @@ class Datasets:
         def change(entries):
             i = _find(name, entries, sha256)
             old = entries[i]["label"]
+            as_stored = _stored_spellings(entries[:i] + entries[i + 1:]).get(label, label)
             new = list(entries)
-            new[i] = {**entries[i], "label": label}
-            return new, {"sha256": sha256, "label": label, "previous_label": old}
+            new[i] = {**entries[i], "label": as_stored}
+            return new, {"sha256": sha256, "label": as_stored, "previous_label": old}
 
         return self._change(name, change, action="relabel")
 
