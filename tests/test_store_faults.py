@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
-from serving import AUTH, Server, free_port, own_workers, predict
+from serving import Server, free_port, own_workers, predict
 from test_store_contract import publish, tiny_model
 from training.contract import Contract
 from training.store import ENTRIES, Store, sha256_file
