@@ -208,3 +208,27 @@ def any_store(request, tmp_path):
         request.getfixturevalue("s3_endpoint")
         return Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
     return Store(tmp_path / "home")
+
+
+# --- Chromium, driven by Playwright ---------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("REFIT_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium under Playwright (which cannot download a browser here), for the console's tests;
+    skips where either is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[test]'); the console's browser tests need it")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set REFIT_CHROMIUM); "
+                    "the console's browser tests need it")
+    with sync_playwright() as p:
+        # --no-sandbox: the tests run as root in a container, where Chromium's sandbox cannot start.
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
+        yield b
+        b.close()

@@ -364,7 +364,7 @@ def test_console_headers(quiet_http):
         assert r.headers.get("x-frame-options") == "DENY", path
 
 
-def test_console_works_under_its_csp(quiet, quiet_http):
+def test_console_works_under_its_csp(quiet, quiet_http, browser):
     """In Chromium: the pages that use data: and blob: images and inline widths render with no CSP
     violation (the heatmap, guarded thumbnails, the score bars)."""
     from serving import TOKEN
@@ -372,40 +372,33 @@ def test_console_works_under_its_csp(quiet, quiet_http):
     r = quiet_http.post("/datasets/thumbs/images", headers=AUTH, data={"label": "red"},
                         files=[("images", ("t.jpg", jpeg_bytes("red", seed=2), "image/jpeg"))])
     assert r.status_code == 200, r.text
-    chromium = os.environ.get("REFIT_CHROMIUM", "/usr/bin/chromium")
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright drives the console's browser tests")
-    if not Path(chromium).is_file():
-        pytest.skip(f"no Chromium at {chromium} (apt-get install chromium, or set REFIT_CHROMIUM)")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
-        try:
-            page = browser.new_page(base_url=quiet.url)
-            page.set_default_timeout(60_000)
-            problems: list[str] = []
-            # Chromium reports what the policy refused as console errors ("Refused to load ... Content Security
-            # Policy"); the listener below names any violation the page itself sees.
-            page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text
-                    or "CSP violation" in m.text else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
-                                 "console.error('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI))")
-            page.goto("/ui/")
-            page.fill("#token", TOKEN)
-            page.click("#token-form button[type=submit]")
-            page.wait_for_selector("#token-state:has-text('token set')")
-            page.set_input_files("#files", {"name": "red.jpg", "mimeType": "image/jpeg",
-                                            "buffer": jpeg_bytes("red", seed=3)})
-            heat = page.wait_for_selector("img.heatmap")
-            page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=heat)
-            width = page.evaluate("() => document.querySelector('.bars .bar span').style.width")
-            assert width.endswith("%"), width
-            page.goto("/ui/#data")
-            thumb = page.wait_for_selector("section.dataset[data-dataset=thumbs] .thumbs img")
-            page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumb)
-            page.goto("/ui/#versions")
-            page.click("button[aria-label='Details of v0002']")
-            page.wait_for_selector("#detail-title:has-text('v0002')")
-        finally:
-            browser.close()
+    page = browser.new_page(base_url=quiet.url)
+    try:
+        page.set_default_timeout(60_000)
+        problems: list[str] = []
+        # Chromium reports what the policy refused as console errors ("Refused to load ... Content Security
+        # Policy"); the listener below names any violation the page itself sees.
+        page.on("console", lambda m: problems.append(m.text) if "Content Security Policy" in m.text
+                or "CSP violation" in m.text else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
+                             "console.error('CSP violation: ' + e.violatedDirective + ' ' + e.blockedURI))")
+        page.goto("/ui/")
+        page.fill("#token", TOKEN)
+        page.click("#token-form button[type=submit]")
+        page.wait_for_selector("#token-state:has-text('token set')")
+        page.set_input_files("#files", {"name": "red.jpg", "mimeType": "image/jpeg",
+                                        "buffer": jpeg_bytes("red", seed=3)})
+        heat = page.wait_for_selector("img.heatmap")
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=heat)
+        width = page.evaluate("() => document.querySelector('.bars .bar span').style.width")
+        assert width.endswith("%"), width
+        page.goto("/ui/#data")
+        thumb = page.wait_for_selector("section.dataset[data-dataset=thumbs] .thumbs img")
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=thumb)
+        page.goto("/ui/#versions")
+        page.click("button[aria-label='Details of v0002']")
+        page.wait_for_selector("#detail-title:has-text('v0002')")
+    finally:
+        page.close()
     assert not problems, problems

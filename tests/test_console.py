@@ -5,30 +5,16 @@ model (v0001, promoted; its classes include `ant`) and a second publish of it (v
 Screenshots of every step are saved under the test's tmp folder."""
 from __future__ import annotations
 
-import os
 import shutil
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files, make_zip, predict, solid, wait_serving
 
-CHROMIUM = os.environ.get("REFIT_CHROMIUM", "/usr/bin/chromium")
 ANT = "val/ants/157401988_d0564a9d02.jpg"
 TIMEOUT_MS = 60_000
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[test]'); the console's browser tests need it")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set REFIT_CHROMIUM); "
-                    "the console's browser tests need it")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +44,6 @@ def server(imagenet_store, tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    sync_playwright = _browser_or_skip()
-    with sync_playwright() as p:
-        # --no-sandbox: the tests run as root in a container, where Chromium's sandbox cannot start.
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
-        yield b
-        b.close()
 
 
 @pytest.fixture

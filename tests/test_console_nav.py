@@ -4,29 +4,15 @@ a page is made slow by holding the browser's request for one of its reads until 
 then letting it through to the real server (the real answer, late, as from a slow store)."""
 from __future__ import annotations
 
-import os
 import re
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files
 
-CHROMIUM = os.environ.get("REFIT_CHROMIUM", "/usr/bin/chromium")
 TIMEOUT_MS = 60_000
-
-
-def _browser_or_skip():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[test]'); the console's browser tests need it")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set REFIT_CHROMIUM); "
-                    "the console's browser tests need it")
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +30,6 @@ def server(imagenet_store, tmp_path_factory):
             assert r.status_code == 200, r.text
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(server):
-    sync_playwright = _browser_or_skip()
-    with sync_playwright() as p:
-        # --no-sandbox: the tests run as root in a container, where Chromium's sandbox cannot start.
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                              args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
-        yield b
-        b.close()
 
 
 @pytest.fixture
