@@ -497,16 +497,22 @@ def test_http_images_route_refuses_what_the_zip_route_refuses(http):
     assert r.status_code == 400 and "U+200B" in r.json()["error"], r.text
 
 
-def test_http_feedback_takes_the_same_rule(http, server):
-    http.post("/datasets/fb/images", headers=AUTH, data={"label": "caf\u00e9"},
-              files=[("images", ("c.jpg", jpeg_bytes("red", 4), "image/jpeg"))]).raise_for_status()
-    r = predict(http, ("x.jpg", solid((200, 40, 40), seed=5)))
+def _captured(http, server, image) -> str:
+    """Predict `image` on the capturing server and wait for its capture record; returns the prediction_id."""
+    r = predict(http, image)
     assert r.status_code == 200, r.text
     pid = r.json()[0]["prediction_id"]
     deadline = time.time() + 30
     while not (server.home / "captures" / f"{pid}.json").exists():
         assert time.time() < deadline, "not captured"
         time.sleep(0.1)
+    return pid
+
+
+def test_http_feedback_takes_the_same_rule(http, server):
+    http.post("/datasets/fb/images", headers=AUTH, data={"label": "caf\u00e9"},
+              files=[("images", ("c.jpg", jpeg_bytes("red", 4), "image/jpeg"))]).raise_for_status()
+    pid = _captured(http, server, ("x.jpg", solid((200, 40, 40), seed=5)))
     for label, named in (("caf\u00e9\u200b", "U+200B"), (BEES, "280 bytes")):
         r = http.post("/feedback", headers=AUTH, json={"prediction_id": pid, "label": label, "dataset": "fb"})
         assert r.status_code in (400, 422) and named in r.text, r.text
@@ -534,13 +540,7 @@ def test_http_a_class_stored_in_nfd_takes_feedback_and_images_as_one_class(http,
     nfd = "cafe\u0301"  # a class from a macOS zip, stored before labels were NFC
     store = Store(server.home)
     _old_format_dataset(store, "mac", [_entry(store, jpeg_bytes("red", 80 + i), nfd) for i in range(2)])
-    r = predict(http, ("y.jpg", solid((40, 200, 40), seed=7)))
-    assert r.status_code == 200, r.text
-    pid = r.json()[0]["prediction_id"]
-    deadline = time.time() + 30
-    while not (server.home / "captures" / f"{pid}.json").exists():
-        assert time.time() < deadline, "not captured"
-        time.sleep(0.1)
+    pid = _captured(http, server, ("y.jpg", solid((40, 200, 40), seed=7)))
     for label in (nfd, "caf\u00e9"):  # the console's label button sends the class as stored; a person types NFC
         r = http.post("/feedback", headers=AUTH, json={"prediction_id": pid, "label": label, "dataset": "mac"})
         assert r.status_code == 200 and r.json()["label"] == nfd and not r.json()["relabelled"], r.text

@@ -310,21 +310,28 @@ def _stop_after_publish(horse: psutil.Process, home: Path, timeout: float = 400)
 
 # --- item 3: the reader, in process -----------------------------------------------------------------------
 
+def _publish_for(job: dict, shared, *, promote: bool) -> str:
+    """A tiny version published by `job` (its id in the metadata, as training writes it); returns its id."""
+    from test_store_contract import tiny_model
+    from training.store import sha256_file
+
+    onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
+    sha = sha256_file(onnx)
+    return shared["jobs"].store.publish(
+        {"model.onnx": onnx}, {"strategy": "feature_extraction", "onnx_sha256": sha, "serving_file": "model.onnx",
+                               "serving_sha256": sha, "job": job["id"], "classes": ["a", "b"],
+                               "promotion": {"promote": promote}})
+
+
 @pytest.mark.parametrize("promoted", [False, True])
 def test_stale_job_whose_version_is_published_is_settled_from_the_version(shared, promoted):
     """A running job whose heartbeat stopped is settled from the version that names it: succeeded when the
     promote happened (only the last record write was lost), failed "published vN but not promoted" when not."""
     from service.queue import record_key
-    from test_store_contract import tiny_model
-    from training.store import sha256_file
 
     jobs, store = shared["jobs"], shared["jobs"].store
     job = jobs.admit(request=REQUEST, source={"upload": "x.zip"}, actor="test")
-    onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
-    sha = sha256_file(onnx)
-    v = store.publish({"model.onnx": onnx}, {"strategy": "feature_extraction", "onnx_sha256": sha,
-                                             "serving_file": "model.onnx", "serving_sha256": sha, "job": job["id"],
-                                             "classes": ["a", "b"], "promotion": {"promote": True}})
+    v = _publish_for(job, shared, promote=True)
     if promoted:
         store.promote(v, actor="api")
     old = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - TTL - 5))
@@ -344,16 +351,12 @@ def test_a_damaged_newer_version_does_not_stop_a_stale_job_being_settled(shared)
     read of a stale job (GET /jobs, GET /jobs/{id}, retrain admission) a 500 while the reader looked for the
     job's version."""
     from service.queue import record_key
-    from test_store_contract import publish, tiny_model
-    from training.store import ENTRIES, sha256_file
+    from test_store_contract import publish
+    from training.store import ENTRIES
 
     jobs, store = shared["jobs"], shared["jobs"].store
     job = jobs.admit(request=REQUEST, source={"upload": "x.zip"}, actor="test")
-    onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
-    sha = sha256_file(onnx)
-    v = store.publish({"model.onnx": onnx}, {"strategy": "feature_extraction", "onnx_sha256": sha,
-                                             "serving_file": "model.onnx", "serving_sha256": sha, "job": job["id"],
-                                             "classes": ["a", "b"], "promotion": {"promote": False}})
+    v = _publish_for(job, shared, promote=False)
     bad_metrics, bad_yaml = publish(store, shared["tmp"], 2), publish(store, shared["tmp"], 3)
     store.remote.put(f"{ENTRIES}{bad_metrics}/metrics.json", b"{not json")
     store.remote.put(f"{ENTRIES}{bad_yaml}/model.yaml", b"metadata: [unclosed")
