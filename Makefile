@@ -7,7 +7,7 @@ PIP    := env PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= $(BIN)/pip
 PORT   ?= 3000
 export REFIT_HOME ?= $(CURDIR)/models
 # BentoML's own home (task results, its model store) must be the same folder; the CLI resolves it before
-# the service module is imported, so it is set here rather than left to training/paths.py.
+# the service module is imported, so it is set here rather than left to core/paths.py.
 export BENTOML_HOME ?= $(REFIT_HOME)
 
 .PHONY: install serve test bench container train-demo clean

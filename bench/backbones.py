@@ -91,7 +91,7 @@ def train(data: Path, backbone: str, home: Path, plan: Plan) -> dict:
 
 
 def _precision(home: Path, version: str) -> str:
-    from training.store import Store
+    from core.store import Store
 
     return Store(home).info(version).get("precision", "fp32")
 

@@ -69,7 +69,7 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
 def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
                seconds: float, only: str | None = None) -> dict:
     from training.export import read_contract
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
 
     contract = read_contract(path)
     sess = ort_session(path, threads)
@@ -102,7 +102,7 @@ def single_image(path: Path, files: list[bytes], seconds: float) -> dict:
     with one intra-op thread): the work of one request, with nothing around it. Percentiles over the
     images, cycled for `seconds` after a short warm-up."""
     from training.export import read_contract
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
 
     contract = read_contract(path)
     sess = ort_session(path, 1)

@@ -30,7 +30,7 @@ def export_and_quantize(bb, workdir: Path, calibration: np.ndarray) -> tuple[Pat
 
 
 def preprocessed(split: str, contract, limit: int | None) -> np.ndarray:
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
 
     return np.stack([preprocess(data, contract) for _, data in jpeg_files(split, limit)])
 

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from training.preprocess import preprocess
+from core.preprocess import preprocess
 from training.registry import create_backbone
 
 TOP_K = 5

@@ -5,7 +5,7 @@ batching across requests), not from Refit's code: no versions, no hot swap, no l
 
 It serves the same model file as Refit in the same run (the benchmark version's serving ONNX, INT8 or
 FP32 as its store chose) with the project's preprocessing as it is at the time of the run
-(`training.preprocess.preprocess` with the contract stored in the file), so the comparison is about how
+(`core.preprocess.preprocess` with the contract stored in the file), so the comparison is about how
 the request reaches the model, not about the model or the pixels.
 
     REFIT_PEER_MODEL=/path/to/model.int8.onnx bentoml serve bench.peer_service:Peer --port 3001
@@ -41,7 +41,7 @@ class Peer:
     def __init__(self) -> None:
         import onnxruntime as ort
 
-        from training.contract import Contract
+        from core.contract import Contract
 
         path = os.environ.get(MODEL_ENV)
         if not path or not Path(path).is_file():
@@ -58,7 +58,7 @@ class Peer:
     def predict(self, images: list[Path]) -> list[dict]:
         """One prediction per uploaded file (multipart field `images`); BentoML joins concurrent requests
         into one call and splits the answers back."""
-        from training.preprocess import preprocess
+        from core.preprocess import preprocess
 
         x = np.stack([preprocess(p, self.contract) for p in images])
         probs = self.session.run(None, {"input": x})[0]

@@ -14,7 +14,7 @@ MODES = ("full_decode", "draft_decode")
 def run(plan: Plan) -> dict:
     from PIL import Image
 
-    from training.preprocess import eval_array, load_image
+    from core.preprocess import eval_array, load_image
     from training.registry import create_backbone
 
     contract = create_backbone("efficientnet_lite0", num_classes=None, pretrained=False).contract

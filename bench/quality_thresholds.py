@@ -1,4 +1,4 @@
-"""How the near-duplicate and drift thresholds were chosen (training/quality.py, training/drift.py): measured
+"""How the near-duplicate and drift thresholds were chosen (training/quality.py, core/drift.py): measured
 on hymenoptera with EfficientNet-Lite0's pretrained features, the features a feature-extraction version
 serves as its `embedding` output.
 
@@ -79,9 +79,9 @@ def other_photos() -> list[bytes]:
 
 
 def main() -> None:
-    from training.drift import build_reference, thresholds
+    from core.drift import build_reference, thresholds
     from training.export import feature_session
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
     from training.quality import label_problems, near_duplicates
     from training.registry import create_backbone
 
@@ -102,7 +102,7 @@ def main() -> None:
                                  for p, _ in items]
 
     # near-duplicates: altered copies of 40 validation photos vs their originals placed in train
-    from training.drift import unit
+    from core.drift import unit
     from training.quality import NEAR_DUPLICATE_SIMILARITY as T
 
     pick = np.linspace(0, len(val) - 1, 40).astype(int)

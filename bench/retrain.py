@@ -1,6 +1,6 @@
 """Benchmark 5: retraining on the real dataset.
 
-Every strategy through the CLI (`python -m training.cli train DATA --strategy S --json`, one fresh
+Every strategy through the CLI (`python -m cli train DATA --strategy S --json`, one fresh
 REFIT_HOME for the series), and, over HTTP, the time from `POST /retrain/submit` with the dataset zipped
 (feature_extraction) to the first `/predict` answered by the new version.
 """
@@ -26,7 +26,7 @@ POLL_SECONDS = 0.25
 
 
 def run(plan: Plan) -> dict:
-    from training.config import TrainRequest
+    from core.config import TrainRequest
 
     default_epochs = TrainRequest.model_fields["epochs"].default
     with tempfile.TemporaryDirectory(prefix="refit-bench-retrain-") as tmp:
@@ -86,7 +86,7 @@ def default_run(data: Path, name: str, home: Path, plan: Plan, options: dict) ->
 def cli_train(data: Path, home: Path, args: list[str], plan: Plan, log_name: str) -> tuple[dict | None, float, str]:
     """`refit train DATA --json ARGS` in a process of its own with REFIT_HOME=home, as a user runs it: (its JSON
     summary or None, wall seconds, the error text). Its log is kept under the results' logs/."""
-    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--json", *args]
+    cmd = [PYTHON, "-m", "cli", "train", str(data), "--json", *args]
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
@@ -169,7 +169,7 @@ def _keep_log(plan: Plan, name: str, text: str) -> None:
 
 
 def _version_metrics(home: Path, version: str) -> dict:
-    # The store's layout (training/store.py): one folder per version under models/refit/.
+    # The store's layout (core/store.py): one folder per version under models/refit/.
     path = home / "models" / "refit" / version / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 

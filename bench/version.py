@@ -22,13 +22,13 @@ def trained(plan: Plan) -> dict:
     if plan.name in _cache:
         return _cache[plan.name]
     from bench.retrain import subset
-    from training.store import Store
+    from core.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="refit-bench-version-"))
     data = subset(plan, tmp / "data")
     home = tmp / "home"
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    cmd = [PYTHON, "-m", "training.cli", "train", str(data), "--strategy", "feature_extraction", "--json",
+    cmd = [PYTHON, "-m", "cli", "train", str(data), "--strategy", "feature_extraction", "--json",
            "--note", "benchmark model"]
     log("version: training the benchmark model (feature_extraction on the real dataset)")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)

@@ -159,8 +159,8 @@ async def _admit(request: Request, jobs: Jobs, store) -> dict:
 
 
 def _snapshot_upload(store, name: str, folder: Path) -> dict:
-    from training.data import DatasetError
-    from training.datasets import Datasets
+    from core.data import DatasetError
+    from core.datasets import Datasets
 
     try:
         added = Datasets(store).add_folder(name, folder, source="retrain", replace=True, **settings.IMAGE_LIMITS)
@@ -172,7 +172,7 @@ def _snapshot_upload(store, name: str, folder: Path) -> dict:
 
 
 def _resolve_snapshot(store, name: str, snapshot: str | None) -> str:
-    from training.datasets import Datasets, UnknownDataset
+    from core.datasets import Datasets, UnknownDataset
 
     try:
         return Datasets(store).resolve(name, snapshot)
@@ -188,7 +188,7 @@ def _save_upload(upload: UploadFile, dest: Path) -> None:
 
 def _extract(zip_path: Path, dest: Path, upload_name: str) -> tuple[int, str] | None:
     """Unpack with the training module's zip-slip and size guards; (status, message) when refused."""
-    from training.data import DatasetError, safe_extract_zip
+    from core.data import DatasetError, safe_extract_zip
 
     try:
         safe_extract_zip(zip_path, dest)

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from service.imagebytes import stored_form
-from training.store import Store, now_iso
+from core.store import Store, now_iso
 
 log = logging.getLogger("refit.capture")
 

@@ -1,5 +1,5 @@
 """Drift per served version: a sliding window of recent inputs in each model worker, scored against the
-version's training reference (`training/drift.py`, numpy only).
+version's training reference (`core/drift.py`, numpy only).
 
 The batch thread hands each run's `embedding` rows and probabilities to `DriftMonitor.observe` (no extra
 model run), which appends them to the window of their version: the last `REFIT_DRIFT_WINDOW` inputs per
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.drift import FILE, MIN_WINDOW, Reference, load_reference
+from core.drift import FILE, MIN_WINDOW, Reference, load_reference
 
 log = logging.getLogger("refit.drift")
 

@@ -1,6 +1,6 @@
-"""How a refused request is told what was wrong: one line naming each field that failed validation, with what
-was sent shown clipped (a 10,000-character id is not echoed back), and the FastAPI handler that answers the
-admin routes' validation errors in the one error shape, {"error": ...}.
+"""How a refused request is told what was wrong, in the one error shape {"error": ...}: `ApiError`, the one
+error type every route and helper raises; one line naming each field that failed validation, with what was
+sent shown clipped (a 10,000-character id is not echoed back); and the FastAPI handlers that render both.
 
 FastAPI's own handler answers {"detail": [...]} with every input repeated whole, and fails with a 500 on an
 input it cannot turn into JSON (the bytes of a binary multipart body sent to a JSON route).
@@ -10,6 +10,27 @@ from __future__ import annotations
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
+class ApiError(Exception):
+    """A request refused: `status`, a message for the person who sent it, and extra fields for the body
+    (`{"error": message, **extra}`). Raised anywhere below a route; rendered once, by `rendered`."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+    @property
+    def body(self) -> dict:
+        return {"error": self.message, **self.extra}
+
+
+def rendered(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body, status_code=error.status)
+
+
+async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    return rendered(exc)
+
 
 CLIP = 80  # characters of a client's value shown in an error
 SHOWN = 5  # errors listed in one reply; the rest are counted
@@ -79,5 +100,6 @@ async def validation_failed(request: Request, exc: RequestValidationError) -> JS
 
 
 def install(app) -> None:
-    """Answer the FastAPI app's validation errors in the one error shape."""
+    """Answer the FastAPI app's ApiErrors and validation errors in the one error shape."""
     app.add_exception_handler(RequestValidationError, validation_failed)
+    app.add_exception_handler(ApiError, api_error)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.contract import Contract
-from training.preprocess import crop_window, eval_array, load_image
+from core.contract import Contract
+from core.preprocess import crop_window, eval_array, load_image
 
 CAM_FILE = "cam.npz"  # the name training.export writes (not imported from there: that module imports torch)
 FEATURES = "features"

@@ -152,7 +152,7 @@ def _plausible_bytes(kept: bytes) -> int:
 
 
 def _as_png(data: bytes, contract) -> bytes:
-    from training.preprocess import load_image
+    from core.preprocess import load_image
 
     buf = io.BytesIO()
     # The model's own decode (reduced-scale for a JPEG, upright, RGB): its PNG decodes to the same pixels.

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Callable
 
 from service import settings
-from training.data import check_layout
-from training.progress import describe
-from training.progress_view import throttled
-from training.scratch import scratch_root, sweep
-from training.store import atomic_write_json, now_iso
+from core.data import check_layout
+from core.progress import describe
+from core.progress_view import throttled
+from core.scratch import scratch_root, sweep
+from core.store import atomic_write_json, now_iso
 
 log = logging.getLogger("refit.jobs")
 
@@ -230,7 +230,7 @@ class Jobs:
 
     def _published(self, job: dict) -> dict | None:
         from service.outcome import published_outcome
-        from training.store import Store
+        from core.store import Store
 
         try:
             return published_outcome(Store(self.root.parent), job)
@@ -459,11 +459,11 @@ def warm_up() -> None:
     import onnxruntime.quantization  # noqa: F401
     import torch
 
-    from training.config import TrainRequest
+    from core.config import TrainRequest
     from training.export import feature_session
     from training.pipeline import train  # noqa: F401
     from training.registry import create_backbone
-    from training.store import Store
+    from core.store import Store
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     backbone = TrainRequest.model_fields["backbone"].default
@@ -517,11 +517,11 @@ def run_job(job_dir: Path, *, started: bool = False, progress: Callable[[dict], 
     """Run one job; `started`: the process has already tied itself to the service and lowered its priority.
     Where the run is goes to job_dir/progress.json at most every PROGRESS_EVERY s and on every phase change;
     `progress` is called with each state written there (a queue worker's heartbeat carries it)."""
-    from training.config import TrainRequest
-    from training.data import DatasetError
+    from core.config import TrainRequest
+    from core.data import DatasetError
     from training.pipeline import train
-    from training.progress import Progress
-    from training.store import Store
+    from core.progress import Progress
+    from core.store import Store
 
     if not started:
         _die_with_parent()
@@ -581,7 +581,7 @@ def run_job(job_dir: Path, *, started: bool = False, progress: Callable[[dict], 
 def _relative(msg: str, job_dir: Path) -> str:
     """Server paths out of a message for the client: the dataset's own paths are shown relative to what the
     client sent (the upload or data_path), anything else under the job or the store by a name."""
-    from training.paths import refit_home
+    from core.paths import refit_home
 
     home = refit_home()
     # A data_path .zip is unpacked into the run's folder: REFIT_HOME/tmp/runs/run-<pid>-<id>/dataset/...

@@ -22,9 +22,9 @@ import numpy as np
 from service import settings
 from service.drift import DriftMonitor, reference_for
 from service.replicas import StatusBoard, replica_id
-from training.contract import Contract
-from training.preprocess import preprocess
-from training.store import Store, StoreError, now_iso
+from core.contract import Contract
+from core.preprocess import preprocess
+from core.store import Store, StoreError, now_iso
 
 log = logging.getLogger("refit.model")
 
@@ -43,7 +43,7 @@ class Loaded:
     contract: Contract
     labels: tuple[str, ...]
     loaded_at: str
-    drift: object = None  # training.drift.Reference; None: drift is not available (why: drift_note)
+    drift: object = None  # core.drift.Reference; None: drift is not available (why: drift_note)
     drift_note: str | None = None
     folder: Path | None = None  # the version's files (cam.npz for explanations, read when first asked for)
     sha256: str | None = None  # the served file's checksum, as the store recorded it: which model, not only which id

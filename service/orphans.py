@@ -18,7 +18,7 @@ import re
 import shutil
 
 from service.jobs import ACTIVE, _alive, _read_json
-from training.store import Store
+from core.store import Store
 
 log = logging.getLogger("refit.orphans")
 QUEUED_JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")  # the ids SharedJobs.admit gives; nothing else is touched

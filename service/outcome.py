@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
-from training.store import Store, StoreError
+from core.store import Store, StoreError
 
 log = logging.getLogger("refit.jobs")
 

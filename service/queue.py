@@ -15,7 +15,7 @@ Redis to answer /jobs and a flushed Redis loses no history.
 A worker that dies mid-job stops its heartbeat; whoever reads the job after REFIT_JOB_TTL_SECONDS records
 it as failed (it is not retried: a crash that killed one worker, memory say, would kill the next), which
 also frees the line. Its work horse dies with it, so it publishes nothing, and a publish cut short is never
-visible (training/store.py).
+visible (core/store.py).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from service import settings
 from service.jobs import ACTIVE, _JOB_ID, AdmissionError, Jobs, public
 from service.outcome import published_outcome
 from service.replicas import age
-from training.store import Store, StoreError, now_iso
+from core.store import Store, StoreError, now_iso
 
 log = logging.getLogger("refit.queue")
 

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 
 from service import settings
 from service.lifeline import SUPERVISOR_ENV
-from training.store import Store, StoreError
+from core.store import Store, StoreError
 
 log = logging.getLogger("refit.replicas")
 

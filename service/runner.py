@@ -13,7 +13,7 @@ import logging
 from typing import Callable, Protocol
 
 from service.jobs import Jobs
-from training.store import now_iso
+from core.store import now_iso
 
 log = logging.getLogger("refit.runner")
 

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from service import settings
 from service.errors import describe, is_json, json_problem
-from training.config import TrainRequest
+from core.config import TrainRequest
 
 
 class BodyTooLarge(Exception):
@@ -398,7 +398,7 @@ class FeedbackRequest(BaseModel):
     @field_validator("label")
     @classmethod
     def _label_rule(cls, value: str) -> str:
-        from training.labels import label_problem  # the one label rule: stored trimmed and in NFC
+        from core.labels import label_problem  # the one label rule: stored trimmed and in NFC
 
         problem, label = label_problem(value)
         if problem:

@@ -47,7 +47,7 @@ from service.routes import RouteLabels
 from service.runner import LocalRunner, task_result, task_status
 from service.schemas import RETRAIN_BODY, ExplainInput, Explanation, FeedbackRequest, PredictBase64Input, \
     PredictInput, Prediction, PromoteInput, Rejected, RollbackInput
-from training.store import now_iso
+from core.store import now_iso
 
 timeouts.install()  # before BentoML builds the app: its request timeout keeps every request for an hour
 log = logging.getLogger("refit.service")
@@ -62,7 +62,7 @@ def _packed_model():
     """The version promoted now, declared as the service's model so that `bentoml build` packs it into the
     bento. Declared only when BentoML's model store has it, so a start never fails over it; serving itself
     always follows the promoted pointer, not this declaration."""
-    from training.store import Store, StoreError
+    from core.store import Store, StoreError
 
     try:
         version = Store().promoted()
@@ -93,8 +93,8 @@ class Refit:
     def __init__(self) -> None:
         import prometheus_client as prom  # here, not at import: the worker has set up multiprocess metrics
 
-        from training.paths import refit_home
-        from training.store import Store
+        from core.paths import refit_home
+        from core.store import Store
 
         die_with_supervisor()
         bound_shutdown(settings.SHUTDOWN_SECONDS)
@@ -150,8 +150,8 @@ class Refit:
         """Once per `bentoml serve`, before workers start: give an empty store its first model, and record
         jobs that a previous run of the server left unfinished as failed. A store that holds versions is
         never given one promoted here: without a usable pointer it serves nothing until someone promotes."""
-        from training.paths import refit_home
-        from training.store import Store
+        from core.paths import refit_home
+        from core.store import Store
 
         home = refit_home()
         record_supervisor()  # the workers started after this hook exit when this process dies
@@ -225,7 +225,7 @@ class Refit:
         (default: the top class) as a PNG overlay and as a small array. 409 for a version exported without
         the feature map, 422 for a label that is not one of its classes."""
         from service.explain import NotExplainable, UnknownLabel, explain_upload
-        from training.preprocess import ImageError
+        from core.preprocess import ImageError
 
         if isinstance(image, Rejected):
             return error(image.status, image.message)
@@ -260,7 +260,7 @@ class Refit:
         the replica that answered. `problem` says why nothing is promoted when the pointer is damaged or
         missing (promote a version to repair it), or that the store cannot be read; `disagreement` what the
         live workers disagree on (service/replicas.py), null when they all serve one model."""
-        from training.store import StoreError
+        from core.store import StoreError
 
         try:
             infos = self.store.list_info()
@@ -291,7 +291,7 @@ class Refit:
         The images' paths of both lists are given with the token only (when the server has one); without
         it, their counts."""
         from service.guard import authorized
-        from training.store import StoreError
+        from core.store import StoreError
 
         try:
             info = self.store.info(version)
@@ -315,7 +315,7 @@ class Refit:
     def version_file(self, version: str, name: str):
         """A figure of a version that training wrote: `confusion_matrix.png` or `results.csv` (one row per
         epoch, for the curves). 404 for an unknown version, a file this version lacks, or another name."""
-        from training.store import StoreError
+        from core.store import StoreError
 
         if name not in console.VERSION_FILES:
             return error(404, f"no file {name[:100]!r} is served; files: {', '.join(console.VERSION_FILES)}")
@@ -337,8 +337,8 @@ class Refit:
 
     def _drift(self) -> dict:
         from service.drift import pool, report
-        from training.drift import FILE, load_reference
-        from training.store import StoreError
+        from core.drift import FILE, load_reference
+        from core.store import StoreError
 
         try:
             others = [w for w in self.board.live(self.replica) if w.get("pid") != os.getpid()]
@@ -366,7 +366,7 @@ class Refit:
     def promote(self, version: str, reason: str) -> dict[str, Any]:
         """Serve `version`: its checksum and loadability are checked first; every worker follows within
         seconds. Over a damaged pointer this repairs it (the damaged file is kept aside; see `repaired`)."""
-        from training.store import StoreError
+        from core.store import StoreError
 
         if isinstance(version, Rejected):
             return error(version.status, version.message)
@@ -391,7 +391,7 @@ class Refit:
     def rollback(self, reason: str) -> dict[str, Any]:
         """Go back one step along the promotion history (v4 -> v3 -> v2 ...); 409 when there is nothing
         earlier or the pointer is damaged."""
-        from training.store import StoreError
+        from core.store import StoreError
 
         if isinstance(reason, Rejected):
             return error(reason.status, reason.message)
@@ -568,7 +568,7 @@ class Refit:
         return Response(data, media_type=_media_type(data))
 
     # -- datasets --------------------------------------------------------------------------------
-    # Named datasets in the store (training/datasets.py): images added over HTTP, each change a new immutable
+    # Named datasets in the store (core/datasets.py): images added over HTTP, each change a new immutable
     # snapshot; a retrain names one with `dataset` (and `snapshot`). Reads are open, changes need the token.
     @admin.get("/datasets")
     def datasets_list(self) -> list[dict[str, Any]]:
@@ -625,7 +625,7 @@ class Refit:
     @admin.get("/datasets/{name}/images/{sha256}")
     def dataset_image(self, name: str, sha256: str):
         """One image of a dataset's newest snapshot (its bytes, for thumbnails). Token."""
-        from training.datasets import blob_key
+        from core.datasets import blob_key
 
         def read(d):
             if not any(e["sha256"] == sha256 for e in d.manifest(name)["entries"]):
@@ -657,7 +657,7 @@ class Refit:
             self.jobs.stop_standby()
 
     def __metrics__(self, content: str) -> str:
-        from training.store import StoreError
+        from core.store import StoreError
 
         lines = ["# HELP refit_promoted_version_info The promoted version.",
                  "# TYPE refit_promoted_version_info gauge"]
@@ -712,7 +712,7 @@ def _over_budget(files: list[tuple[str, bytes]]) -> JSONResponse | None:
     """The request's decode cost, from the images' headers (microseconds each), against its budget; an error
     reply naming the image(s) and the limit, or None. Checked here so that the model workers, which every
     client shares, never start on a request they would spend seconds of CPU on."""
-    from training.preprocess import ImageError, decode_cost
+    from core.preprocess import ImageError, decode_cost
 
     budget = settings.MAX_REQUEST_MEGAPIXELS
     costs = []
@@ -737,7 +737,7 @@ def _over_budget(files: list[tuple[str, bytes]]) -> JSONResponse | None:
 
 def _seed_from_bento(store) -> None:
     """In a container whose store volume is still empty, start from the version packed into the bento."""
-    from training.store import StoreError
+    from core.store import StoreError
 
     bento = Refit.bento
     if bento is None or store.versions():
@@ -804,7 +804,7 @@ def _sweep_datasets(store) -> None:
     """What killed dataset adds left (temp folders, half-written files, images no snapshot names), once per
     start; a problem here is logged, never a reason not to serve. Images only on a folder store: on S3 finding
     them reads every snapshot of every dataset (one GET each), which would hold the replica's start."""
-    from training.dataset_sweep import sweep
+    from core.dataset_sweep import sweep
 
     try:
         sweep(store, blobs=not store.remote)
@@ -827,9 +827,9 @@ def _image_lists(lists: dict, authorized: bool) -> dict:
 def _on_datasets(store, call):
     """`call(Datasets(store))`, its errors as replies: 404 for an unknown dataset, snapshot or image, 400 for
     a bad name, label or archive, 503 when the store cannot be reached."""
-    from training.data import DatasetError
-    from training.datasets import Datasets, UnknownDataset
-    from training.store import StoreError
+    from core.data import DatasetError
+    from core.datasets import Datasets, UnknownDataset
+    from core.store import StoreError
 
     try:
         return call(Datasets(store))
@@ -888,7 +888,7 @@ def _form_problem(form) -> JSONResponse | None:
     if files and (not isinstance(label, str) or not label.strip()):
         return error(400, "`label` is required with `images`: the class of the images, e.g. label=bees")
     if files:
-        from training.labels import label_problem
+        from core.labels import label_problem
 
         problem, _ = label_problem(label)
         if problem:  # the same rule as every other way in (zip folders, relabel, feedback, the CLI)
@@ -919,7 +919,7 @@ def _classes(store, name: str, create: bool) -> list[str] | JSONResponse:
     """The dataset's classes ([] for a dataset `create` is to start), or the error reply: 404 for a dataset
     that does not exist (a misspelt name would otherwise start a new dataset with whatever label it got), 400
     for a name that is not allowed, 503 when the store cannot be read."""
-    from training.datasets import UnknownDataset
+    from core.datasets import UnknownDataset
 
     def classes(datasets):
         try:

@@ -56,7 +56,7 @@ TRAIN_STANDBY = os.environ.get("REFIT_TRAIN_STANDBY", "1") not in ("0", "false",
 TRACE_PREDICTIONS = os.environ.get("REFIT_TRACE_PREDICTIONS", "") in ("1", "true", "yes")
 
 # What one predict request may cost to decode, read from the images' headers before any is decoded. The
-# cost is counted in megapixels of a PNG (training.preprocess.decode_cost: a baseline JPEG counts a
+# cost is counted in megapixels of a PNG (core.preprocess.decode_cost: a baseline JPEG counts a
 # quarter, a row narrower than 8 pixels as 8 wide); 64 is at most about 1.8 s of one core (measured,
 # docs/service.md), and still takes 20 twelve-megapixel phone photos in one request.
 MAX_REQUEST_MEGAPIXELS = _float("REFIT_MAX_REQUEST_MEGAPIXELS", 64)
@@ -73,7 +73,7 @@ BODY_TIMEOUT = _float("REFIT_BODY_TIMEOUT", 30)
 
 # Drift (service/drift.py): each model worker keeps the last DRIFT_WINDOW inputs per served version; GET /drift
 # pools the windows of a replica's workers. 200 per worker: a window of validation-like photos then scores
-# within a few percent of 1.0 (the threshold is computed for the window's fill, training/drift.py).
+# within a few percent of 1.0 (the threshold is computed for the window's fill, core/drift.py).
 DRIFT_WINDOW = _int("REFIT_DRIFT_WINDOW", 200)
 
 # Retrain jobs on a Redis queue for `refit worker`s on any machine (service/queue.py); unset, jobs run in a

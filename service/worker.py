@@ -20,7 +20,7 @@ from pathlib import Path
 from service import settings
 from service.jobs import ACTIVE, _die_with_parent, _lower_priority, _read_json, run_job, warm_up
 from service.queue import LINE, QUEUE_NAME, dataset_key, record_key, redis_connection
-from training.store import Store, atomic_write_json, now_iso
+from core.store import Store, atomic_write_json, now_iso
 
 log = logging.getLogger("refit.worker")
 
@@ -35,7 +35,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
     from service.orphans import sweep_worker_home
     from service.queue import SharedJobs
     from service.rqworker import QueueWorker, free_name
-    from training.scratch import sweep
+    from core.scratch import sweep
 
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     store = Store()
@@ -72,7 +72,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
 def store_problem(store: Store) -> str | None:
     """Why the store cannot serve as this worker's (no bucket, no credentials, endpoint away), else None:
     what a job needs first, read at start, as a replica reads it."""
-    from training.store import StoreError
+    from core.store import StoreError
 
     try:
         store.versions()
@@ -122,7 +122,7 @@ class NotStarted(Exception):
 
 
 def _queued_record(store: Store, job_id: str) -> tuple[dict, str | None]:
-    from training.store import StoreError
+    from core.store import StoreError
 
     try:
         job, tag = store.record(record_key(job_id))
@@ -135,7 +135,7 @@ def _queued_record(store: Store, job_id: str) -> tuple[dict, str | None]:
 
 
 def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
-    from training.data import DatasetError, safe_extract_zip
+    from core.data import DatasetError, safe_extract_zip
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -63,7 +63,7 @@ def refit_home(tmp_path, monkeypatch):
 
 def run_cli(*args, home: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "training.cli", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -202,7 +202,7 @@ def any_store(request, tmp_path):
     """The same test on a folder store and on an S3 store (a fresh prefix of the moto bucket)."""
     import uuid
 
-    from training.store import Store
+    from core.store import Store
 
     if request.param == "s3":
         request.getfixturevalue("s3_endpoint")

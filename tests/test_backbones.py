@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from training.contract import Contract
+from core.contract import Contract
 from training.export import export_onnx, read_contract
-from training.preprocess import preprocess
+from core.preprocess import preprocess
 from training.registry import create_backbone
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

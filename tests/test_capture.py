@@ -10,7 +10,7 @@ import pytest
 
 from conftest import jpeg_bytes
 from service.capture import Captures, captured_at, new_id
-from training.store import Store
+from core.store import Store
 
 
 @pytest.fixture

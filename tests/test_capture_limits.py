@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import jpeg_bytes
 from serving import AUTH, Server, copy_store, metric, photo, predict
 from service.capture import Captures, new_id
-from training.preprocess import load_image
+from core.preprocess import load_image
 
 BUDGET = 3 * 1024 * 1024  # REFIT_CAPTURE_MAX_MB=3
 JUNK = 6 * 1024 * 1024
@@ -212,10 +212,10 @@ def _publish_with_problems(home: Path, root: Path) -> str:
     """v0002: the bootstrap model again, with label problems and near-duplicates that name images by path."""
     import onnx
 
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from training.store import Store
+    from core.store import Store
 
     model = root / "model.onnx"
     shutil.copy(home / "models" / "refit" / "v0001" / "model.onnx", model)

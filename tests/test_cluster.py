@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
 from serving import AUTH, Server, dataset_files, make_zip, predict
 from test_store_contract import publish
-from training.store import Store
+from core.store import Store
 
 TTL = 10  # seconds without a heartbeat before a running job counts as lost; short, so a test sees it
 ENV = {"REFIT_TRAIN_STANDBY": "0", "REFIT_JOB_TTL_SECONDS": str(TTL), "REFIT_HEARTBEAT_SECONDS": "1",
@@ -43,7 +43,7 @@ class Worker:
         self.log_path = home.parent / f"{name}.log"
         env = {**os.environ, **ENV, "REFIT_HOME": str(home), "BENTOML_HOME": str(home), "REFIT_STORE": store_url,
                "REFIT_QUEUE": queue_url}
-        self.proc = subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--name", name], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--name", name], cwd=ROOT,
                                      env=env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
 
     def wait_listening(self, timeout: float = 180) -> None:

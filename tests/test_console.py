@@ -22,10 +22,10 @@ def server(imagenet_store, tmp_path_factory):
     """v0001 promoted, v0002 the same model published again (with its feature map) to be promoted."""
     import onnx
 
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from training.store import Store
+    from core.store import Store
 
     root = tmp_path_factory.mktemp("console")
     home = copy_store(imagenet_store, root / "home")

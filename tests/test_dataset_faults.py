@@ -26,11 +26,11 @@ from PIL import Image
 
 from conftest import ROOT, jpeg_bytes, make_dataset, run_cli
 from serving import AUTH, Server, copy_store, make_zip, predict, solid, wait_task
-from training import snapshots
-from training.data import DatasetError, load_dataset
-from training.dataset_sweep import sweep_blobs
-from training.datasets import Datasets, blob_key, check_label
-from training.store import Store
+from core import snapshots
+from core.data import DatasetError, load_dataset
+from core.dataset_sweep import sweep_blobs
+from core.datasets import Datasets, blob_key, check_label
+from core.store import Store
 
 BEES = "\U0001F41D" * 70  # 70 characters, 280 bytes in UTF-8: under the old character limit, over NAME_MAX
 INVISIBLE = ["\u200b", "\u202e", "\ufeff", "\u2028", "\u0085", "\u200d", "\u00a0", "\u2066", "\ue000",
@@ -230,7 +230,7 @@ def test_a_large_change_leaves_the_head_small_once_its_file_is_written(any_store
 
 def _old_format_dataset(store: Store, name: str, entries: list[dict]) -> str:
     """A dataset as the store held it before deltas: full snapshots and a head without a record."""
-    from training.datasets import snapshot_id
+    from core.datasets import snapshot_id
 
     sid = snapshot_id(entries)
     doc = {"dataset": name, "id": sid, "parent": None, "created": "2026-01-01T00:00:00+00:00",
@@ -275,7 +275,7 @@ def test_a_class_stored_in_nfd_stays_one_class(tmp_path):
 
 
 def test_a_snapshot_write_that_fails_after_the_head_moved_is_not_an_error(any_store, monkeypatch):
-    from training.store import StoreError
+    from core.store import StoreError
 
     ds = Datasets(any_store)
     ds.add("late", [("a.jpg", jpeg_bytes("red", 1), "red")], source="upload")
@@ -300,7 +300,7 @@ def test_a_snapshot_write_that_fails_after_the_head_moved_is_not_an_error(any_st
 def test_a_sweep_between_making_a_scratch_folder_and_locking_it_leaves_it(tmp_path, monkeypatch):
     import fcntl
 
-    from training import scratch
+    from core import scratch
 
     home, swept = tmp_path / "home", []
 
@@ -370,7 +370,7 @@ def test_cli_sweep_removes_half_written_files_and_orphans(tmp_path):
     half.write_bytes(b"half")
     env = {"REFIT_DATASET_BLOB_GRACE_SECONDS": "0.01", "REFIT_DATASET_TMP_GRACE_SECONDS": "0.01"}
     time.sleep(0.05)
-    done = subprocess.run([sys.executable, "-m", "training.cli", "dataset", "sweep", "--json"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cli", "dataset", "sweep", "--json"], cwd=ROOT,
                           env={**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home), **env},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -403,7 +403,7 @@ def _kill_an_add(home: Path, tmp: Path) -> subprocess.Popen:
     (tmp / "big.zip").write_bytes(_zip_of(1500, 1_000_000))
     before = len(_blobs(home))
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "dataset", "add", "big", str(tmp / "big.zip")],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "dataset", "add", "big", str(tmp / "big.zip")],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(_blobs(home)) < before + 20:
@@ -432,8 +432,8 @@ def leftovers(imagenet_store, tmp_path_factory):
     half.write_bytes(b"partial")
     # An add still running in another process: its upload is half received when the server starts.
     live_zip = _zip_of(6, 2_000_000)
-    live = subprocess.Popen([sys.executable, "-c", "import sys; from training.datasets import Datasets; from "
-                             "training.store import Store; r = Datasets(Store()).add_zip('live', sys.stdin.buffer); "
+    live = subprocess.Popen([sys.executable, "-c", "import sys; from core.datasets import Datasets; from "
+                             "core.store import Store; r = Datasets(Store()).add_zip('live', sys.stdin.buffer); "
                              "print(len(r['added']))"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             env={**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)})
     live.stdin.write(live_zip[:len(live_zip) // 2])

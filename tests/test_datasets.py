@@ -18,9 +18,9 @@ import pytest
 
 from conftest import S3_BUCKET, jpeg_bytes, make_dataset, run_cli
 from serving import AUTH, Server, copy_store, make_zip, wait_task
-from training.data import DatasetError
-from training.datasets import Datasets, UnknownDataset, blob_key
-from training.store import Store
+from core.data import DatasetError
+from core.datasets import Datasets, UnknownDataset, blob_key
+from core.store import Store
 
 FAST = {"strategy": "feature_extraction", "head_epochs": 20, "promote": False, "int8": False}
 
@@ -336,7 +336,7 @@ def test_queue_retrain_from_a_dataset_name_on_s3(s3_endpoint, redis_url, tmp_pat
             task = r.json()["task_id"]
             record, _ = seeder.record(f"jobs/{task}/job.json")
             assert record["request"]["snapshot"] == snapshot and not record.get("dataset")  # no zip carried
-            worker = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--burst"], cwd=ROOT,
+            worker = subprocess.run([sys.executable, "-m", "cli", "worker", "--burst"], cwd=ROOT,
                                     env={**os.environ, **env, "REFIT_HOME": str(tmp_path / "worker"),
                                          "BENTOML_HOME": str(tmp_path / "worker")},
                                     capture_output=True, text=True, timeout=600)

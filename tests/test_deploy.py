@@ -363,9 +363,9 @@ def test_a_trained_version_records_the_torch_it_was_trained_with(tmp_path):
     import torchvision
 
     from serving import dataset_files
-    from training.config import TrainRequest
+    from core.config import TrainRequest
     from training.pipeline import train
-    from training.store import Store
+    from core.store import Store
 
     for name, data in dataset_files(4).items():
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)

@@ -45,10 +45,10 @@ def without_embedding(src: Path, dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def drift_store(real_data, imagenet_store, tmp_path_factory) -> Path:
     """v0001 bootstrap (promoted), v0002 trained on hymenoptera, v0003 = v0002's model without `embedding`."""
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from training.store import Store
+    from core.store import Store
 
     root = tmp_path_factory.mktemp("drift-store")
     home = copy_store(imagenet_store, root / "home")

@@ -44,10 +44,10 @@ def without_features(src: Path, dest: Path) -> Path:
 def store(imagenet_store, real_data, tmp_path_factory) -> Path:
     """v0001: the bootstrap ImageNet model (promoted), v0002: the same model without `features` or cam.npz,
     v0003: trained on hymenoptera (feature extraction; INT8 chosen for serving, as by default)."""
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from training.store import Store
+    from core.store import Store
 
     root = tmp_path_factory.mktemp("explain-store")
     home = copy_store(imagenet_store, root / "home")
@@ -96,9 +96,9 @@ def test_bootstrap_version_has_the_feature_map_and_the_map_is_exact(store, real_
     import onnxruntime as ort
 
     from service.explain import head_for
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CONTRACT_KEY
-    from training.preprocess import preprocess
+    from core.preprocess import preprocess
 
     folder = store / "models" / "refit" / "v0001"
     m = onnx.load(str(folder / "model.onnx"))
@@ -119,7 +119,7 @@ def test_bootstrap_version_has_the_feature_map_and_the_map_is_exact(store, real_
 def test_heads_that_are_not_linear_on_the_pooled_map_export_no_feature_map(tmp_path):
     """MobileNetV3's head has a hidden layer after the pooling: no exact map, so no `features` output and no
     cam.npz (such a version answers /explain with the clear 409); EfficientNet-Lite0's head is linear on it."""
-    from training.contract import Contract
+    from core.contract import Contract
     from training.export import CAM_FILE, cam_head, export_onnx
     from training.registry import create_backbone
 
@@ -257,7 +257,7 @@ def off_centre(data: bytes, box: list[int], margin: float = 0.25):
     sees: (JPEG bytes, the box in it, its size), or None where that cannot be done with most of the insect
     still in the crop. Photographers centre their subject (the crop's centre lies in 18 of the 20 boxes), so
     a map that always peaked in the middle would score well on the photos alone; here it scores nothing."""
-    from training.contract import Contract
+    from core.contract import Contract
     from service.explain import crop_fractions
 
     contract = Contract(input_size=224, resize_size=256)  # EfficientNet-Lite0's crop fraction
@@ -325,7 +325,7 @@ def test_a_version_trained_here_explains_its_classes(store, real_data):
 
     from service.explain import explain_upload
     from service.model import open_version
-    from training.store import Store
+    from core.store import Store
 
     assert Store(store).info("v0003")["serving_file"] == "model.int8.onnx"
     model = open_version(Store(store), "v0003", threads=2)  # the file the service serves: INT8

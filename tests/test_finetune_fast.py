@@ -15,11 +15,11 @@ import torch
 
 from conftest import make_dataset, run_cli
 from training.activations import ViewCache, activation_bytes, prefix_outputs, prefix_session, split_model
-from training.config import TrainRequest
-from training.data import load_dataset
+from core.config import TrainRequest
+from core.data import load_dataset
 from training.finetune import STRATEGIES, apply_strategy
 from training.pipeline import Run, input_contract
-from training.preprocess import train_transform
+from training.augment import train_transform
 from training.registry import create_backbone
 
 

@@ -201,7 +201,7 @@ def train_cli(home, data, *args, timeout: int = 900) -> tuple[dict, float, str]:
     # A wrapper process whose only child is the CLI, so RUSAGE_CHILDREN is the CLI's own peak.
     code = textwrap.dedent("""
         import resource, subprocess, sys
-        done = subprocess.run([sys.executable, "-m", "training.cli", "train", *sys.argv[1:]],
+        done = subprocess.run([sys.executable, "-m", "cli", "train", *sys.argv[1:]],
                               capture_output=True, text=True)
         sys.stderr.write(done.stderr)
         print(done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")

@@ -64,7 +64,7 @@ def run_cli_on_a_terminal(*args, home, timeout: int = 600) -> tuple[subprocess.C
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *map(str, args)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
     got: list[bytes] = []

@@ -71,7 +71,7 @@ def test_cli_prints_a_summary_and_json_carries_the_lists(trained):
 
 
 def test_version_has_embedding_output_and_drift_reference(trained):
-    from training.drift import load_reference
+    from core.drift import load_reference
 
     folder = trained["folder"]
     outputs = [o.name for o in onnx.load(str(folder / "model.onnx")).graph.output]
@@ -109,8 +109,8 @@ def test_small_synthetic_dataset_trains_with_fewer_folds(tmp_path):
 def test_reports_and_drift_reference_travel_through_an_s3_store(s3_endpoint, tmp_path, monkeypatch):
     """Published to S3: the version's metrics carry the lists, and a replica's checked copy has drift.npz."""
     from conftest import S3_BUCKET, make_dataset
-    from training.drift import load_reference
-    from training.store import Store
+    from core.drift import load_reference
+    from core.store import Store
 
     url = f"s3://{S3_BUCKET}/quality-{tmp_path.name}"
     monkeypatch.setenv("REFIT_STORE", url)

@@ -18,7 +18,7 @@ import pytest
 from conftest import S3_BUCKET, jpeg_bytes
 from serving import AUTH, Server, own_workers, predict
 from test_store_contract import publish
-from training.store import ENTRIES, Store
+from core.store import ENTRIES, Store
 
 HEARTBEAT, TTL = 1, 5  # seconds; short, so an expiry is seen within a test
 FAST = {"REFIT_TRAIN_STANDBY": "0", "REFIT_HEARTBEAT_SECONDS": str(HEARTBEAT), "REFIT_STATUS_TTL_SECONDS": str(TTL)}

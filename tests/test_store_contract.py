@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
-from training.contract import Contract
-from training.store import Store, StoreError, sha256_file
+from core.contract import Contract
+from core.store import Store, StoreError, sha256_file
 
 CLASSES = ("red", "blue")
 
@@ -154,7 +154,7 @@ def test_damaged_pointer_is_repaired_by_promote(backend, tmp_path):
 PROMOTER = """
 import json, sys, time
 from pathlib import Path
-from training.store import Store
+from core.store import Store
 go, rounds, mine, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 store = Store()
 store.verify(mine)  # cache it now, so every round races on the pointer alone
@@ -170,7 +170,7 @@ for r in range(rounds):
 READER = """
 import json, sys, time
 from pathlib import Path
-from training.store import Store
+from core.store import Store
 stop, out = Path(sys.argv[1]), Path(sys.argv[2])
 store, reads, bad = Store(), 0, []
 while not stop.exists():
@@ -230,7 +230,7 @@ def test_concurrent_promotes_never_lose_an_update(backend, tmp_path):
 PUBLISHER = """
 import json, sys, time
 from pathlib import Path
-from training.store import Store
+from core.store import Store
 flag, files = Path(sys.argv[1]), json.loads(sys.argv[2])
 store = Store()
 if store.remote:  # hold the publish after its first file is uploaded: killed mid-upload
@@ -332,7 +332,7 @@ def test_s3_service_serves_the_promoted_version_and_follows_a_cli_promote(tmp_pa
             listed = http.get("/versions").json()
             assert [row["id"] for row in listed["versions"]] == [v1, v2] and listed["promoted"] == v1
             assert (server.home / "models" / "refit" / v1 / "model.yaml").is_file()
-            cli = subprocess.run([sys.executable, "-m", "training.cli", "promote", v2, "--reason", "from the CLI"],
+            cli = subprocess.run([sys.executable, "-m", "cli", "promote", v2, "--reason", "from the CLI"],
                                  cwd=ROOT, env=child_env({"url": url, "env": s3_endpoint}, tmp_path / "operator"),
                                  capture_output=True, text=True, timeout=300)
             assert cli.returncode == 0, cli.stdout + cli.stderr

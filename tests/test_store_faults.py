@@ -25,8 +25,8 @@ import pytest
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
 from serving import Server, free_port, own_workers, predict
 from test_store_contract import publish, tiny_model
-from training.contract import Contract
-from training.store import ENTRIES, Store, sha256_file
+from core.contract import Contract
+from core.store import ENTRIES, Store, sha256_file
 
 BUCKET = "refit-faults"
 FAST = {"REFIT_TRAIN_STANDBY": "0", "REFIT_HEARTBEAT_SECONDS": "1", "REFIT_STATUS_TTL_SECONDS": "5"}
@@ -254,7 +254,7 @@ def test_two_replicas_starting_together_on_an_empty_store_bootstrap_one_version(
 HELD = """
 import json, os, sys, time
 from pathlib import Path
-from training.store import Store
+from core.store import Store
 ready, go, files = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 store = Store()
 upload, calls = type(store.remote).upload, []
@@ -356,7 +356,7 @@ def test_restarted_worker_removes_what_its_killed_job_left_and_nothing_a_live_jo
                                                                                         tmp_path):
     """A worker's tmp/staging-* and jobs/<id> survived its restart."""
     from service.queue import record_key
-    from training.store import now_iso
+    from core.store import now_iso
 
     url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
     home = tmp_path / "w1"
@@ -377,7 +377,7 @@ def test_restarted_worker_removes_what_its_killed_job_left_and_nothing_a_live_jo
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home), "REFIT_STORE": url,
            "REFIT_QUEUE": redis_url, "REFIT_TRAIN_THREADS": "1"}
     log = tmp_path / "worker.log"
-    worker = subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--name", "w1"], cwd=ROOT, env=env,
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--name", "w1"], cwd=ROOT, env=env,
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -401,7 +401,7 @@ def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_a
     import socket
 
     from training import pipeline
-    from training.store import now_iso
+    from core.store import now_iso
 
     monkeypatch.setattr(pipeline, "BOOTSTRAP_WAIT_SECONDS", 3)  # waiting would fail in 3 s, not 300
     store = Store(tmp_path / "home")
@@ -430,7 +430,7 @@ def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_a
 def test_a_claim_heartbeat_that_landed_on_a_retry_is_not_a_takeover(s3_endpoint, tmp_path):
     """A conditional heartbeat PUT that botocore retried after it had landed got a 412; that counted as the
     sweep's takeover for good, and the publish was refused at its last step."""
-    from training.store import StoreError, _ClaimBeat, now_iso
+    from core.store import StoreError, _ClaimBeat, now_iso
 
     store = Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
     key, note = f"{ENTRIES}v0042/.claim", {"at": now_iso(), "host": "h", "pid": 1}

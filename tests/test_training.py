@@ -20,13 +20,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from conftest import ROOT, jpeg_bytes, make_dataset, run_cli
-from training.config import TrainRequest
-from training.contract import Contract
-from training.data import DatasetError, load_dataset, safe_extract_zip
+from core.config import TrainRequest
+from core.contract import Contract
+from core.data import DatasetError, load_dataset, safe_extract_zip
 from training.export import export_onnx, read_contract
-from training.preprocess import ImageError, preprocess
+from core.preprocess import ImageError, preprocess
 from training.registry import BackboneError, create_backbone, list_backbones
-from training.store import Store, StoreError
+from core.store import Store, StoreError
 
 
 def last_json(stdout: str) -> dict:
@@ -311,7 +311,7 @@ def test_corrupted_version_file_is_never_promoted(refit_home, tmp_path):
 def test_killed_run_leaves_no_partial_version(refit_home, tmp_path):
     data = make_dataset(tmp_path / "d", n=6)
     env = {**os.environ, "REFIT_HOME": str(refit_home), "BENTOML_HOME": str(refit_home)}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "train", str(data), "--strategy", "full",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "train", str(data), "--strategy", "full",
                              "--epochs", "50"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     # Kill -9 once fine-tuning is under way (well before anything could be published).

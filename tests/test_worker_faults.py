@@ -24,7 +24,7 @@ import pytest
 from conftest import ROOT, S3_BUCKET
 from serving import dataset_files, make_zip
 from service import settings
-from training.store import Store
+from core.store import Store
 
 TTL = 10  # REFIT_JOB_TTL_SECONDS: seconds without a heartbeat before a running job counts as lost
 MONITOR = 2  # REFIT_WORKER_MONITOR_SECONDS: a busy worker renews its Redis registration this often
@@ -83,7 +83,7 @@ class Worker:
         self.log_path = home.parent / f"{name}-{uuid.uuid4().hex[:6]}.log"
         env = {**os.environ, **ENV, "REFIT_HOME": str(home), "BENTOML_HOME": str(home), "REFIT_STORE": store_url,
                "REFIT_QUEUE": queue_url, **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "training.cli", "worker", "--name", name], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--name", name], cwd=ROOT,
                                      env=env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -177,7 +177,7 @@ def test_worker_pointed_at_a_missing_bucket_exits_at_start_with_the_cause(s3_end
 
     env = {**os.environ, **ENV, "REFIT_HOME": str(tmp_path / "home"), "BENTOML_HOME": str(tmp_path / "home"),
            "REFIT_STORE": "s3://no-such-bucket-here/refit", "REFIT_QUEUE": redis_server.url}
-    done = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--name", "lost"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "cli", "worker", "--name", "lost"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode != 0, done.stdout + done.stderr
     errors = [ln for ln in done.stderr.splitlines() if "error" in ln.lower()]
@@ -221,7 +221,7 @@ def test_killed_worker_restarts_at_once_under_its_name_and_runs_the_job_queued_m
         w = Worker("W1", worker_home, shared["url"], redis_server.url)
         w.wait_listening()
         print(f"restarted worker listening after {time.monotonic() - t0:.1f}s")
-        twin = subprocess.run([sys.executable, "-m", "training.cli", "worker", "--name", "W1"], cwd=ROOT,
+        twin = subprocess.run([sys.executable, "-m", "cli", "worker", "--name", "W1"], cwd=ROOT,
                               env={**os.environ, **ENV, "REFIT_HOME": str(worker_home), "REFIT_STORE": shared["url"],
                                    "BENTOML_HOME": str(worker_home), "REFIT_QUEUE": redis_server.url},
                               capture_output=True, text=True, timeout=180)
@@ -297,7 +297,7 @@ def test_job_killed_after_its_version_landed_reports_that_version(shared, redis_
 def _stop_after_publish(horse: psutil.Process, home: Path, timeout: float = 400) -> str:
     """Stop the work horse (SIGSTOP) right after its publish and before its promote, and return the version.
     The publisher renames the entry it built into its own cache once the upload, model.yaml last, is done
-    (training/store.py); the promote that follows checksums and loads the model first, which takes far longer
+    (core/store.py); the promote that follows checksums and loads the model first, which takes far longer
     than this loop's few milliseconds. (Stepping the horse while watching the bucket instead would stop it in
     the middle of a request to moto, which serves one request at a time.)"""
     deadline = time.monotonic() + timeout
@@ -313,7 +313,7 @@ def _stop_after_publish(horse: psutil.Process, home: Path, timeout: float = 400)
 def _publish_for(job: dict, shared, *, promote: bool) -> str:
     """A tiny version published by `job` (its id in the metadata, as training writes it); returns its id."""
     from test_store_contract import tiny_model
-    from training.store import sha256_file
+    from core.store import sha256_file
 
     onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
     sha = sha256_file(onnx)
@@ -352,7 +352,7 @@ def test_a_damaged_newer_version_does_not_stop_a_stale_job_being_settled(shared)
     job's version."""
     from service.queue import record_key
     from test_store_contract import publish
-    from training.store import ENTRIES
+    from core.store import ENTRIES
 
     jobs, store = shared["jobs"], shared["jobs"].store
     job = jobs.admit(request=REQUEST, source={"upload": "x.zip"}, actor="test")

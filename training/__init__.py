@@ -1,4 +1,1 @@
-"""Refit training: transfer learning on a folder of images, verified ONNX export, versioned model store."""
-from training.paths import refit_home
-
-__all__ = ["refit_home"]
+"""Refit training: transfer learning on a folder of images, verified ONNX export, published to the store."""

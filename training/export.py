@@ -10,7 +10,7 @@ import onnx
 import torch
 from torch import nn
 
-from training.contract import Contract
+from core.contract import Contract
 
 CONTRACT_KEY = "refit.contract"
 VERSION_KEY = "refit.version"

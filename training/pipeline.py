@@ -15,21 +15,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from training.config import TrainRequest
-from training.contract import Contract
-from training.data import Dataset, DatasetError, load_dataset
-from training.drift import FILE as DRIFT_FILE
+from core.config import TrainRequest
+from core.contract import Contract
+from core.data import Dataset, DatasetError, load_dataset
+from core.drift import FILE as DRIFT_FILE
 from training.export import CAM_FILE, CONTRACT_KEY, VERSION_KEY, export_onnx, read_contract, run_onnx, session, \
     set_metadata, verify_parity
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, evaluate, extract_features, \
     fine_tune, fit_head
 from training.metrics import classification_report, save_confusion_png, save_results_csv
-from training.progress import Progress
-from training.preprocess import Prepared, load_image, prepare, preprocess, train_transform
+from core.progress import Progress
+from core.preprocess import Prepared, load_image, prepare, preprocess
+from training.augment import train_transform
 from training.registry import Backbone, create_backbone, get_module
-from training.scratch import run_folder
+from core.scratch import run_folder
 from training.software import software
-from training.store import Store, age_seconds, now_iso, sha256_file
+from core.store import Store, age_seconds, now_iso, sha256_file
 
 # `auto`: below this many training images only the head is trained (unfreezing layers on so little data
 # mostly memorises it); from here on, partial fine-tuning is also tried and kept only if validation improves.
@@ -330,7 +331,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
           job_id: str | None = None) -> dict:
     """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
     snapshot `request.snapshot`, else its newest, which the version then records). `progress` is called with
-    the run's phase, epoch, best validation accuracy so far and time left (training/progress.py). `job_id`,
+    the run's phase, epoch, best validation accuracy so far and time left (core/progress.py). `job_id`,
     the retrain job running this, is recorded in the version's metadata (`job`): a reader finds the version
     of a job whose process stopped after publishing (service/outcome.py)."""
     t_start = time.time()
@@ -342,7 +343,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
     seed_everything(request.seed)
     parent = store.promoted()
     # Under REFIT_HOME, not the system temp dir: a killed run's folder is found and removed at the service's
-    # next start (training/scratch.py).
+    # next start (core/scratch.py).
     with run_folder(store.home, "run") as tmp:
         lineage = None
         if request.dataset is not None:
@@ -461,10 +462,10 @@ def _quality(run: Run, bb: Backbone, fingerprint: dict, log: Callable) -> tuple[
 
 
 def _drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out: Path) -> dict:
-    """The version's drift reference (training/drift.py), in the space of the file's `embedding` output:
+    """The version's drift reference (core/drift.py), in the space of the file's `embedding` output:
     the cached features when the backbone stayed frozen (the same numbers), else the exported file run on
     the validation images and a sample of the training images."""
-    from training.drift import REFERENCE_SIZE, build_reference, save_reference
+    from core.drift import REFERENCE_SIZE, build_reference, save_reference
 
     if strategy == "feature_extraction":
         tr, _, va, _ = run.features(bb)
@@ -485,7 +486,7 @@ def _drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out
 def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Callable):
     """The dataset snapshot the request names, written out as a folder: (folder, the request with the
     snapshot resolved, lineage)."""
-    from training.datasets import Datasets
+    from core.datasets import Datasets
 
     if data is not None:
         raise DatasetError(f"give a data folder or a dataset of the store, not both ({data} and dataset "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.drift import unit
+from core.drift import unit
 
 MAX_FOLDS = 5  # k of the k-fold: each image is scored by a head that never saw it
 MAX_LISTED = 50  # entries kept in metrics.json per list (the count says how many there were)

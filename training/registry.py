@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from training.contract import Contract
+from core.contract import Contract
 
 if TYPE_CHECKING:
     from torch import nn

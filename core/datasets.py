@@ -2,7 +2,7 @@
 
     datasets/blobs/<ab>/<sha256>              an image's bytes, stored once whatever dataset holds it
     datasets/<name>/snapshots/<id>.json       a snapshot: its entries (sha256, label, split, source, ...), or
-                                              a delta over an older snapshot (training.snapshots)
+                                              a delta over an older snapshot (core.snapshots)
     datasets/<name>/head.json                 the newest snapshot and the history of changes, newest last
 
 A snapshot's id is a hash of its entries, so the same images with the same labels are the same snapshot,
@@ -12,7 +12,7 @@ makes a new snapshot and moves the head with a compare-and-swap (`Store.put_reco
 that loses the race reads the newer head and applies its change to it again, so two concurrent adds both
 land; only the winner writes its snapshot's file, so the loser leaves nothing behind. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
 
-    from training.datasets import Datasets
+    from core.datasets import Datasets
     reply = Datasets(Store()).add("bees", [("a.jpg", data, "bee")], source="upload")
     Datasets(Store()).materialize("bees", reply["snapshot"], Path("/tmp/bees"))  # class folders to train on
 """
@@ -33,14 +33,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable
 
-from training import snapshots
-from training.contract import Contract
-from training.data import DatasetError, class_root, safe_extract_zip
-from training.dataset_sweep import freshen
-from training.labels import MAX_CHARS, RESERVED, label_problem
-from training.preprocess import MAX_PIXELS, ImageError, load_image
-from training.scratch import run_folder
-from training.store import CAS_ATTEMPTS, Store, StoreError, now_iso
+from core import snapshots
+from core.contract import Contract
+from core.data import DatasetError, class_root, safe_extract_zip
+from core.dataset_sweep import freshen
+from core.labels import MAX_CHARS, RESERVED, label_problem
+from core.preprocess import MAX_PIXELS, ImageError, load_image
+from core.scratch import run_folder
+from core.store import CAS_ATTEMPTS, Store, StoreError, now_iso
 
 log = logging.getLogger("refit.datasets")
 
@@ -53,7 +53,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SNAPSHOT_RE = re.compile(r"^[0-9a-f]{16}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 RESERVED_NAMES = {"blobs"}
-RESERVED_LABELS = RESERVED  # labels that are folder names the dataset reader reads (training.labels)
+RESERVED_LABELS = RESERVED  # labels that are folder names the dataset reader reads (core.labels)
 MAX_LABEL = MAX_CHARS
 MAX_HISTORY = 1000  # changes listed in a dataset's head (show), newest last
 # Decoding for the check uses the JPEG reduced-scale path serving uses: every byte is still decoded, so a
@@ -85,7 +85,7 @@ def check_name(name) -> str:
 
 
 def check_label(label) -> str:
-    """The label as stored (trimmed, NFC), or a DatasetError saying what is wrong (training.labels)."""
+    """The label as stored (trimmed, NFC), or a DatasetError saying what is wrong (core.labels)."""
     problem, label = label_problem(label)
     if problem:
         raise DatasetError(problem)
@@ -163,7 +163,7 @@ class Datasets:
 
     def manifest(self, name: str, snapshot: str | None = None) -> dict:
         """The snapshot document: {dataset, id, parent, created, entries: [...]}, whether its file is a full
-        snapshot or a delta (training.snapshots)."""
+        snapshot or a delta (core.snapshots)."""
         sid, head = self._resolve(name, snapshot)
         return snapshots.load(self.store, name, sid, head).doc()
 
@@ -185,7 +185,7 @@ class Datasets:
                 create: bool = False) -> dict:
         """Apply `change(entries) -> (new entries, facts)` to the newest snapshot and move the head to the result
         by compare-and-swap, the new snapshot's record in it; on losing the race, start again from the newer
-        head. Only the winner writes the snapshot's file (training.snapshots), so a loser leaves nothing.
+        head. Only the winner writes the snapshot's file (core.snapshots), so a loser leaves nothing.
         Returns {"dataset", "snapshot", "parent", "changed", **facts}."""
         check_name(name)
         head_key = f"{ROOT}/{name}/head.json"
@@ -281,9 +281,9 @@ class Datasets:
                 max_pixels: int = MAX_PIXELS) -> dict:
         """Add a .zip (a path, its bytes, or an open binary file) of class folders, optionally under train/
         and val/ (which become split hints). The archive passes the training reader's checks
-        (training.data.safe_extract_zip)."""
+        (core.data.safe_extract_zip)."""
         # A folder locked for as long as this process lives: a sweep at start removes it once the process is
-        # gone, however it died (training.dataset_sweep), and never while it is in use.
+        # gone, however it died (core.dataset_sweep), and never while it is in use.
         with run_folder(self.store.home, "refit-dataset") as tmp:
             path = Path(tmp) / "upload.zip"
             if isinstance(zip_file, bytes):
@@ -339,7 +339,7 @@ class Datasets:
         if not entries:
             raise DatasetError(f"dataset {name!r} snapshot {doc['id']} holds no images")
         labels = {e["label"] for e in entries}
-        for label in sorted(labels):  # a label stored before the rule (training.labels) was what it is now
+        for label in sorted(labels):  # a label stored before the rule (core.labels) was what it is now
             problem, _ = label_problem(label)
             if problem:
                 raise DatasetError(f"dataset {name!r} snapshot {doc['id']} cannot be trained on: {problem}; "

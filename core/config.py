@@ -82,8 +82,8 @@ class TrainRequest(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_name(cls, name):
-        from training.datasets import check_name
-        from training.data import DatasetError
+        from core.datasets import check_name
+        from core.data import DatasetError
 
         try:
             return None if name is None else check_name(name)
@@ -93,8 +93,8 @@ class TrainRequest(BaseModel):
     @field_validator("snapshot")
     @classmethod
     def _snapshot_id(cls, snapshot):
-        from training.datasets import check_snapshot
-        from training.data import DatasetError
+        from core.datasets import check_snapshot
+        from core.data import DatasetError
 
         try:
             return None if snapshot is None else check_snapshot(snapshot)

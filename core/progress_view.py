@@ -1,4 +1,4 @@
-"""Showing a training run's progress (training/progress.py states) to whoever waits on it.
+"""Showing a training run's progress (core/progress.py states) to whoever waits on it.
 
     view = ProgressView(sys.stderr)          # a bar on a terminal, a line per phase otherwise
     train(request, data, log=view.write_to(sys.stdout), progress=view)
@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-from training.progress import describe
+from core.progress import describe
 
 # Phases whose every epoch is worth a line in a log: fine-tuning epochs take seconds each, the head's do not.
 EPOCH_LINES = ("partial", "full", "scratch")

@@ -17,8 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from training.labels import label_problem
-from training.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
+from core.labels import label_problem
+from core.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
 
 log = logging.getLogger("refit.data")
 
@@ -42,7 +42,7 @@ class Dataset:
     ignored: list[str] = field(default_factory=list)  # non-image files
     warnings: list[str] = field(default_factory=list)
     # Images the check already decoded (with the contract given to load_dataset), for the run to take
-    # instead of decoding every file a second time: path -> training.preprocess.Prepared.
+    # instead of decoding every file a second time: path -> core.preprocess.Prepared.
     decoded: dict = field(default_factory=dict, repr=False)
 
     def counts(self) -> dict:
@@ -175,7 +175,7 @@ def check_layout(root: Path) -> str | None:
 
 
 def _scan_classes(folder: Path) -> dict[str, list[Path]]:
-    """Class name (a folder's name under the one label rule, training.labels) -> its files. Two folders whose
+    """Class name (a folder's name under the one label rule, core.labels) -> its files. Two folders whose
     names are the same text in different Unicode forms (NFC and NFD, as macOS writes) are one class."""
     out: dict[str, list[Path]] = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))):

@@ -1,6 +1,6 @@
 """How a dataset's snapshots are stored: as deltas, so that a change costs what it changes.
 
-A snapshot is still named by the hash of its entries (training.datasets.snapshot_id) and still read whole
+A snapshot is still named by the hash of its entries (core.datasets.snapshot_id) and still read whole
 (`entries`), but its file holds either every entry (a full snapshot, the only format before deltas, which is
 still read as it is) or a delta over an older snapshot of the same line, its `base`:
 
@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from training.store import Store, StoreError
+from core.store import Store, StoreError
 
 CHECKPOINT_MIN = 64  # entries changed since the last full snapshot before the next one may be full
 SLIM_ENTRIES = 64  # a head carries a written snapshot's record only while it is this small

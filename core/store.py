@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from training.paths import refit_home
+from core.paths import refit_home
 
 MODEL_NAME = "refit"
 POINTER = "promoted.json"
@@ -125,7 +125,7 @@ class Store:
         self.url = url or store_url(self.home)
         self.remote = None
         if self.url.startswith("s3://"):
-            from training.s3 import Bucket
+            from core.s3 import Bucket
 
             self.remote = Bucket(self.url)
             self.root = self.home  # local copies of remote versions: the cache
@@ -410,7 +410,7 @@ class Store:
         if not self.remote:
             atomic_write_json(self.pointer, state)
             return True
-        from training.s3 import Conflict
+        from core.s3 import Conflict
 
         data = json.dumps(state, indent=2, sort_keys=True).encode()
         try:
@@ -565,7 +565,7 @@ class Store:
         """Make a version number this publish's own with a create-only write of its claim object: the next
         free number (None), or exactly `version`. A number once claimed is never handed out again, even when
         the publish that claimed it died before its model.yaml was written."""
-        from training.s3 import Conflict
+        from core.s3 import Conflict
 
         note = {"at": _now_ms(), "updated": _now_ms(), "pid": os.getpid(), "host": os.uname().nodename}
         data = json.dumps(note).encode()
@@ -663,7 +663,7 @@ class Store:
     def _sweep_claims(self, keys: list[str] | None = None) -> list[str]:
         """The claimed versions (from a listing of ENTRIES) a publish cut short left without a model.yaml,
         emptied but for their claim once it is past the grace; returns their ids."""
-        from training.s3 import Conflict
+        from core.s3 import Conflict
 
         files: dict[str, list[str]] = {}
         for k in self.remote.list(ENTRIES) if keys is None else keys:
@@ -705,7 +705,7 @@ class Store:
         condition does not hold (another writer came first), which is how job state and the one-job lock
         are shared between machines without a lock server."""
         if self.remote:
-            from training.s3 import Conflict
+            from core.s3 import Conflict
 
             try:
                 self.remote.put(rel, json.dumps(data, sort_keys=True).encode(), if_match=if_tag,
@@ -769,7 +769,7 @@ class Store:
         """A whole object from memory (an image of a dataset). With `create_only` it is written only where
         there is none (False then): content-addressed objects are never rewritten."""
         if self.remote:
-            from training.s3 import Conflict
+            from core.s3 import Conflict
 
             try:
                 self.remote.put(rel, data, create_only=create_only)
@@ -892,7 +892,7 @@ class _ClaimBeat(threading.Thread):
                 log.warning("%s not kept fresh: %s", self.key, e)
 
     def _write(self) -> None:
-        from training.s3 import Conflict
+        from core.s3 import Conflict
 
         with self._lock:
             if self.lost or self._done.is_set():

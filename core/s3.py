@@ -13,7 +13,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from training.store import StoreError
+from core.store import StoreError
 
 
 class Conflict(Exception):

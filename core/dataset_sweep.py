@@ -2,7 +2,7 @@
 `refit dataset sweep` on demand), never what a live add is still using:
 
 - its temp folder (the upload and its unpacked copy): under REFIT_HOME/tmp/runs, held with an flock for as
-  long as its process lives (training.scratch), so the sweep removes exactly the folders whose process is
+  long as its process lives (core.scratch), so the sweep removes exactly the folders whose process is
   gone. Folders of the older layout (REFIT_HOME/tmp/refit-dataset-*, no lock) go once older than
   REFIT_DATASET_TMP_GRACE_SECONDS.
 - half-written files of a folder store (`.*.tmp` beside the blobs and records): older than that same grace.
@@ -19,9 +19,9 @@ import shutil
 import time
 from pathlib import Path
 
-from training import snapshots
-from training.scratch import sweep as sweep_run_folders
-from training.store import Store, StoreError
+from core import snapshots
+from core.scratch import sweep as sweep_run_folders
+from core.store import Store, StoreError
 
 log = logging.getLogger("refit.datasets")
 

@@ -1,7 +1,7 @@
 """Image decoding and the two transforms built from a Contract.
 
 `load_image` + `eval_array` are the exact path serving uses, so validation figures mean what a client
-will see. `train_transform` adds augmentation on top of the same contract for training only.
+will see. `training/augment.py` adds augmentation on top of the same contract for training only.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from training.contract import Contract
+from core.contract import Contract
 
 # Formats a customer's camera or export tool produces; anything else is refused by name.
 SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF", "MPO"}
@@ -214,21 +214,3 @@ def _bounded(im: Image.Image, contract: Contract) -> Image.Image:
     factor = short // contract.resize_size
     # An integer box reduction (fast, and no finer than needed): what a JPEG's draft decode does too.
     return im.reduce(factor) if factor >= 2 else im
-
-
-def train_transform(contract: Contract, augment: bool = True):
-    """Augmentation for training: random resized crop, horizontal flip, light colour jitter."""
-    from torchvision.transforms import v2 as T
-    import torch
-
-    interp = T.InterpolationMode(contract.interpolation)
-    if not augment:
-        return lambda im: torch.from_numpy(eval_array(im, contract))
-    return T.Compose([
-        T.PILToTensor(),
-        T.RandomResizedCrop(contract.input_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=list(contract.mean), std=list(contract.std)),
-    ])

@@ -8,14 +8,14 @@ is stored in Unicode NFC, and characters that cannot be seen or that reorder tex
 controls, byte-order marks, line separators, C0/C1 controls, private-use, unassigned) are refused rather
 than silently dropped, so that `ants` and `ants` + U+200B can never be two classes.
 
-This module imports nothing from the rest of training/, so training.data and training.datasets both use it.
+This module imports nothing from the rest of training/, so core.data and core.datasets both use it.
 """
 from __future__ import annotations
 
 import unicodedata
 
 MAX_CHARS = 100
-MAX_BYTES = 255  # one path component on Linux file systems (ext4, xfs, tmpfs); training.data.NAME_MAX
+MAX_BYTES = 255  # one path component on Linux file systems (ext4, xfs, tmpfs); core.data.NAME_MAX
 # A label is a class folder when a snapshot is materialized: not a name the dataset reader gives a meaning of
 # its own (train/, val/, macOS's resource folders); names starting with '.' are hidden folders there.
 RESERVED = {"train", "val", "__MACOSX"}

@@ -18,7 +18,7 @@ import typing
 
 from pydantic import ValidationError
 
-from training.config import TrainRequest
+from core.config import TrainRequest
 
 
 def _add_request_options(p: argparse.ArgumentParser) -> None:
@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
         for err in e.errors():
             print(f"  --{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
-    from training.progress_view import ProgressView
+    from core.progress_view import ProgressView
 
     out = sys.stderr if args.json else sys.stdout
     # The bar (or, when stderr is not a terminal, a line per phase) goes to stderr, so stdout keeps the log,
@@ -113,7 +113,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    from training.store import Store
+    from core.store import Store
 
     store = Store()
     rows = store.list_info()
@@ -138,9 +138,9 @@ def cmd_versions(args) -> int:
 def cmd_dataset(args) -> int:
     from pathlib import Path
 
-    from training.data import DatasetError
-    from training.datasets import Datasets
-    from training.store import Store
+    from core.data import DatasetError
+    from core.datasets import Datasets
+    from core.store import Store
 
     datasets = Datasets(Store())
     if args.dataset_command == "list":
@@ -166,13 +166,13 @@ def cmd_dataset(args) -> int:
             print(f"  {h['snapshot']}  {h['at']}  {h['action']:8s} {h['images']} images")
         return 0
     if args.dataset_command == "sweep":
-        from training.dataset_sweep import sweep
+        from core.dataset_sweep import sweep
 
         removed = sweep(datasets.store)
         print(json.dumps(removed) if args.json else
               ", ".join(f"removed {len(v)} {k}" for k, v in removed.items()))
         return 0
-    from training.dataset_sweep import sweep_local
+    from core.dataset_sweep import sweep_local
 
     sweep_local(datasets.store)  # what adds killed on this machine left; images need `refit dataset sweep`
     path = Path(args.path)
@@ -202,8 +202,8 @@ def cmd_predict(args) -> int:
     import numpy as np
 
     from training.export import read_contract, session
-    from training.preprocess import preprocess
-    from training.store import Store
+    from core.preprocess import preprocess
+    from core.store import Store
 
     store = Store()
     version = store.resolve(args.version)
@@ -230,8 +230,8 @@ def cmd_explain(args) -> int:
 
     from service.explain import NotExplainable, UnknownLabel, explain_upload
     from service.model import ModelHolder, open_version
-    from training.preprocess import MAX_PIXELS
-    from training.store import Store
+    from core.preprocess import MAX_PIXELS
+    from core.store import Store
 
     image = Path(args.image)
     if not image.is_file():
@@ -269,11 +269,11 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    from training.data import DatasetError
+    from core.data import DatasetError
     from training.export import ExportError
-    from training.preprocess import ImageError
+    from core.preprocess import ImageError
     from training.registry import BackboneError, list_backbones
-    from training.store import Store, StoreError
+    from core.store import Store, StoreError
 
     try:
         if args.command == "train":
