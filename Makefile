@@ -7,10 +7,10 @@ PIP    := env PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= $(BIN)/pip
 PORT   ?= 3000
 export REFIT_HOME ?= $(CURDIR)/models
 # BentoML's own home (task results, its model store) must be the same folder; the CLI resolves it before
-# the service module is imported, so it is set here rather than left to core/paths.py.
+# the service module is imported (and no module sets anything when imported), so it is set here.
 export BENTOML_HOME ?= $(REFIT_HOME)
 
-.PHONY: install serve test bench container train-demo clean
+.PHONY: install serve test lint bench container train-demo clean
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,16 @@ $(VENV)/.installed: pyproject.toml
 serve: install
 	$(BIN)/bentoml serve service.service:Refit --port $(PORT)
 
+# The linters first (seconds): ruff (pyproject's [tool.ruff]) and the import layers (lint-imports,
+# pyproject's [tool.importlinter]: serving never imports torch, the core needs neither torch nor BentoML).
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python -m bench.run
