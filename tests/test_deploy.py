@@ -67,10 +67,11 @@ def requirement_names(lines) -> set[str]:
 
 
 def settings_read_by_code() -> set[str]:
-    names = set()
-    for path in list((ROOT / "service").glob("*.py")) + list((ROOT / "training").glob("*.py")):
-        names |= set(re.findall(r"REFIT_[A-Z0-9_]+", path.read_text()))
-    return names
+    """Every REFIT_* variable the settings model reads (core/settings.py: each field, or its alias)."""
+    from core.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    return {(f.alias or prefix + name).upper() for name, f in Settings.model_fields.items()}
 
 
 # -- Kubernetes ----------------------------------------------------------------------------------------
