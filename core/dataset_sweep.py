@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 from core import snapshots
 from core.scratch import sweep as sweep_run_folders
+from core.settings import settings
 from core.store import Store, StoreError
 
 log = logging.getLogger("refit.datasets")
@@ -30,11 +30,11 @@ BLOBS = f"{ROOT}/blobs"
 
 
 def tmp_grace() -> float:
-    return float(os.environ.get("REFIT_DATASET_TMP_GRACE_SECONDS") or 3600)
+    return settings().dataset_tmp_grace_seconds
 
 
 def blob_grace() -> float:
-    return float(os.environ.get("REFIT_DATASET_BLOB_GRACE_SECONDS") or 86400)
+    return settings().dataset_blob_grace_seconds
 
 
 def sweep(store: Store, *, blobs: bool = True, tmp_age: float | None = None, blob_age: float | None = None
@@ -61,16 +61,7 @@ def sweep_local(store: Store, tmp_age: float | None = None) -> dict:
         if d.is_dir() and now - _newest(d) >= age:
             shutil.rmtree(d, ignore_errors=True)
             folders.append(d.name)
-    files = []
-    if not store.remote:
-        for p in sorted((store.root / ROOT).rglob(".*.tmp")):
-            try:
-                if now - p.stat().st_mtime >= age:
-                    p.unlink()
-                    files.append(p.name)
-            except FileNotFoundError:
-                continue  # its writer renamed it into place meanwhile
-    return {"temp folders": folders, "temp files": files}
+    return {"temp folders": folders, "temp files": store.objects.sweep_temp(ROOT, age)}
 
 
 def _newest(d: Path) -> float:
@@ -126,54 +117,14 @@ def referenced(store: Store) -> set[str]:
 
 def _listing(store: Store, prefix: str) -> list[tuple[str, float]]:
     """(key, modification time) of every object under `prefix`."""
-    if store.remote:
-        b = store.remote
-        out = []
-        with b._errors(prefix):
-            for page in b.client.get_paginator("list_objects_v2").paginate(Bucket=b.bucket, Prefix=b.key(prefix)):
-                out += [(o["Key"][len(b.prefix):], o["LastModified"].timestamp()) for o in page.get("Contents", [])]
-        return out
-    out = []
-    for rel in store.keys(prefix):
-        try:
-            out.append((rel, (store.root / rel).stat().st_mtime))
-        except FileNotFoundError:
-            continue
-    return out
+    return [(o.key, o.modified) for o in store.objects.listing(prefix)]
 
 
 def _modified(store: Store, rel: str) -> float | None:
-    if store.remote:
-        from botocore.exceptions import ClientError
-
-        b = store.remote
-        with b._errors(rel):
-            try:
-                return b.client.head_object(Bucket=b.bucket, Key=b.key(rel))["LastModified"].timestamp()
-            except ClientError as e:
-                if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                raise
-    try:
-        return (store.root / rel).stat().st_mtime
-    except FileNotFoundError:
-        return None
+    return store.objects.modified(rel)
 
 
 def freshen(store: Store, rel: str, data: bytes) -> bool:
     """True when the image is stored already, its time made recent enough that no sweep takes it for an
     orphan while the add that names it is still running; False when it is not stored."""
-    if not store.remote:
-        try:
-            os.utime(store.root / rel)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError:  # not ours to touch (another user's store): stored all the same
-            return True
-    modified = _modified(store, rel)
-    if modified is None:
-        return False
-    if time.time() - modified > blob_grace() / 2:
-        store.put_bytes(rel, data)  # the same bytes again: S3 has no touch, and LastModified is the age
-    return True
+    return store.objects.freshen(rel, data, older_than=blob_grace() / 2)

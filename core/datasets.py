@@ -8,9 +8,10 @@
 A snapshot's id is a hash of its entries, so the same images with the same labels are the same snapshot,
 and a change that changes nothing (every image a duplicate) writes nothing and answers the snapshot there
 is. Snapshots and images are written create-only and never rewritten; every change (add, relabel, remove)
-makes a new snapshot and moves the head with a compare-and-swap (`Store.put_record(if_tag=...)`). A writer
+makes a new snapshot and moves the head with a compare-and-swap (`Store.put_record(if_tag=...)`, core.cas). A writer
 that loses the race reads the newer head and applies its change to it again, so two concurrent adds both
-land; only the winner writes its snapshot's file, so the loser leaves nothing behind. The same code runs on a folder store and on S3; this module needs no torch (the service imports it).
+land; only the winner writes its snapshot's file, so the loser leaves nothing behind. The same code runs on a
+folder store and on S3; this module needs no torch (the service imports it).
 
     from core.datasets import Datasets
     reply = Datasets(Store()).add("bees", [("a.jpg", data, "bee")], source="upload")
@@ -22,25 +23,22 @@ import hashlib
 import io
 import json
 import logging
-import os
-import random
 import re
 import shutil
-import time
 import unicodedata
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterable
 
 from core import snapshots
+from core.cas import Contended, swap
 from core.contract import Contract
 from core.data import DatasetError, class_root, safe_extract_zip
 from core.dataset_sweep import freshen
 from core.labels import MAX_CHARS, RESERVED, label_problem
 from core.preprocess import MAX_PIXELS, ImageError, load_image
 from core.scratch import run_folder
-from core.store import CAS_ATTEMPTS, Store, StoreError, now_iso
+from core.store import Store, StoreError, now_iso
 
 log = logging.getLogger("refit.datasets")
 
@@ -184,43 +182,49 @@ class Datasets:
     def _change(self, name: str, change: Callable[[list[dict]], tuple[list[dict], dict]], *, action: str,
                 create: bool = False) -> dict:
         """Apply `change(entries) -> (new entries, facts)` to the newest snapshot and move the head to the result
-        by compare-and-swap, the new snapshot's record in it; on losing the race, start again from the newer
-        head. Only the winner writes the snapshot's file (core.snapshots), so a loser leaves nothing.
+        by compare-and-swap (core.cas), the new snapshot's record in it; on losing the race, start again from the
+        newer head. Only the winner writes the snapshot's file (core.snapshots), so a loser leaves nothing.
         Returns {"dataset", "snapshot", "parent", "changed", **facts}."""
         check_name(name)
+        try:
+            return swap(lambda: self._change_once(name, change, action, create),
+                        what=f"dataset {name!r}: the head")
+        except Contended as e:
+            raise StoreError(str(e)) from None
+
+    def _change_once(self, name: str, change: Callable, action: str, create: bool) -> dict | None:
+        """One round of `_change`: its reply, or None when another writer moved the head first."""
         head_key = f"{ROOT}/{name}/head.json"
-        for attempt in range(CAS_ATTEMPTS):
-            head, tag = self.store.record(head_key)
-            if head is None and tag is not None:
-                raise StoreError(f"{self.store.describe()}/{head_key} is damaged (not JSON); it was not changed")
-            if head is None and not create:
-                self.resolve(name)  # raises UnknownDataset
-            parent = head["snapshot"] if head else None
-            snapshots.settle(self.store, name, head)  # a winner killed before it wrote its snapshot's file
-            tip = snapshots.load(self.store, name, parent, head) if parent else None
-            new, facts = change([dict(e) for e in tip.entries.values()] if tip else [])
-            if new is None or (parent and snapshot_id(new) == parent) or (not new and not parent):
-                return {"dataset": name, "snapshot": parent, "parent": parent, "changed": False, **facts}
-            sid = snapshot_id(new)
-            record, full = snapshots.make(self.store, name, sid, tip, new, now_iso())
-            labels = Counter(e["label"] for e in new)
-            event = {"snapshot": sid, "parent": parent, "action": action, "at": record["created"],
-                     "images": len(new), "classes": len(labels),
-                     **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
-            # The head keeps the newest MAX_HISTORY changes, so its size (rewritten by every change) stays
-            # bounded; older snapshots stay in the store, reachable through each snapshot's `parent`.
-            history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
-            state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history, "record": record}
-            if self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
-                try:
-                    snapshots.write(self.store, name, record, new, full)
-                    snapshots.slim(self.store, head_key, record)
-                except StoreError as e:  # the change landed; the head carries its record and the next settle
-                    # (any writer's) writes the file: not an error to the caller
-                    log.warning("dataset %r: snapshot %s is the head, its file not written yet: %s", name, sid, e)
-                return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
-            time.sleep(random.uniform(0.01, 0.05) * min(attempt + 1, 10))  # let the winner finish
-        raise StoreError(f"dataset {name!r}: the head kept changing under this update ({CAS_ATTEMPTS} tries)")
+        head, tag = self.store.record(head_key)
+        if head is None and tag is not None:
+            raise StoreError(f"{self.store.describe()}/{head_key} is damaged (not JSON); it was not changed")
+        if head is None and not create:
+            self.resolve(name)  # raises UnknownDataset
+        parent = head["snapshot"] if head else None
+        snapshots.settle(self.store, name, head)  # a winner killed before it wrote its snapshot's file
+        tip = snapshots.load(self.store, name, parent, head) if parent else None
+        new, facts = change([dict(e) for e in tip.entries.values()] if tip else [])
+        if new is None or (parent and snapshot_id(new) == parent) or (not new and not parent):
+            return {"dataset": name, "snapshot": parent, "parent": parent, "changed": False, **facts}
+        sid = snapshot_id(new)
+        record, full = snapshots.make(self.store, name, sid, tip, new, now_iso())
+        labels = Counter(e["label"] for e in new)
+        event = {"snapshot": sid, "parent": parent, "action": action, "at": record["created"],
+                 "images": len(new), "classes": len(labels),
+                 **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
+        # The head keeps the newest MAX_HISTORY changes, so its size (rewritten by every change) stays
+        # bounded; older snapshots stay in the store, reachable through each snapshot's `parent`.
+        history = ((head or {}).get("history", []) + [event])[-MAX_HISTORY:]
+        state = {"dataset": name, "snapshot": sid, "updated": event["at"], "history": history, "record": record}
+        if not self.store.put_record(head_key, state, if_tag=tag, create_only=tag is None):
+            return None
+        try:
+            snapshots.write(self.store, name, record, new, full)
+            snapshots.slim(self.store, head_key, record)
+        except StoreError as e:  # the change landed; the head carries its record and the next settle
+            # (any writer's) writes the file: not an error to the caller
+            log.warning("dataset %r: snapshot %s is the head, its file not written yet: %s", name, sid, e)
+        return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
 
     def add(self, name: str, items: Iterable[tuple], *, source: str, replace: bool = False,
             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> dict:
@@ -353,22 +357,14 @@ class Datasets:
             part = ("val" if e.get("split") == "val" else "train") if use_split else ""
             return dest / part / e["label"] / f"{e['sha256'][:20]}{_SUFFIX.get(e.get('format'), '.jpg')}"
 
-        jobs = [(e["sha256"], target(e)) for e in entries]
+        jobs = [(blob_key(e["sha256"]), target(e)) for e in entries]
         for _, path in jobs:
             path.parent.mkdir(parents=True, exist_ok=True)
-        if self.store.remote:
-            # Downloads are network-bound; a few at a time (boto3 clients are thread-safe).
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                list(pool.map(lambda j: self.store.get_file(blob_key(j[0]), j[1]), jobs))
-        else:
-            for sha, path in jobs:
-                src = self.store.root / blob_key(sha)
-                if not src.is_file():
-                    raise StoreError(f"dataset {name!r}: image {sha} is missing from {self.store.describe()}")
-                try:
-                    os.link(src, path)  # no copy of the bytes: the run only reads them
-                except OSError:
-                    shutil.copyfile(src, path)
+        try:  # hard links in a folder store (the run only reads them), a few downloads at a time from S3
+            self.store.objects.download_all(jobs)
+        except FileNotFoundError as e:
+            sha = str(e.args[0] if e.args else e).rsplit("/", 1)[-1]
+            raise StoreError(f"dataset {name!r}: image {sha} is missing from {self.store.describe()}") from None
         return dest
 
 

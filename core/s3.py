@@ -1,5 +1,5 @@
-"""The few S3 calls the store makes: small objects read and written whole, files uploaded and downloaded,
-and the two conditional writes that stand in for a lock where there is no shared file system.
+"""The store's objects on S3 (`core.objects.ObjectStore`): small objects read and written whole, files uploaded
+and downloaded, and the two conditional writes that stand in for a lock where there is no shared file system.
 
 boto3 rather than s3fs: the pointer needs a compare-and-swap on the object's ETag (`If-Match`), and boto3
 passes `IfMatch` / `IfNoneMatch` straight to PutObject, while s3fs only offers the create-only half
@@ -8,20 +8,24 @@ passes `IfMatch` / `IfNoneMatch` straight to PutObject, while s3fs only offers t
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from core.store import StoreError
+from core.objects import Conflict, Listed, StoreError
 
-
-class Conflict(Exception):
-    """A conditional write lost: the object changed (If-Match) or already exists (If-None-Match)."""
+__all__ = ["Bucket", "Conflict"]
 
 
 class Bucket:
     """Objects under `s3://bucket/prefix`; every key below is relative to that prefix."""
+
+    root = None  # nothing of it is a file on this machine
+    json_indent = None  # records compact: every reader downloads them
 
     def __init__(self, url: str):
         rest = url[len("s3://"):]
@@ -57,14 +61,40 @@ class Bucket:
                 return None
             return r["Body"].read(), r["ETag"]
 
-    def etag(self, rel: str) -> str | None:
+    def _head(self, rel: str) -> dict | None:
         with self._errors(rel):
             try:
-                return self.client.head_object(Bucket=self.bucket, Key=self.key(rel))["ETag"]
+                return self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
             except ClientError as e:
                 if _code(e) in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
+
+    def etag(self, rel: str) -> str | None:
+        head = self._head(rel)
+        return head["ETag"] if head else None
+
+    def exists(self, rel: str) -> bool:
+        return self.etag(rel) is not None
+
+    def signature(self, rel: str) -> object:
+        return self.etag(rel)  # a HEAD request
+
+    def modified(self, rel: str) -> float | None:
+        head = self._head(rel)
+        return head["LastModified"].timestamp() if head else None
+
+    def freshen(self, rel: str, data: bytes, older_than: float) -> bool:
+        modified = self.modified(rel)
+        if modified is None:
+            return False
+        if time.time() - modified > older_than:
+            self.put(rel, data)  # the same bytes again: S3 has no touch, and LastModified is the age
+        return True
+
+    @contextlib.contextmanager
+    def locked(self):
+        yield  # S3's writes are conditional on the server: nothing to hold here
 
     def put(self, rel: str, data: bytes, *, if_match: str | None = None, create_only: bool = False) -> str:
         """Write the object; with `if_match` only over that ETag, with `create_only` only where there is none.
@@ -90,6 +120,19 @@ class Bucket:
         with self._errors(rel):
             self.client.download_file(self.bucket, self.key(rel), str(path))
 
+    def download_all(self, pairs: list[tuple[str, Path]]) -> None:
+        def one(pair: tuple[str, Path]) -> None:
+            if self.etag(pair[0]) is None:
+                raise FileNotFoundError(pair[0])
+            self.download(*pair)
+
+        # Downloads are network-bound; a few at a time (boto3 clients are thread-safe).
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(one, pairs))
+
+    def sweep_temp(self, prefix: str, age: float) -> list[str]:
+        return []  # an object is written whole or not at all: nothing is left half written
+
     def delete(self, rel: str) -> None:
         """Remove the object; removing one that is not there is not an error (S3 answers 204 either way)."""
         with self._errors(rel):
@@ -97,12 +140,17 @@ class Bucket:
 
     def list(self, rel_prefix: str) -> list[str]:
         """Keys (relative to the store's prefix) that start with `rel_prefix`."""
+        return [o.key for o in self.listing(rel_prefix)]
+
+    def listing(self, rel_prefix: str) -> list[Listed]:
+        """Keys that start with `rel_prefix`, with their sizes and modification times (one listing)."""
         out = []
         with self._errors(rel_prefix):
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                           Prefix=self.key(rel_prefix))
             for page in pages:
-                out += [o["Key"][len(self.prefix):] for o in page.get("Contents", [])]
+                out += [Listed(o["Key"][len(self.prefix):], o["Size"], o["LastModified"].timestamp())
+                        for o in page.get("Contents", [])]
         return out
 
     def folders(self, rel_prefix: str) -> list[str]:
@@ -116,6 +164,12 @@ class Bucket:
             for page in pages:
                 out += [p["Prefix"][len(base):].rstrip("/") for p in page.get("CommonPrefixes", [])]
         return sorted(out)
+
+    def folders_with(self, rel_prefix: str, name: str) -> list[str]:
+        """One listing of every key below (S3 has no folder to look into)."""
+        base = rel_prefix.rstrip("/") + "/"
+        return sorted({k[len(base):-len(name) - 1] for k in self.list(base)
+                       if k.endswith(f"/{name}") and "/" not in k[len(base):-len(name) - 1]})
 
     def _errors(self, rel: str):
         return _Translate(f"{self.url}/{rel}")

@@ -430,7 +430,8 @@ def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_a
 def test_a_claim_heartbeat_that_landed_on_a_retry_is_not_a_takeover(s3_endpoint, tmp_path):
     """A conditional heartbeat PUT that botocore retried after it had landed got a 412; that counted as the
     sweep's takeover for good, and the publish was refused at its last step."""
-    from core.store import StoreError, _ClaimBeat, now_iso
+    from core.claims import ClaimBeat as _ClaimBeat
+    from core.store import StoreError, now_iso
 
     store = Store(tmp_path / "home", url=f"s3://{S3_BUCKET}/{uuid.uuid4().hex}")
     key, note = f"{ENTRIES}v0042/.claim", {"at": now_iso(), "host": "h", "pid": 1}
