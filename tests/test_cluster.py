@@ -216,7 +216,7 @@ def test_second_submit_while_a_job_holds_the_line_is_refused_on_the_other_replic
 
 def test_queue_that_cannot_be_reached_answers_503_and_frees_the_line(cluster, tmp_path):
     """Redis away at submit: the client hears 503 at once, the job is recorded failed, the next may start."""
-    from service.jobs import AdmissionError
+    from service.errors import ApiError as AdmissionError
     from service.queue import QueueRunner, SharedJobs
 
     with socket_port() as port:
