@@ -29,10 +29,6 @@ UPLOADS = "uploads"  # the dataset a retrain upload becomes a snapshot of when t
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the server is out of space: 507, not the client's fault
 
 
-# The old name of ApiError, for callers of admit() that still catch it.
-AdmissionError = ApiError
-
-
 async def admit(request: Request, jobs: JobStore, store) -> dict:
     """The admitted job, holding the one-job lock; raises ApiError with the status and reply. `store`
     holds the datasets a request may name, and receives an upload as a snapshot."""
