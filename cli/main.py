@@ -295,7 +295,7 @@ def main(argv=None) -> int:
         if args.command == "explain":
             return cmd_explain(args)
         if args.command == "worker":
-            from service.worker import main as work
+            from training.worker import main as work
 
             return work(burst=args.burst, name=args.name)
         if args.command == "dataset":

@@ -1,4 +1,4 @@
-"""Retrain jobs: admission, state on disk, and the training run in its own process.
+"""Retrain jobs on this machine: state on disk, the one-job lock, and the training run in a process of its own.
 
 Each job is a folder REFIT_HOME/jobs/<id>/ with job.json (replaced atomically on every change), the
 extracted dataset, the training log, progress.json (where the run is: phase, epoch, best validation accuracy,
@@ -11,12 +11,10 @@ versions are published atomically, so such a job never leaves a partial version 
 A training process pays about five seconds of imports (torch, the ONNX exporter, the quantizer,
 torch.optim's compiler hooks) before it reads a single image. The service therefore keeps one standby
 process that has done them, and exported the default backbone's feature graph, ahead of time. It waits on a
-unix socket in the jobs folder, so whichever server worker admits a job hands it over; the worker that
-started it starts a fresh one once it has taken a job. Each job still runs in a process of its own that
-exits with it.
-
-    python -m service.jobs run REFIT_HOME/jobs/<id>     # one job in a fresh process
-    python -m service.jobs standby REFIT_HOME/jobs/.standby.sock   # warm up, then run the job dir sent to it
+unix socket in the jobs folder (core/standby.py), so whichever server worker admits a job hands it over; the
+worker that started it starts a fresh one once it has taken a job. Each job still runs in a process of its
+own that exits with it. The training process is `training/jobrun.py`, started by module name: the serving
+side never imports the training code.
 """
 from __future__ import annotations
 
@@ -27,40 +25,28 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
-from service import settings
+from core import standby
 from core.data import check_layout
-from core.progress import describe
-from core.progress_view import throttled
-from core.scratch import scratch_root, sweep
+from core.jobs import ACTIVE, JOB_ID, PROGRESS_FILE, Status, alive, failed, new_id, new_record, public, read_json
+from core.scratch import sweep
+from core.settings import PACKAGE_ROOT, settings
 from core.store import atomic_write_json, now_iso
+from service.errors import ApiError
 
 log = logging.getLogger("refit.jobs")
 
-ACTIVE = ("queued", "running")
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding service/ and training/
-_JOB_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,99}")
-PROGRESS_FILE = "progress.json"
-# A poll every second sees a fresh state; the head's hundreds of epochs a second are not each written.
-PROGRESS_EVERY = 0.5
-
-
-class AdmissionError(Exception):
-    """A retrain request refused before it starts; status is the HTTP code, body the JSON reply."""
-
-    def __init__(self, status: int, message: str, **extra):
-        super().__init__(message)
-        self.status = status
-        self.body = {"error": message, **extra}
+TRAINING_PROCESS = "training.jobrun"  # python -m training.jobrun run|standby ...
+BUSY = "busy: a retrain is already running; submit again when it has finished"
+# The old name of ApiError here; service/service.py still imports it from this module (to go at the merge).
+AdmissionError = ApiError
+__all__ = ["PACKAGE_ROOT", "AdmissionError", "BUSY", "Jobs", "public", "looks_like_dataset"]
 
 
 class Jobs:
@@ -75,7 +61,7 @@ class Jobs:
     # -- state ------------------------------------------------------------------------------------
     def dir(self, job_id: str) -> Path:
         # A client names jobs (GET /jobs/{id}, task ids): only a name a job could have reaches the file system.
-        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
             raise KeyError(job_id)
         return self.root / job_id
 
@@ -128,14 +114,12 @@ class Jobs:
         fd = self._try_lock()
         if fd is None:
             running = self.active()
-            raise AdmissionError(409, "busy: a retrain is already running; submit again when it has finished",
-                                 job=public(running) if running else None)
+            raise ApiError(409, BUSY, job=public(running) if running else None)
         try:
             self._fail_stale()  # we hold the lock, so any job still marked active has lost its worker
-            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            job_id = new_id()
             self.dir(job_id).mkdir(parents=True)
-            job = {"id": job_id, "status": "queued", "created": now_iso(), "actor": actor, "source": source,
-                   "request": request, "task_id": job_id, "result": None, "error": None}
+            job = new_record(job_id, request=request, source=source, actor=actor)
             atomic_write_json(self.dir(job_id) / "job.json", job)
         except BaseException:
             os.close(fd)
@@ -161,7 +145,7 @@ class Jobs:
     def abandon(self, job_id: str, message: str) -> None:
         """An admitted job that will not run: record why, drop its data and give back the lock."""
         try:
-            self.update(job_id, status="failed", finished=now_iso(), error={"status": 503, "message": message})
+            self.update(job_id, **failed(503, message, finished=now_iso()))
         finally:
             self.release(job_id)
             shutil.rmtree(self.dir(job_id) / "data", ignore_errors=True)
@@ -183,18 +167,18 @@ class Jobs:
         if fd is None:
             return []  # another live worker holds a job; its state is current
         try:
-            failed = self._fail_stale()
+            stale = self._fail_stale()
             for job in self.list(limit=100_000):
                 if job.get("status") not in ACTIVE:
                     self._drop_scratch(job["id"])
-            return failed
+            return stale
         finally:
             os.close(fd)
 
     def _sweep_incoming(self) -> None:
         for d in self.root.glob(".incoming-*"):
             pid = d.name.split("-")[1]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and alive(int(pid)):
                 continue  # a live worker is still receiving this upload
             log.warning("removing a partial upload left by a stopped process: %s", d)
             shutil.rmtree(d, ignore_errors=True)
@@ -208,28 +192,27 @@ class Jobs:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _fail_stale(self) -> list[str]:
-        failed = []
+        stale = []
         for job in self.list(limit=100_000):
             if job.get("status") not in ACTIVE:
                 continue
             d = self.dir(job["id"])
             if (d / "result.json").is_file():  # the run finished; only the bookkeeping was cut short
-                self.update(job["id"], status="succeeded", finished=now_iso(),
+                self.update(job["id"], status=Status.SUCCEEDED, finished=now_iso(),
                             result=json.loads((d / "result.json").read_text()))
                 continue
             end = self._published(job)
-            if end is not None:  # killed after its version landed: that is its outcome (service/outcome.py)
+            if end is not None:  # killed after its version landed: that is its outcome (core/outcome.py)
                 self.update(job["id"], finished=now_iso(), **end)
                 continue
-            self.update(job["id"], status="failed", finished=now_iso(),
-                        error={"status": 500, "message": "the service stopped while this job was running; "
-                               "no version was published by it"})
-            failed.append(job["id"])
+            self.update(job["id"], **failed(500, "the service stopped while this job was running; no version was "
+                                                 "published by it", finished=now_iso()))
+            stale.append(job["id"])
             log.warning("retrain job %s was interrupted by a restart; marked failed", job["id"])
-        return failed
+        return stale
 
     def _published(self, job: dict) -> dict | None:
-        from service.outcome import published_outcome
+        from core.outcome import published_outcome
         from core.store import Store
 
         try:
@@ -243,7 +226,7 @@ class Jobs:
     def _env(train_threads: int) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
                                                                          os.environ.get("PYTHONPATH")])),
-               "REFIT_PARENT_PID": str(os.getpid())}
+               "REFIT_PARENT_PID": str(os.getpid())}  # the training process dies with this one
         # Library thread pools size themselves from these before torch.set_num_threads runs.
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(train_threads)
@@ -253,7 +236,7 @@ class Jobs:
 
     @property
     def _socket(self) -> Path:
-        return self.root / ".standby.sock"
+        return standby.address(self.root)
 
     def start_standby(self, train_threads: int) -> None:
         """Start the warm training process the next job will run in, whichever worker admits that job: it
@@ -266,7 +249,7 @@ class Jobs:
         log_path = self.root / ".standby.log"
         with open(log_path, "ab") as logf:
             self._standby = proc = subprocess.Popen(
-                [sys.executable, "-m", "service.jobs", "standby", str(self._socket)], stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", TRAINING_PROCESS, "standby", str(self._socket)], stdin=subprocess.DEVNULL,
                 stdout=logf, stderr=subprocess.STDOUT, env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
         try:
             loop = asyncio.get_running_loop()
@@ -292,15 +275,8 @@ class Jobs:
 
     def _take_standby(self, job_dir: Path) -> int | None:
         """Hand the job to the standby process (whichever worker started it): its pid once it has taken the
-        job (after its warm-up, if that is still going on), or None when there is none to take it."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            try:
-                conn.connect(str(self._socket))
-                conn.sendall(f"{job_dir}\n".encode())
-                reply = conn.makefile("r").readline().strip()
-            except OSError:  # no standby listening (none started, or it has taken a job), or it died
-                return None
-        return int(reply) if reply.isdigit() else None
+        job, or None when there is none to take it."""
+        return standby.hand_over(self._socket, job_dir)
 
     def stop_standby(self) -> None:
         self._standby_threads = None
@@ -313,16 +289,9 @@ class Jobs:
         """Train in a child process (the warm standby, or a fresh one) and wait for it without blocking the
         event loop. Returns the job."""
         d = self.dir(job_id)
-        job = self.update(job_id, status="running", started=now_iso())
+        self.update(job_id, status=Status.RUNNING, started=now_iso())
         t0 = time.monotonic()
-        pid = await asyncio.to_thread(self._take_standby, d) if settings.TRAIN_STANDBY else None
-        proc = None
-        if pid is None:
-            with open(d / "train.log", "ab") as logf:
-                proc = subprocess.Popen([sys.executable, "-m", "service.jobs", "run", str(d)], stdout=logf,
-                                        stderr=subprocess.STDOUT, env=self._env(train_threads),
-                                        cwd=str(PACKAGE_ROOT))
-            pid = proc.pid
+        pid, proc = await self._start_training(d, train_threads)
         self.update(job_id, pid=pid)
         try:
             rc = await asyncio.to_thread(proc.wait) if proc else await _exited(pid)
@@ -331,21 +300,33 @@ class Jobs:
             # or a worker shutting down): stop training too, or it would run on unaccounted for.
             _kill(pid)
             await asyncio.shield(asyncio.to_thread(proc.wait) if proc else _exited(pid))
-            self.update(job_id, status="failed", finished=now_iso(),
-                        error={"status": 499, "message": "the request running this job was cancelled"})
+            self.update(job_id, **failed(499, "the request running this job was cancelled", finished=now_iso()))
             raise
-        seconds = round(time.monotonic() - t0, 2)
-        if (d / "result.json").is_file():
-            job = self.update(job_id, status="succeeded", finished=now_iso(), seconds=seconds,
-                              result=json.loads((d / "result.json").read_text()))
-        else:
-            code = f" with code {rc}" if rc is not None else ""
-            err = _read_json(d / "error.json") or {"status": 500, "message": f"training exited{code}; "
-                                                   f"the job's train.log on the server has the details"}
-            log.error("retrain job %s failed (exit %s); log: %s", job_id, rc, d / "train.log")
-            job = self.update(job_id, status="failed", finished=now_iso(), seconds=seconds, error=err)
+        job = self._record_end(job_id, rc, seconds=round(time.monotonic() - t0, 2))
         self._drop_scratch(job_id)  # the extracted upload and the run's temp files are not needed any more
         return job
+
+    async def _start_training(self, d: Path, train_threads: int) -> tuple[int, subprocess.Popen | None]:
+        """The pid training the job in `d`: the standby's, when one took it, else a fresh child's (and it)."""
+        pid = await asyncio.to_thread(self._take_standby, d) if settings().train_standby else None
+        if pid is not None:
+            return pid, None
+        with open(d / "train.log", "ab") as logf:
+            proc = subprocess.Popen([sys.executable, "-m", TRAINING_PROCESS, "run", str(d)], stdout=logf,
+                                    stderr=subprocess.STDOUT, env=self._env(train_threads), cwd=str(PACKAGE_ROOT))
+        return proc.pid, proc
+
+    def _record_end(self, job_id: str, rc: int | None, *, seconds: float) -> dict:
+        """The job's end, from what its training process left: result.json, or error.json, or only its code."""
+        d = self.dir(job_id)
+        if (d / "result.json").is_file():
+            return self.update(job_id, status=Status.SUCCEEDED, finished=now_iso(), seconds=seconds,
+                               result=json.loads((d / "result.json").read_text()))
+        code = f" with code {rc}" if rc is not None else ""
+        err = read_json(d / "error.json") or {"status": 500, "message": f"training exited{code}; "
+                                              f"the job's train.log on the server has the details"}
+        log.error("retrain job %s failed (exit %s); log: %s", job_id, rc, d / "train.log")
+        return self.update(job_id, status=Status.FAILED, finished=now_iso(), seconds=seconds, error=err)
 
 
 async def _exited(pid: int) -> None:
@@ -373,16 +354,6 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _with_progress(job: dict, job_dir: Path) -> dict:
     """A job with `progress`, where its training run is (phase, epoch, epochs, best_val_acc, eta_seconds,
     elapsed_seconds and `message`, one line of them), from the progress.json its training process keeps, as a
@@ -390,11 +361,11 @@ def _with_progress(job: dict, job_dir: Path) -> dict:
     one from before progress.json) gets the last line of its training log instead, as a string."""
     if job.get("progress"):
         return job
-    state = _read_json(job_dir / PROGRESS_FILE)
+    state = read_json(job_dir / PROGRESS_FILE)
     if isinstance(state, dict):
         job["progress"] = state
         return job
-    if job.get("status") != "running":
+    if job.get("status") != Status.RUNNING:
         return job
     try:
         with open(job_dir / "train.log", "rb") as f:
@@ -409,199 +380,8 @@ def _with_progress(job: dict, job_dir: Path) -> dict:
     return job
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def public(job: dict) -> dict:
-    """What a client sees of a job (the log stays on the server)."""
-    keys = ("id", "task_id", "status", "created", "started", "finished", "seconds", "actor", "source",
-            "request", "progress", "worker", "heartbeat", "result", "error")
-    return {k: job.get(k) for k in keys if k in job}
-
-
 def looks_like_dataset(root: Path) -> str | None:
     """Catch a wrong archive at submit time; the training process does the thorough check."""
     return check_layout(root)
 
 
-# --- the training process ------------------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """Linux: be killed when the worker that started us dies, so no orphan publishes after a restart."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    parent = os.environ.get("REFIT_PARENT_PID")
-    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _lower_priority() -> None:
-    try:
-        os.nice(10)  # predictions win the CPU whenever both want it
-    except OSError:
-        pass
-
-
-def warm_up() -> None:
-    """What every run would otherwise pay first: imports, torch.optim's lazy compiler import, and the
-    default backbone's frozen graphs (exported once into the store's cache): its features for the head, and
-    the frozen stages of a default `partial` for the activation cache."""
-    import matplotlib.pyplot  # noqa: F401 - the confusion-matrix plot
-    import onnxruntime.quantization  # noqa: F401
-    import torch
-
-    from core.config import TrainRequest
-    from training.export import feature_session
-    from training.pipeline import train  # noqa: F401
-    from training.registry import create_backbone
-    from core.store import Store
-
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    backbone = TrainRequest.model_fields["backbone"].default
-    bb = create_backbone(backbone, num_classes=2, pretrained=True)
-    feature_session(bb, bb.contract.input_size, Store().home / "cache")
-    from training.activations import prefix_session, split_model
-    from training.finetune import STRATEGIES, apply_strategy
-
-    defaults = TrainRequest()
-    _, summary = apply_strategy(bb, STRATEGIES["partial"], lr=defaults.lr, backbone_lr=defaults.backbone_lr,
-                                unfreeze_blocks=defaults.unfreeze_blocks, log=lambda _: None)
-    split = split_model(bb, summary["unfrozen_stages"])
-    if split is not None:
-        prefix_session(bb, split, bb.contract.input_size, Store().home / "cache")
-
-
-def standby(address: Path) -> int:
-    """Listen on a unix socket in the jobs folder, warm up, then take one job folder from the first worker
-    that connects, answer with this pid, and run the job with stdout/stderr in its log."""
-    _die_with_parent()
-    _lower_priority()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    staging = address.with_name(f".standby-{os.getpid()}.sock")
-    staging.unlink(missing_ok=True)
-    server.bind(str(staging))
-    server.listen(1)
-    os.replace(staging, address)  # listening from now on: a job handed over during warm-up waits for it
-    t0 = time.monotonic()
-    try:
-        warm_up()
-        print(f"standby {os.getpid()}: warm in {time.monotonic() - t0:.1f}s", flush=True)
-    except Exception as e:  # noqa: BLE001 - a failed warm-up only costs the job its start-up time
-        print(f"standby {os.getpid()}: warm-up failed ({type(e).__name__}: {e}); continuing cold", flush=True)
-    conn, _ = server.accept()
-    with conn:
-        line = conn.makefile("r").readline().strip()
-        if not line:
-            return 0
-        conn.sendall(f"{os.getpid()}\n".encode())
-    server.close()  # one job per standby: later connections are refused, and a fresh standby replaces it
-    job_dir = Path(line)
-    fd = os.open(job_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    sys.stdout.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    return run_job(job_dir, started=True)
-
-
-def run_job(job_dir: Path, *, started: bool = False, progress: Callable[[dict], None] | None = None) -> int:
-    """Run one job; `started`: the process has already tied itself to the service and lowered its priority.
-    Where the run is goes to job_dir/progress.json at most every PROGRESS_EVERY s and on every phase change;
-    `progress` is called with each state written there (a queue worker's heartbeat carries it)."""
-    from core.config import TrainRequest
-    from core.data import DatasetError
-    from training.pipeline import train
-    from core.progress import Progress
-    from core.store import Store
-
-    if not started:
-        _die_with_parent()
-        _lower_priority()
-    # Every temp file of this run (ours, onnxruntime's quantizer's) goes under the job, where the service
-    # removes it when the job ends, or at the next start if this process is killed.
-    tmp = job_dir / "tmp"
-    tmp.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = str(tmp)
-    tempfile.tempdir = str(tmp)
-    job = json.loads((job_dir / "job.json").read_text())
-    cap = int(os.environ.get("REFIT_TRAIN_THREADS") or 1)
-    request = TrainRequest.model_validate(job["request"])
-    request.threads = min(request.threads or cap, cap)
-    t0 = time.monotonic()
-
-    def say(msg: str) -> None:
-        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
-
-    def report(state: dict) -> None:
-        state = {**state, "message": describe(state)}
-        try:
-            atomic_write_json(job_dir / PROGRESS_FILE, state)
-        except OSError as e:  # a full disk say: the job's outcome matters more than its progress display
-            print(f"progress not written ({e})", flush=True)
-        if progress:
-            progress(state)
-
-    report(Progress().state)  # "preparing", until the run reports its own phases
-
-    what = job.get("data") or f"dataset {request.dataset} snapshot {request.snapshot or '(newest)'}"
-    say(f"job {job['id']}: training on {what} with {request.threads} thread(s) in process {os.getpid()}")
-    refused = (job.get("source") or {}).get("refused") or []
-    for r in refused:
-        say(f"refused when the upload was admitted: {r['name']}: {r['error']}")
-    try:
-        result = train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say,
-                       progress=throttled(report, PROGRESS_EVERY), job_id=job["id"])
-    except DatasetError as e:
-        atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
-        print(f"dataset error: {e}", flush=True)
-        return 3
-    except Exception as e:  # noqa: BLE001 - reported to the client; the traceback goes to the log
-        import traceback
-
-        traceback.print_exc()
-        atomic_write_json(job_dir / "error.json", {"status": 500, "message": f"training failed: "
-                                                   f"{type(e).__name__}: {_relative(str(e), job_dir)}"})
-        return 1
-    # An upload's files that admission refused (not images, corrupt) never reached the snapshot; they are
-    # reported where a client has always found the files training skipped.
-    result["skipped"] = [{"path": r["name"], "reason": r["error"]} for r in refused] + (result.get("skipped") or [])
-    atomic_write_json(job_dir / "result.json", json.loads(json.dumps(result, default=str)))
-    return 0
-
-
-def _relative(msg: str, job_dir: Path) -> str:
-    """Server paths out of a message for the client: the dataset's own paths are shown relative to what the
-    client sent (the upload or data_path), anything else under the job or the store by a name."""
-    from core.paths import refit_home
-
-    home = refit_home()
-    # A data_path .zip is unpacked into the run's folder: REFIT_HOME/tmp/runs/run-<pid>-<id>/dataset/...
-    msg = re.sub(re.escape(str(scratch_root(home))) + r"/[^/\s]+/dataset/?", "", msg)
-    for root, shown in ((job_dir / "data", "."), (os.environ.get("REFIT_DATA_ROOT"), "."),
-                        (job_dir, f"job {job_dir.name}"), (home, "REFIT_HOME")):
-        if root:
-            msg = msg.replace(f"{root}{os.sep}", "" if shown == "." else f"{shown}: ").replace(str(root), shown)
-    return msg
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 2 and argv[0] == "standby":
-        return standby(Path(argv[1]))
-    if len(argv) != 2 or argv[0] != "run":
-        print(__doc__, file=sys.stderr)
-        return 2
-    return run_job(Path(argv[1]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

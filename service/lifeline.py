@@ -5,7 +5,7 @@ socket. When only the supervisor is killed (kill -9, the OOM killer), nothing te
 the port, so a restart fails with "Address already in use", and a retrain they run goes on to publish and
 promote with nobody supervising it. Each worker therefore watches its parent: once the supervisor is gone it
 kills its own children (the training process, the warm standby) and exits at once. The training processes
-are also tied to their worker by PR_SET_PDEATHSIG (service/jobs.py), so they go even if this check is late.
+are also tied to their worker by PR_SET_PDEATHSIG (training/jobrun.py), so they go even if this check is late.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import os
 import signal
 import threading
 import time
+
+from core.settings import settings
 
 log = logging.getLogger("refit.lifeline")
 
@@ -30,7 +32,7 @@ def die_with_supervisor(poll_seconds: float = POLL_SECONDS) -> None:
     """In a worker: start a daemon thread that ends this process when the supervisor is gone. Polling the
     parent pid rather than PR_SET_PDEATHSIG, because that signal follows the supervisor's forking *thread*,
     which BentoML does not promise to keep, and a worker killed by mistake costs a failed request."""
-    supervisor = int(os.environ.get(SUPERVISOR_ENV) or os.getppid())
+    supervisor = settings().supervisor_pid or os.getppid()
     if os.getppid() != supervisor:  # gone before we got here
         _exit(supervisor)
 
@@ -99,7 +101,6 @@ def _exit(supervisor: int) -> None:
               supervisor, os.getpid())
     _kill_children()
     os._exit(1)  # no graceful shutdown: there is no supervisor left to finish it for
-
 
 
 def trim_heap() -> None:

@@ -12,13 +12,15 @@ import asyncio
 import logging
 from typing import Callable, Protocol
 
-from service.jobs import Jobs
+from core.jobs import Status, failed
 from core.store import now_iso
+from service.jobs import Jobs
 
 log = logging.getLogger("refit.runner")
 
 # The words of GET /retrain/status, those BentoML's task endpoints used, for the job's states.
-TASK_STATUS = {"queued": "in_progress", "running": "in_progress", "succeeded": "completed", "failed": "failed"}
+TASK_STATUS = {Status.QUEUED: "in_progress", Status.RUNNING: "in_progress", Status.SUCCEEDED: "completed",
+               Status.FAILED: "failed"}
 
 
 class JobRunner(Protocol):
@@ -47,9 +49,8 @@ class LocalRunner:
             job = await self.jobs.run(job_id, train_threads=self.train_threads)
         except Exception as e:  # noqa: BLE001 - the job must end in a state a client can read
             log.exception("retrain job %s could not run", job_id)
-            job = self.jobs.update(job_id, status="failed", finished=now_iso(), error={
-                "status": 500, "message": f"the job could not run ({type(e).__name__}); the cause is in the "
-                                          "server log"})
+            job = self.jobs.update(job_id, **failed(500, f"the job could not run ({type(e).__name__}); the cause is "
+                                                         "in the server log", finished=now_iso()))
         finally:
             self.jobs.release(job_id)
         if self.on_finish:
@@ -71,16 +72,16 @@ def task_status(job: dict) -> dict:
     """The reply of GET /retrain/status; while the job runs, with its `progress` (as GET /jobs/{id} has it)."""
     reply = {"task_id": job["id"], "status": TASK_STATUS.get(job["status"], job["status"]),
              "created_at": job.get("created"), "executed_at": job.get("started"), "job_id": job["id"]}
-    if job["status"] == "running" and job.get("progress"):
+    if job["status"] == Status.RUNNING and job.get("progress"):
         reply["progress"] = job["progress"]
     return reply
 
 
 def task_result(job: dict) -> tuple[int, dict]:
     """The status code and reply of GET /retrain/get (and of the synchronous POST /retrain)."""
-    if job["status"] == "succeeded":
+    if job["status"] == Status.SUCCEEDED:
         return 200, {"job_id": job["id"], **(job.get("result") or {})}
-    if job["status"] == "failed":
+    if job["status"] == Status.FAILED:
         err = job.get("error") or {}
         return int(err.get("status") or 500), {"error": err.get("message") or "training failed", "job_id": job["id"]}
     return 400, {"error": f"task {job['id']} is not completed yet", "job_id": job["id"]}

@@ -278,7 +278,7 @@ def test_item13_skipped_image_paths_are_relative_to_the_dataset(http, first):
 
 def _trainers(srv: Server) -> list[psutil.Process]:
     procs = psutil.Process(srv.proc.pid).children(recursive=True)
-    return [p for p in procs if "service.jobs" in " ".join(p.cmdline())]
+    return [p for p in procs if "training.jobrun" in " ".join(p.cmdline())]
 
 
 def test_item13_killed_trainer_error_names_no_server_path(http, first):
@@ -399,7 +399,7 @@ def test_item14_killing_only_the_supervisor_stops_every_process(second, monkeypa
                   "the job to run")
     supervisor = psutil.Process(second.proc.pid)
     children = supervisor.children(recursive=True)
-    assert any("service.jobs" in " ".join(p.cmdline()) for p in children), "no training process to orphan"
+    assert any("training.jobrun" in " ".join(p.cmdline()) for p in children), "no training process to orphan"
     supervisor.kill()
     second.proc.wait(10)
     t0 = time.time()

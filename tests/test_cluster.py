@@ -216,7 +216,7 @@ def test_second_submit_while_a_job_holds_the_line_is_refused_on_the_other_replic
 
 def test_queue_that_cannot_be_reached_answers_503_and_frees_the_line(cluster, tmp_path):
     """Redis away at submit: the client hears 503 at once, the job is recorded failed, the next may start."""
-    from service.jobs import AdmissionError
+    from service.errors import ApiError as AdmissionError
     from service.queue import QueueRunner, SharedJobs
 
     with socket_port() as port:
@@ -232,7 +232,7 @@ def test_queued_job_that_redis_lost_is_recorded_failed_and_frees_the_line(cluste
     """A job queued in a Redis that was emptied (restarted without persistence) would hold the line forever."""
     from redis import Redis
 
-    from service import settings
+    from core.settings import settings
     from service.queue import QueueRunner, SharedJobs, record_key
 
     other_db = cluster["queue"].rsplit("/", 1)[0] + "/5"  # no worker listens there: the job stays queued
@@ -241,7 +241,7 @@ def test_queued_job_that_redis_lost_is_recorded_failed_and_frees_the_line(cluste
     QueueRunner(jobs).submit(job["id"])
     assert jobs.get(job["id"])["status"] == "queued" and jobs.active()["id"] == job["id"]
     Redis.from_url(other_db).flushdb()
-    old = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - settings.JOB_TTL - 5))
+    old = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - settings().job_ttl_seconds - 5))
     jobs.store.put_record(record_key(job["id"]), {**jobs.get(job["id"]), "created": old})
     state = jobs.get(job["id"])
     assert state["status"] == "failed" and "no record of this job" in state["error"]["message"], state

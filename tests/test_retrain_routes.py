@@ -39,7 +39,7 @@ def http(server):
 
 def _trainers(srv: Server) -> list[psutil.Process]:
     procs = psutil.Process(srv.proc.pid).children(recursive=True)
-    return [p for p in procs if "service.jobs" in " ".join(p.cmdline())]
+    return [p for p in procs if "training.jobrun" in " ".join(p.cmdline())]
 
 
 def test_unknown_or_missing_task_id_is_a_json_error(http):

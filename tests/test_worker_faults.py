@@ -23,7 +23,6 @@ import pytest
 
 from conftest import ROOT, S3_BUCKET
 from serving import dataset_files, make_zip
-from service import settings
 from core.store import Store
 
 TTL = 10  # REFIT_JOB_TTL_SECONDS: seconds without a heartbeat before a running job counts as lost
@@ -137,7 +136,7 @@ def shared(s3_endpoint, redis_server, tmp_path, monkeypatch):
     """A fresh prefix of the moto bucket as the shared store, and the calls a replica makes on it."""
     from service.queue import QueueRunner, SharedJobs
 
-    monkeypatch.setattr(settings, "JOB_TTL", TTL)  # this process reads jobs as a replica configured like ENV
+    monkeypatch.setenv("REFIT_JOB_TTL_SECONDS", str(TTL))  # this process reads jobs as a replica configured like ENV
     url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
     jobs = SharedJobs(Store(tmp_path / "replica", url=url), redis_server.url)
     return {"url": url, "jobs": jobs, "runner": QueueRunner(jobs), "tmp": tmp_path}

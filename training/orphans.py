@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 
-from service.jobs import ACTIVE, _alive, _read_json
+from core.jobs import ACTIVE, MADE_ID, alive, read_json
 from core.store import Store
 
 log = logging.getLogger("refit.orphans")
-QUEUED_JOB_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{8}")  # the ids SharedJobs.admit gives; nothing else is touched
+QUEUED_JOB_ID = MADE_ID  # the ids a job is given (core.jobs.new_id); nothing else is touched
 
 
 def sweep_worker_home(store: Store, jobs) -> list[str]:
-    """`jobs`: the shared job records (service.queue.SharedJobs). Returns what was removed."""
+    """`jobs`: the shared job records (core.queue.SharedRecords). Returns what was removed."""
     removed = store.sweep_orphans()
     root = store.home / "jobs"
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
@@ -38,8 +37,8 @@ def sweep_worker_home(store: Store, jobs) -> list[str]:
 
 
 def _may_run_here(folder, jobs) -> bool:
-    horse = str((_read_json(folder / "job.json") or {}).get("worker") or "").rpartition("/")[2]
-    if horse.isdigit() and (int(horse) == os.getpid() or not _alive(int(horse))):
+    horse = str((read_json(folder / "job.json") or {}).get("worker") or "").rpartition("/")[2]
+    if horse.isdigit() and (int(horse) == os.getpid() or not alive(int(horse))):
         return False  # its horse is gone (a pid alive again by chance only keeps the folder a while longer)
     try:
         status = jobs.get(folder.name).get("status")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta, timezone
 
+from core.jobs import Status, failed
 from core.store import Store, StoreError
 
 log = logging.getLogger("refit.jobs")
@@ -41,11 +42,10 @@ def published_outcome(store: Store, job: dict) -> dict | None:
               "recovered": "the process running this job stopped after publishing; this result is read from "
                            "the version"}
     if decision.get("promote") and not promoted:
-        return {"status": "failed", "result": result,
-                "error": {"status": 500, "message": f"published {v} but not promoted: the process running this "
-                          f"job stopped before promoting it; promote {v} to serve it (POST /promote or `refit "
-                          f"promote {v}`), there is no need to train again"}}
-    return {"status": "succeeded", "result": result, "error": None}
+        return failed(500, f"published {v} but not promoted: the process running this job stopped before "
+                      f"promoting it; promote {v} to serve it (POST /promote or `refit promote {v}`), there is no "
+                      "need to train again", result=result)
+    return {"status": Status.SUCCEEDED, "result": result, "error": None}
 
 
 def _version_of(store: Store, job: dict) -> dict | None:

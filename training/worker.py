@@ -1,10 +1,13 @@
 """`refit worker`: take retrain jobs from the queue (REFIT_QUEUE) and run them against the shared store
 (REFIT_STORE), on any machine that has the training code. Run as many as you like: the model line admits one
-job at a time (service/queue.py), and each worker takes one job at a time.
+job at a time (core/queue.py), and each worker takes one job at a time.
 
 The worker imports torch and exports the default backbone's feature graph once, before its first job; RQ
 then forks a work horse per job, which starts warm. The horse dies with its worker (PDEATHSIG), so a worker
 killed mid-job publishes nothing; its job's heartbeat stops, and the job is recorded as failed.
+
+RQ names the function a job calls: replicas enqueue `training.worker.run_queued` (core/queue.py), and jobs
+queued before it moved here, as `service.worker.run_queued`, run as it too (training/rqworker.py).
 """
 from __future__ import annotations
 
@@ -17,25 +20,27 @@ import sys
 import threading
 from pathlib import Path
 
-from service import settings
-from service.jobs import ACTIVE, _die_with_parent, _lower_priority, _read_json, run_job, warm_up
-from service.queue import LINE, QUEUE_NAME, dataset_key, record_key, redis_connection
+from core.cas import Contended, swap
+from core.jobs import ACTIVE, Status, failed, read_json
+from core.queue import LINE, QUEUE_NAME, SharedRecords, dataset_key, record_key, redis_connection
+from core.settings import settings
 from core.store import Store, atomic_write_json, now_iso
+from training.jobrun import die_with_parent, lower_priority, run_job, warm_up
 
 log = logging.getLogger("refit.worker")
 
 
 def main(*, burst: bool = False, name: str | None = None) -> int:
-    if not settings.QUEUE:
+    queue = settings().queue
+    if not queue:
         print("refit: error: REFIT_QUEUE is not set; a worker needs the job queue's URL, e.g. "
               "REFIT_QUEUE=redis://localhost:6379/0 (and REFIT_STORE for the shared store)", file=sys.stderr)
         return 2
     from redis.exceptions import ConnectionError as RedisDown
 
-    from service.orphans import sweep_worker_home
-    from service.queue import SharedJobs
-    from service.rqworker import QueueWorker, free_name
     from core.scratch import sweep
+    from training.orphans import sweep_worker_home
+    from training.rqworker import QueueWorker, free_name
 
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     store = Store()
@@ -44,20 +49,20 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
         print(f"refit: error: worker {name}: the store {store.describe()} cannot be used: {problem}", file=sys.stderr)
         return 2
     try:
-        connection = redis_connection(settings.QUEUE)
+        connection = redis_connection(queue)
         taken = free_name(connection, name)
         if taken:
             print(f"refit: error: {taken}", file=sys.stderr)
             return 2
         sweep(store.home)  # temp folders of runs killed on this machine
-        sweep_worker_home(store, SharedJobs(store, settings.QUEUE))  # a killed job's leftovers
+        sweep_worker_home(store, SharedRecords(store, queue))  # a killed job's leftovers
         try:
             warm_up()
         except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
             log.warning("warm-up failed (%s: %s); jobs start cold", type(e).__name__, e)
         os.environ["REFIT_PARENT_PID"] = str(os.getpid())  # the work horses die with this process
         worker = QueueWorker([QUEUE_NAME], connection=connection, name=name,
-                             job_monitoring_interval=settings.WORKER_MONITOR_SECONDS)
+                             job_monitoring_interval=max(1, settings().worker_monitor_seconds))
         log.info("worker %s: store %s, queue %s", name, store.describe(), QUEUE_NAME)
         worker.work(burst=burst, logging_level="INFO")
     except RedisDown as e:
@@ -84,15 +89,15 @@ def store_problem(store: Store) -> str | None:
 
 def run_queued(job_id: str) -> str:
     """One job, in RQ's work horse: train on the job's dataset, publish, and record the outcome."""
-    _die_with_parent()
-    _lower_priority()
+    die_with_parent()
+    lower_priority()
     store = Store()
     me = f"{os.environ.get('RQ_WORKER_ID') or socket.gethostname()}/{os.getpid()}"  # worker name / horse pid
     job, tag = _queued_record(store, job_id)
-    if job.get("status") != "queued":
+    if job.get("status") != Status.QUEUED:
         log.warning("job %s is %s; not running it", job_id, job.get("status"))
         return "skipped"
-    job = {**job, "status": "running", "started": now_iso(), "heartbeat": now_iso(), "worker": me,
+    job = {**job, "status": Status.RUNNING, "started": now_iso(), "heartbeat": now_iso(), "worker": me,
            "updated": now_iso()}
     if not store.put_record(record_key(job_id), job, if_tag=tag):
         return "skipped"  # changed under us (cancelled, or recorded lost)
@@ -103,17 +108,27 @@ def run_queued(job_id: str) -> str:
         outcome = _train(store, job, folder, beat)
     finally:
         beat.stop()
-    # The last write: only over a record still saying running, so a job already recorded lost stays failed.
-    for _ in range(10):
-        current, tag = store.record(record_key(job_id))
-        if current is None or current.get("status") not in ACTIVE:
-            break
-        if store.put_record(record_key(job_id), {**current, **outcome, "finished": now_iso(),
-                                                 "updated": now_iso()}, if_tag=tag):
-            break
+    _record_outcome(store, job_id, outcome)
     store.delete_file(dataset_key(job_id))
     shutil.rmtree(folder, ignore_errors=True)  # the model line is free once the record says the job ended
-    return outcome["status"]
+    return str(outcome["status"])
+
+
+def _record_outcome(store: Store, job_id: str, outcome: dict) -> None:
+    """The last write: only over a record still saying running, so a job already recorded lost stays failed."""
+
+    def attempt() -> bool | None:
+        current, tag = store.record(record_key(job_id))
+        if current is None or current.get("status") not in ACTIVE:
+            return True  # ended already (recorded lost, or cancelled): that record stands
+        done = store.put_record(record_key(job_id), {**current, **outcome, "finished": now_iso(),
+                                                     "updated": now_iso()}, if_tag=tag)
+        return True if done else None
+
+    try:
+        swap(attempt, what=f"the record of job {job_id}", attempts=10)
+    except Contended as e:  # readers kept writing it: the heartbeat's absence settles it as before
+        log.error("job %s: its outcome was not recorded: %s", job_id, e)
 
 
 class NotStarted(Exception):
@@ -146,13 +161,12 @@ def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
         store.get_file(dataset_key(job["id"]), folder / "dataset.zip")
         safe_extract_zip(folder / "dataset.zip", folder / "data")
     except FileNotFoundError:
-        return {"status": "failed", "error": {"status": 500, "message": "the job's dataset is not in the store"}}
+        return failed(500, "the job's dataset is not in the store")
     except DatasetError as e:
-        return {"status": "failed", "error": {"status": 422, "message": f"dataset: {e}"}}
+        return failed(422, f"dataset: {e}")
     except Exception as e:  # noqa: BLE001 - the store or this machine's disk: the job says so, not a stale heartbeat
         log.exception("job %s: the dataset could not be fetched", job["id"])
-        return {"status": "failed", "error": {"status": 503, "message": f"the worker could not fetch the dataset "
-                                                                        f"({type(e).__name__}); try again"}}
+        return failed(503, f"the worker could not fetch the dataset ({type(e).__name__}); try again")
     (folder / "dataset.zip").unlink()
     atomic_write_json(folder / "job.json", {**job, "data": str(folder / "data")})
     return _run(folder, beat)
@@ -160,17 +174,17 @@ def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
 
 def _run(folder: Path, beat: "_Heartbeat") -> dict:
     rc = run_job(folder, started=True, progress=beat.say)
-    result = _read_json(folder / "result.json")
+    result = read_json(folder / "result.json")
     if result is not None:
-        return {"status": "succeeded", "result": result, "progress": beat.last}
-    err = _read_json(folder / "error.json") or {"status": 500, "message": f"training exited with code {rc}; the "
+        return {"status": Status.SUCCEEDED, "result": result, "progress": beat.last}
+    err = read_json(folder / "error.json") or {"status": 500, "message": f"training exited with code {rc}; the "
                                                 f"worker's log has the details"}
-    return {"status": "failed", "error": err, "progress": beat.last}
+    return {"status": Status.FAILED, "error": err, "progress": beat.last}
 
 
 class _Heartbeat(threading.Thread):
     """Rewrites the running job's record every JOB_TTL/6 s, and at once when the run enters a new phase, with
-    where the run is (`progress`: the small dict service/jobs.py's run_job writes to progress.json). When the
+    where the run is (`progress`: the small dict training/jobrun.py's run_job writes to progress.json). When the
     record no longer says running (a reader declared this worker dead after a stall), the job stops here at
     once: the line has been given to the next job, and two jobs must never train on one line together."""
 
@@ -189,13 +203,13 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while True:
-            self._wake.wait(settings.JOB_TTL / 6)
+            self._wake.wait(settings().job_ttl_seconds / 6)
             self._wake.clear()
             if self._halt.is_set():
                 return
             try:
                 job, tag = self.store.record(record_key(self.job_id))
-                if job is not None and job.get("status") != "running":
+                if job is not None and job.get("status") != Status.RUNNING:
                     log.error("job %s was recorded %s while it ran here; stopping it", self.job_id, job.get("status"))
                     os.kill(os.getpid(), signal.SIGKILL)
                 if job is not None:
@@ -210,7 +224,7 @@ class _Heartbeat(threading.Thread):
         self.join(timeout=10)
 
 
-if __name__ == "__main__":  # python -m service.worker
+if __name__ == "__main__":  # python -m training.worker
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.exit(main(burst="--burst" in sys.argv))
 

@@ -27,15 +27,26 @@ from redis.exceptions import ConnectionError as RedisDown
 from redis.exceptions import TimeoutError as RedisSlow
 from rq import Worker
 
+from core.queue import JOB_FUNCTION, OLD_JOB_FUNCTION
+
 log = logging.getLogger("refit.worker")
 
 QUEUE_AWAY = (RedisDown, RedisSlow)
 
 
 class QueueWorker(Worker):
-    """`rq.Worker` whose Redis bookkeeping while (and right after) a job runs survives Redis being away."""
+    """`rq.Worker` whose Redis bookkeeping while (and right after) a job runs survives Redis being away, and
+    which runs jobs queued under the job function's old name."""
 
     _away_since: float | None = None
+
+    def perform_job(self, job, queue, execution):
+        # RQ keeps the function a job calls by name and imports it in the work horse (`Job.func`). A job queued
+        # before an upgrade names `service.worker.run_queued`, which no longer exists (and the serving package
+        # must not import the training code): it runs as the function's new name.
+        if job.func_name == OLD_JOB_FUNCTION:
+            job.func_name = JOB_FUNCTION
+        return super().perform_job(job, queue, execution)
 
     def maintain_heartbeats(self, job, execution):
         try:
