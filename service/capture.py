@@ -31,8 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from service.imagebytes import stored_form
 from core.store import Store, now_iso
+from service.imagebytes import stored_form
 
 log = logging.getLogger("refit.capture")
 

@@ -10,7 +10,7 @@ import logging
 import anyio
 from starlette.responses import JSONResponse
 
-from service import settings
+from core.settings import settings
 from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
 log = logging.getLogger("refit.guard")
@@ -31,20 +31,21 @@ def needs_token(method: str, path: str) -> bool:
         return True  # an image's bytes, as a captured image's: the listing is open, the photos are not
     if path.startswith("/datasets/") and path.split("/")[3:4] == ["snapshots"]:
         return True  # a manifest names every image by its upload's file name, often personal data
-    return settings.PROTECT_PREDICT and path.startswith(("/predict", "/explain"))
+    return settings().protect_predict and path.startswith(("/predict", "/explain"))
 
 
 def authorized(scope) -> bool:
-    if settings.TOKEN is None:
+    token = settings().token
+    if token is None:
         return True
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.TOKEN.encode())
+    scheme, _, sent = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), token.encode())
 
 
 def body_limit(path: str) -> int:
-    mb = settings.MAX_DATASET_MB if path.startswith(("/retrain", "/datasets")) else settings.MAX_REQUEST_MB
-    return int(mb * 1024 * 1024)
+    s = settings()
+    return s.max_dataset_bytes if path.startswith(("/retrain", "/datasets")) else s.max_request_bytes
 
 
 class Guard:
@@ -112,6 +113,7 @@ def _limited(scope, receive, limit: int, state: dict):
     the client hanging up before its end (499; Starlette raises ClientDisconnect, and it was a 500 with a
     traceback). Once the body is complete, messages pass unbounded: a route may wait for the disconnect."""
     seen, done = 0, False
+    timeout = settings().body_timeout
     declared = dict(scope["headers"]).get(b"content-length", b"?").decode("latin-1")
 
     def fail(problem: Exception, level: int, what: str):
@@ -126,10 +128,10 @@ def _limited(scope, receive, limit: int, state: dict):
         if "problem" in state:  # read again after a refusal: the same answer, not another wait
             raise state["problem"]
         try:
-            with anyio.fail_after(settings.BODY_TIMEOUT):
+            with anyio.fail_after(timeout):
                 message = await receive()
         except TimeoutError:
-            raise fail(BodyTimeout(settings.BODY_TIMEOUT), logging.WARNING, "body timed out") from None
+            raise fail(BodyTimeout(timeout), logging.WARNING, "body timed out") from None
         if message["type"] == "http.disconnect":
             raise fail(ClientGone(), logging.INFO, "client hung up mid-body")
         if message["type"] == "http.request":

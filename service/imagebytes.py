@@ -158,3 +158,12 @@ def _as_png(data: bytes, contract) -> bytes:
     # The model's own decode (reduced-scale for a JPEG, upright, RGB): its PNG decodes to the same pixels.
     load_image(data, contract, max_pixels=1 << 62).save(buf, "PNG", compress_level=3)
     return buf.getvalue()
+
+
+def media_type(data: bytes) -> str:
+    """The media type of an image's bytes, by their first bytes (for serving a stored image)."""
+    for magic, kind in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
+                        (b"BM", "image/bmp")):
+        if data.startswith(magic):
+            return kind
+    return "image/webp" if data[8:12] == b"WEBP" else "application/octet-stream"
