@@ -13,6 +13,8 @@ import io
 
 from PIL import Image
 
+from core.preprocess import load_image
+
 # A container may carry metadata (EXIF, ICC, a thumbnail) beside its pixels; more than this over 8 bytes a
 # pixel (16-bit RGBA, uncompressed) is not needed by any image, and is kept as the pixels instead.
 SLACK_BYTES = 1 << 20
@@ -152,8 +154,6 @@ def _plausible_bytes(kept: bytes) -> int:
 
 
 def _as_png(data: bytes, contract) -> bytes:
-    from core.preprocess import load_image
-
     buf = io.BytesIO()
     # The model's own decode (reduced-scale for a JPEG, upright, RGB): its PNG decodes to the same pixels.
     load_image(data, contract, max_pixels=1 << 62).save(buf, "PNG", compress_level=3)

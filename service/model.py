@@ -60,7 +60,7 @@ class Loaded:
 
 
 def make_session(path: Path, threads: int):
-    import onnxruntime as ort
+    import onnxruntime as ort  # here: the supervisor imports this module too, and never runs a model
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -193,7 +193,7 @@ class ModelHolder:
         for version in dict.fromkeys(v for v in chain if v != exclude):
             try:
                 self.current = open_version(self.store, version, self.threads)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a fallback that fails to load: try the one before it
                 log.error("fallback %s does not load either: %s", version, e)
                 continue
             log.warning("serving %s, the last good version before %s", version, exclude)
