@@ -1,8 +1,8 @@
-"""What a deployment does once per `bentoml serve`, before its workers start (`Refit.prepare`): record jobs a
-previous run left unfinished as failed, sweep what killed writes left, and give an empty store its first
-model: the version packed into the bento, else the pretrained ImageNet model, published by a child process.
-A store that holds versions is never given one promoted here: without a usable pointer it serves nothing until
-someone promotes.
+"""What a deployment does: declare the model a bento packs (`Refit.packed`), and once per `bentoml serve`,
+before its workers start (`Refit.prepare`), record jobs a previous run left unfinished as failed, sweep what
+killed writes left, and give an empty store its first model: the version packed into the bento, else the
+pretrained ImageNet model, published by a child process. A store that holds versions is never given one
+promoted here: without a usable pointer it serves nothing until someone promotes.
 """
 from __future__ import annotations
 
@@ -13,14 +13,30 @@ import sys
 import time
 from pathlib import Path
 
+import bentoml
+from bentoml.exceptions import BentoMLException
+
 from core.dataset_sweep import sweep
-from core.settings import PACKAGE_ROOT, refit_home
+from core.settings import PACKAGE_ROOT, refit_home, settings
 from core.store import Store, StoreError
 from service.jobs import Jobs
 from service.lifeline import record_supervisor
 from service.replicas import replica_id
 
 log = logging.getLogger("refit.service")
+
+
+def packed_model():
+    """The version promoted now, declared as the service's model so that `bentoml build` packs it into the
+    bento. Declared only when BentoML's model store has it, so a start never fails over it; serving itself
+    always follows the promoted pointer, not this declaration."""
+    if not (settings().home / "models").is_dir():
+        return None  # no model store here (BentoML's is the same folder), and a Store() would make one
+    try:
+        version = Store().promoted()
+        return bentoml.models.BentoModel(bentoml.models.get(f"refit:{version}").tag) if version else None
+    except (OSError, StoreError, BentoMLException):
+        return None
 
 
 def prepare(bento) -> None:

@@ -1,8 +1,9 @@
 """The ASGI plumbing between BentoML and this service, and every workaround of a BentoML bug, each with its
-upstream link. Nothing else in the repository imports BentoML's internals.
+upstream link. No other module of service/ imports BentoML's internals.
 
 - `TimeoutMiddleware`: BentoML's request timeout pins every request in memory for the whole timeout.
 - `RouteLabels`: BentoML's HTTP metrics are labelled with the raw path, so clients can grow them without bound.
+- `one_error_shape`: BentoML answers a 4xx as a JSON array; guard.py gives every error one shape.
 - `install()`: puts the timeout fix where BentoML looks for it; called once by service/service.py.
 
 ## The request timeout
@@ -40,6 +41,7 @@ routing, and answers a path that matches no route with a 404 `{"error": ...}` of
 from __future__ import annotations
 
 import asyncio
+import json
 
 from bentoml._internal.server.http import traffic  # no public API names this middleware
 from starlette.applications import Starlette
@@ -177,3 +179,25 @@ async def _not_found(scope, send) -> None:
                                    "(OpenAPI spec: /docs.json)"}, status_code=404)
     await send({"type": "http.response.start", "status": reply.status_code, "headers": reply.raw_headers})
     await send({"type": "http.response.body", "body": reply.body})
+
+
+# --- the error shape ---------------------------------------------------------------------------------------
+
+def one_error_shape(body: bytes, text: bool) -> bytes:
+    """A 4xx body as {"error": ...}: BentoML's [{"error": ...}], a framework's {"detail": "..."} or plain text.
+
+    BentoML 1.4 answers a 4xx BentoMLException with `JSONResponse(({"error": ...},))`, a one-element tuple, so
+    the body is a JSON array, unlike its other errors and its own OpenAPI schema:
+    https://github.com/bentoml/BentoML/issues/4232 (fix proposed in https://github.com/bentoml/BentoML/pull/5709).
+    Starlette answers a wrong method as text, FastAPI as {"detail": "..."}; guard.py rewrites all three."""
+    if text:
+        return json.dumps({"error": body.decode("utf-8", "replace").strip()[:500] or "refused"}).encode()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
+        return json.dumps(data[0]).encode()
+    if isinstance(data, dict) and "error" not in data and isinstance(data.get("detail"), str):
+        return json.dumps({"error": data["detail"]}).encode()
+    return body

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 
 import anyio
 from starlette.responses import JSONResponse
 
 from core.settings import settings
+from service.compat import one_error_shape
 from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
 log = logging.getLogger("refit.guard")
@@ -159,10 +159,10 @@ def _body_problem(e: BaseException | None, depth: int = 0):
 
 
 def _fix_errors(send, state: dict):
-    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}]), and Starlette answers a wrong
-    method as text ("Method Not Allowed") or FastAPI's {"detail": "..."}; rewrite them so every error reply
-    has the same shape. Also answers a body _limited refused (413, 408, 499) with that error, whatever the
-    route made of it (a 500, or FastAPI's "There was an error parsing the body")."""
+    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}], service/compat.py), and
+    Starlette answers a wrong method as text ("Method Not Allowed") or FastAPI's {"detail": "..."}; rewrite
+    them so every error reply has the same shape. Also answers a body _limited refused (413, 408, 499) with
+    that error, whatever the route made of it (a 500, or FastAPI's "There was an error parsing the body")."""
     pending: dict = {}
 
     async def wrapped(message):
@@ -187,7 +187,7 @@ def _fix_errors(send, state: dict):
                 body = pending["body"]
                 start = pending.pop("start")
                 text = dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain")
-                body = _one_shape(body, text)
+                body = one_error_shape(body, text)
                 drop = (b"content-length", b"content-type") if text else (b"content-length",)
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
                 if text:
@@ -198,18 +198,3 @@ def _fix_errors(send, state: dict):
         return await send(message)
 
     return wrapped
-
-
-def _one_shape(body: bytes, text: bool) -> bytes:
-    """A 4xx body as {"error": ...}: BentoML's [{"error": ...}], a framework's {"detail": "..."} or plain text."""
-    if text:
-        return json.dumps({"error": body.decode("utf-8", "replace").strip()[:500] or "refused"}).encode()
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
-        return json.dumps(data[0]).encode()
-    if isinstance(data, dict) and "error" not in data and isinstance(data.get("detail"), str):
-        return json.dumps({"error": data["detail"]}).encode()
-    return body

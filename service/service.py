@@ -21,12 +21,11 @@ from typing import Annotated, TypeVar
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
 from bentoml.validators import ContentType
 
 from core.preprocess import ImageError
 from core.settings import refit_home, settings
-from core.store import Store, StoreError
+from core.store import Store
 from service import bootstrap, budget, compat, console, metrics
 from service.api import create_app
 from service.batcher import Batcher, Overloaded
@@ -56,17 +55,6 @@ T = TypeVar("T")
 JsonReply = Annotated[T, ContentType("application/json")]
 
 
-def _packed_model():
-    """The version promoted now, declared as the service's model so that `bentoml build` packs it into the
-    bento. Declared only when BentoML's model store has it, so a start never fails over it; serving itself
-    always follows the promoted pointer, not this declaration."""
-    try:
-        version = Store().promoted()
-        return bentoml.models.BentoModel(bentoml.models.get(f"refit:{version}").tag) if version else None
-    except (OSError, StoreError, BentoMLException):
-        return None
-
-
 def _show_info_logs() -> None:
     # BentoML leaves other loggers at WARNING; version swaps and retrain admissions are worth seeing by default.
     logging.getLogger("refit").setLevel(logging.INFO)
@@ -84,7 +72,7 @@ class Refit:
     versions, and retrain on an uploaded dataset. Retrain, promote and rollback need
     `Authorization: Bearer $REFIT_TOKEN` when the server has a token."""
 
-    packed = _packed_model()
+    packed = bootstrap.packed_model()
 
     def __init__(self) -> None:
         _show_info_logs()
