@@ -20,6 +20,7 @@ workers the store may pass the budget by up to a tenth of it per other worker un
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import queue
@@ -31,8 +32,8 @@ from typing import Callable
 
 import numpy as np
 
-from service.imagebytes import stored_form
 from core.store import Store, now_iso
+from service.imagebytes import stored_form
 
 log = logging.getLogger("refit.capture")
 
@@ -135,13 +136,11 @@ class Captures:
         try:
             self.prune()
             return True
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - retention is housekeeping: the next pass tries again
             log.warning("capture retention pass failed: %s", e)
             return False
 
     def _write(self, capture_id: str, name: str, data: bytes, result: dict, contract=None) -> None:
-        import hashlib
-
         data = stored_form(data, contract)
         size = len(data) + RECORD_BYTES
         if size > self.max_bytes:

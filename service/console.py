@@ -32,7 +32,7 @@ HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", 
 def mount(admin: FastAPI) -> None:
     # html=True: /ui/ answers index.html. /ui itself is a route of its own that redirects to /ui/, so that
     # the page's relative module imports resolve under /ui/ (a mount matches only the paths below it, and
-    # service/routes.py answers a path that matches no route with a 404 before Starlette's slash redirect).
+    # service/compat.py answers a path that matches no route with a 404 before Starlette's slash redirect).
     admin.add_api_route("/ui", lambda: RedirectResponse("/ui/", headers=HEADERS), include_in_schema=False)
     admin.mount("/ui", WithHeaders(StaticFiles(directory=UI_DIR, html=True)), name="ui")
 

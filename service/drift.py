@@ -16,6 +16,7 @@ its drift is reported as not available.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from core.drift import FILE, MIN_WINDOW, Reference, load_reference
+from core.settings import settings
+from core.store import StoreError
 
 log = logging.getLogger("refit.drift")
 
@@ -58,7 +61,7 @@ class DriftMonitor:
         ref = getattr(model, "drift", None)
         if ref is None or embeddings is None:
             return
-        rows = [[e, y, None] for e, y in zip(embeddings, probs.argmax(1).tolist())]
+        rows = [[e, y, None] for e, y in zip(embeddings, probs.argmax(1).tolist(), strict=True)]
         with self._lock:
             w = self._windows.get(model.version)
             if w is None:
@@ -81,7 +84,7 @@ class DriftMonitor:
             todo = [r for r in rows if r[2] is None]
             if todo:
                 try:
-                    for r, d in zip(todo, ref.distances(np.stack([r[0] for r in todo])).tolist()):
+                    for r, d in zip(todo, ref.distances(np.stack([r[0] for r in todo])).tolist(), strict=True):
                         r[2], r[0] = d, None  # scored once; the embedding is not needed any more
                 except Exception:  # noqa: BLE001 - an embedding of another width, say: logged, left out
                     log.exception("drift: cannot score the embeddings of %s", v)
@@ -118,3 +121,30 @@ def report(version: str, ref: Reference | None, pooled: dict | None, window: int
     scores = ref.scores(n, pooled["distance_sum"] if pooled else 0.0, labels)
     return {"version": version, "available": True, "window_fill": n, "window_size": window * max(1, workers),
             "workers": workers, "min_fill": MIN_WINDOW, **scores}
+
+
+def served_report(svc) -> dict:
+    """Drift of every version this replica's live workers serve, their windows pooled (`GET /drift` and
+    `/metrics`); `svc` is the service instance (service/deps.py)."""
+    window = settings().drift_window
+    try:
+        others = [w for w in svc.board.live(svc.replica) if w.get("pid") != os.getpid()]
+    except StoreError as e:
+        log.error("cannot read the other workers' drift windows: %s", e)
+        others = []
+    pooled = pool([svc.drift_monitor.summary()] + [w.get("drift") for w in others])
+    current = svc.holder.current
+    served = [current.version] if current else []
+    versions = list(dict.fromkeys(served + [w.get("version") for w in others if w.get("version")] + list(pooled)))
+    out = []
+    for v in versions:
+        ref, why = svc.drift_monitor.references.get(v), None
+        if current is not None and v == current.version:
+            ref, why = current.drift, current.drift_note
+        elif ref is None:
+            try:
+                ref = load_reference(svc.store.path(v) / FILE)
+            except (OSError, StoreError, ValueError) as e:
+                why = f"not available for this version: {e}"
+        out.append(report(v, ref, pooled.get(v), window, why))
+    return {"window_per_worker": window, "versions": out}

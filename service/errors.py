@@ -7,9 +7,12 @@ input it cannot turn into JSON (the bytes of a binary multipart body sent to a J
 """
 from __future__ import annotations
 
+import functools
+
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+
 
 class ApiError(Exception):
     """A request refused: `status`, a message for the person who sent it, and extra fields for the body
@@ -30,6 +33,24 @@ def rendered(error: ApiError) -> JSONResponse:
 
 async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
     return rendered(exc)
+
+
+def answered(api):
+    """Around a BentoML API method (/predict, /predict_base64, /explain), which is no FastAPI route: its
+    ApiErrors rendered as FastAPI's handler renders them, and so is the refusal its input model handed it in
+    place of an argument (service/schemas.py, SelfParsed): BentoML answers any exception as a 500."""
+
+    @functools.wraps(api)
+    async def wrapper(self, **kwargs):
+        try:
+            refused = next((v for v in kwargs.values() if isinstance(v, ApiError)), None)
+            if refused is not None:
+                raise refused
+            return await api(self, **kwargs)
+        except ApiError as e:
+            return rendered(e)
+
+    return wrapper
 
 
 CLIP = 80  # characters of a client's value shown in an error

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 
 import anyio
 from starlette.responses import JSONResponse
 
-from service import settings
+from core.settings import settings
+from service.compat import one_error_shape
 from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
 log = logging.getLogger("refit.guard")
@@ -31,20 +31,21 @@ def needs_token(method: str, path: str) -> bool:
         return True  # an image's bytes, as a captured image's: the listing is open, the photos are not
     if path.startswith("/datasets/") and path.split("/")[3:4] == ["snapshots"]:
         return True  # a manifest names every image by its upload's file name, often personal data
-    return settings.PROTECT_PREDICT and path.startswith(("/predict", "/explain"))
+    return settings().protect_predict and path.startswith(("/predict", "/explain"))
 
 
 def authorized(scope) -> bool:
-    if settings.TOKEN is None:
+    token = settings().token
+    if token is None:
         return True
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), settings.TOKEN.encode())
+    scheme, _, sent = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), token.encode())
 
 
 def body_limit(path: str) -> int:
-    mb = settings.MAX_DATASET_MB if path.startswith(("/retrain", "/datasets")) else settings.MAX_REQUEST_MB
-    return int(mb * 1024 * 1024)
+    s = settings()
+    return s.max_dataset_bytes if path.startswith(("/retrain", "/datasets")) else s.max_request_bytes
 
 
 class Guard:
@@ -112,6 +113,7 @@ def _limited(scope, receive, limit: int, state: dict):
     the client hanging up before its end (499; Starlette raises ClientDisconnect, and it was a 500 with a
     traceback). Once the body is complete, messages pass unbounded: a route may wait for the disconnect."""
     seen, done = 0, False
+    timeout = settings().body_timeout
     declared = dict(scope["headers"]).get(b"content-length", b"?").decode("latin-1")
 
     def fail(problem: Exception, level: int, what: str):
@@ -126,10 +128,10 @@ def _limited(scope, receive, limit: int, state: dict):
         if "problem" in state:  # read again after a refusal: the same answer, not another wait
             raise state["problem"]
         try:
-            with anyio.fail_after(settings.BODY_TIMEOUT):
+            with anyio.fail_after(timeout):
                 message = await receive()
         except TimeoutError:
-            raise fail(BodyTimeout(settings.BODY_TIMEOUT), logging.WARNING, "body timed out") from None
+            raise fail(BodyTimeout(timeout), logging.WARNING, "body timed out") from None
         if message["type"] == "http.disconnect":
             raise fail(ClientGone(), logging.INFO, "client hung up mid-body")
         if message["type"] == "http.request":
@@ -157,10 +159,10 @@ def _body_problem(e: BaseException | None, depth: int = 0):
 
 
 def _fix_errors(send, state: dict):
-    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}]), and Starlette answers a wrong
-    method as text ("Method Not Allowed") or FastAPI's {"detail": "..."}; rewrite them so every error reply
-    has the same shape. Also answers a body _limited refused (413, 408, 499) with that error, whatever the
-    route made of it (a 500, or FastAPI's "There was an error parsing the body")."""
+    """BentoML 1.4 wraps a 4xx message in a one-element list ([{"error": ...}], service/compat.py), and
+    Starlette answers a wrong method as text ("Method Not Allowed") or FastAPI's {"detail": "..."}; rewrite
+    them so every error reply has the same shape. Also answers a body _limited refused (413, 408, 499) with
+    that error, whatever the route made of it (a 500, or FastAPI's "There was an error parsing the body")."""
     pending: dict = {}
 
     async def wrapped(message):
@@ -185,7 +187,7 @@ def _fix_errors(send, state: dict):
                 body = pending["body"]
                 start = pending.pop("start")
                 text = dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/plain")
-                body = _one_shape(body, text)
+                body = one_error_shape(body, text)
                 drop = (b"content-length", b"content-type") if text else (b"content-length",)
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
                 if text:
@@ -196,18 +198,3 @@ def _fix_errors(send, state: dict):
         return await send(message)
 
     return wrapped
-
-
-def _one_shape(body: bytes, text: bool) -> bytes:
-    """A 4xx body as {"error": ...}: BentoML's [{"error": ...}], a framework's {"detail": "..."} or plain text."""
-    if text:
-        return json.dumps({"error": body.decode("utf-8", "replace").strip()[:500] or "refused"}).encode()
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body
-    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict) and "error" in data[0]:
-        return json.dumps(data[0]).encode()
-    if isinstance(data, dict) and "error" not in data and isinstance(data.get("detail"), str):
-        return json.dumps({"error": data["detail"]}).encode()
-    return body

@@ -13,6 +13,8 @@ import io
 
 from PIL import Image
 
+from core.preprocess import load_image
+
 # A container may carry metadata (EXIF, ICC, a thumbnail) beside its pixels; more than this over 8 bytes a
 # pixel (16-bit RGBA, uncompressed) is not needed by any image, and is kept as the pixels instead.
 SLACK_BYTES = 1 << 20
@@ -152,9 +154,16 @@ def _plausible_bytes(kept: bytes) -> int:
 
 
 def _as_png(data: bytes, contract) -> bytes:
-    from core.preprocess import load_image
-
     buf = io.BytesIO()
     # The model's own decode (reduced-scale for a JPEG, upright, RGB): its PNG decodes to the same pixels.
     load_image(data, contract, max_pixels=1 << 62).save(buf, "PNG", compress_level=3)
     return buf.getvalue()
+
+
+def media_type(data: bytes) -> str:
+    """The media type of an image's bytes, by their first bytes (for serving a stored image)."""
+    for magic, kind in ((b"\xff\xd8", "image/jpeg"), (b"\x89PNG", "image/png"), (b"GIF8", "image/gif"),
+                        (b"BM", "image/bmp")):
+        if data.startswith(magic):
+            return kind
+    return "image/webp" if data[8:12] == b"WEBP" else "application/octet-stream"

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from service import settings
-from service.drift import DriftMonitor, reference_for
-from service.replicas import StatusBoard, replica_id
 from core.contract import Contract
 from core.preprocess import preprocess
+from core.settings import settings
 from core.store import Store, StoreError, now_iso
+from service.drift import DriftMonitor, reference_for
+from service.replicas import StatusBoard, replica_id
 
 log = logging.getLogger("refit.model")
 
@@ -60,7 +60,7 @@ class Loaded:
 
 
 def make_session(path: Path, threads: int):
-    import onnxruntime as ort
+    import onnxruntime as ort  # here: the supervisor imports this module too, and never runs a model
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -117,7 +117,7 @@ class ModelHolder:
         self._thread.start()
         # Its own thread, not the watcher's: loading a large version from S3 can take longer than the TTL,
         # and the record must not expire (and the replica look unready) while the old version still serves.
-        self._beat = threading.Thread(target=self._heartbeat, args=(settings.HEARTBEAT_SECONDS,),
+        self._beat = threading.Thread(target=self._heartbeat, args=(settings().heartbeat_seconds,),
                                       name="refit-heartbeat", daemon=True)
         self._beat.start()
 
@@ -193,7 +193,7 @@ class ModelHolder:
         for version in dict.fromkeys(v for v in chain if v != exclude):
             try:
                 self.current = open_version(self.store, version, self.threads)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a fallback that fails to load: try the one before it
                 log.error("fallback %s does not load either: %s", version, e)
                 continue
             log.warning("serving %s, the last good version before %s", version, exclude)
@@ -258,7 +258,7 @@ class ModelHolder:
             try:
                 # The front checked the request's decode budget from the headers; the per-image limit is held
                 # here too, at decode time.
-                out.append(preprocess(data, model.contract, name=name, max_pixels=settings.MAX_IMAGE_PIXELS))
+                out.append(preprocess(data, model.contract, name=name, max_pixels=settings().max_image_pixels))
             except Exception as e:  # noqa: BLE001 - ImageError, decompression-bomb guard, anything PIL raises
                 msg = str(e)
                 out.append(ValueError(msg if msg.startswith(name) else f"{name}: {msg}"))
@@ -291,3 +291,13 @@ class ModelHolder:
         best = ranked[0]
         label = best["label"] if best["score"] >= threshold else "unknown"
         return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
+
+
+def unavailable(store: Store, holder: ModelHolder) -> str:
+    """Why a request for the model gets a 503: the store's problem when it has one (nothing promoted, a
+    damaged pointer), else the version this worker refused."""
+    problem = store.pointer_problem()
+    if problem:
+        return f"no model to answer with: {problem}"
+    reason = f" ({holder.error['reason']})" if holder.error else ""
+    return f"no model is loaded yet{reason}"

@@ -20,8 +20,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from service import settings
-from service.lifeline import SUPERVISOR_ENV
+from core.settings import settings
 from core.store import Store, StoreError
 
 log = logging.getLogger("refit.replicas")
@@ -36,14 +35,14 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 def replica_id() -> str:
     """`REFIT_REPLICA`, else this machine's hostname and the `bentoml serve` supervisor's pid: the same in
     the front and every model worker of one `bentoml serve`, and different for the next one."""
-    given = os.environ.get("REFIT_REPLICA")
+    given, supervisor = settings().replica, settings().supervisor_pid
     if given:
         if not _ID_RE.match(given):
             raise ValueError(f"REFIT_REPLICA={given!r} cannot name a replica: use 1 to 100 letters, digits, "
                              "'.', '_' or '-', starting with a letter or digit")
         return given
     host = re.sub(r"[^A-Za-z0-9._-]+", "-", socket.gethostname()).strip("-._") or "host"
-    return f"{host}-{os.environ.get(SUPERVISOR_ENV) or os.getppid()}"
+    return f"{host}-{supervisor or os.getppid()}"
 
 
 def _stamp() -> str:
@@ -64,7 +63,7 @@ class StatusBoard:
 
     def __init__(self, store: Store, ttl: float | None = None):
         self.store = store
-        self.ttl = settings.STATUS_TTL_SECONDS if ttl is None else ttl
+        self.ttl = settings().status_ttl_seconds if ttl is None else ttl
 
     # -- written by a model worker ----------------------------------------------------------------
     def publish(self, replica: str, pid: int, status: dict) -> None:

@@ -6,28 +6,26 @@ import binascii
 import json
 import re
 from pathlib import Path
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, Optional
 
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
 
-from service import settings
-from service.errors import describe, is_json, json_problem
 from core.config import TrainRequest
+from core.labels import label_problem
+from core.settings import settings
+from service.errors import ApiError, describe, is_json, json_problem
 
 
 class BodyTooLarge(Exception):
     """Raised by the size guard's receive wrapper when a body without Content-Length passes the limit."""
 
 
-class RequestError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class BodyTimeout(RequestError):
+class BodyTimeout(ApiError):
     """Raised by the guard's receive wrapper when the next part of a body is later than REFIT_BODY_TIMEOUT."""
 
     def __init__(self, seconds: float):
@@ -35,20 +33,12 @@ class BodyTimeout(RequestError):
                               "(REFIT_BODY_TIMEOUT); send the whole body, as its Content-Length says")
 
 
-class ClientGone(RequestError):
+class ClientGone(ApiError):
     """Raised by the guard's receive wrapper when the client hangs up before its body is complete. 499 is
     nginx's status for it: nobody reads the reply, it is for the access log and the metrics."""
 
     def __init__(self):
         super().__init__(499, "the client closed the connection before the request body was complete")
-
-
-class Rejected(NamedTuple):
-    """A request refused while parsing. It is handed to the API function, which answers with it, because
-    an exception raised here would be logged by BentoML as a server error with a full traceback."""
-
-    status: int
-    message: str
 
 
 # --- predict --------------------------------------------------------------------------------------------
@@ -76,8 +66,10 @@ class Prediction(Answer):
 class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int = Field(settings.DEFAULT_TOP_K, ge=1, le=1000, description="How many classes to list per image.")
-    threshold: float = Field(settings.DEFAULT_THRESHOLD, ge=0.0, le=1.0, description='Best score under this '
+    # The defaults are part of the OpenAPI schema, so they are read when the class is made (a server's
+    # REFIT_TOP_K and REFIT_THRESHOLD are set before it starts).
+    top_k: int = Field(settings().top_k, ge=1, le=1000, description="How many classes to list per image.")
+    threshold: float = Field(settings().threshold, ge=0.0, le=1.0, description='Best score under this '
                              'answers "unknown".')
 
 
@@ -87,9 +79,10 @@ class Upload(BaseModel):
 
 
 class SelfParsed(bentoml.IODescriptor):
-    """An input that parses the HTTP request itself (`_parse`). A refusal is handed to the API function in its
-    file field (`images=Rejected(...)`, or the field `file_field` names), for it to answer with, instead of
-    being raised (see Rejected)."""
+    """An input that parses the HTTP request itself (`_parse`). A refusal (ApiError) is handed to the API
+    function in its file field (`images`, or the field `file_field` names) instead of being raised: BentoML
+    answers an exception raised here as a 500 and logs a traceback. `errors.answered`, around the API
+    function, renders it."""
 
     file_field: ClassVar[str] = "images"
 
@@ -97,39 +90,36 @@ class SelfParsed(bentoml.IODescriptor):
     async def from_http_request(cls, request, serde):
         try:
             return await cls._parse(request)
-        except RequestError as e:
-            return cls.model_construct(**{cls.file_field: Rejected(e.status, str(e))})
+        except ApiError as e:
+            return cls.model_construct(**{cls.file_field: e})
 
 
 async def read_multipart(request, *, field: str, fields: tuple[str, ...], max_files: int, other: str):
-    """The multipart form of a predict-like request, with its errors as RequestError: not multipart (415;
+    """The multipart form of a predict-like request, with its errors as ApiError: not multipart (415;
     `other` names the route JSON clients use), over the size limit (413), malformed, or a form field other
     than `fields` (400)."""
-    from starlette.exceptions import HTTPException
-    from starlette.formparsers import MultiPartException
-
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise RequestError(415, f"send multipart/form-data with image files in the field `{field}` "
+        raise ApiError(415, f"send multipart/form-data with image files in the field `{field}` "
                                 f"(got {ctype or 'no content type'}){other}")
     try:
         form = await request.form(max_files=max_files + 1, max_fields=20)
     except BodyTooLarge:
-        raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
+        raise ApiError(413, f"request body is over the limit of {settings().max_request_mb:g} MB") from None
     except (MultiPartException, HTTPException) as e:
         detail = str(getattr(e, "detail", None) or getattr(e, "message", None) or e)
         if "too many files" in detail.lower():
-            raise RequestError(400, f"too many images: the limit is {max_files} per request") from None
-        raise RequestError(400, f"malformed multipart form: {detail}") from None
+            raise ApiError(400, f"too many images: the limit is {max_files} per request") from None
+        raise ApiError(400, f"malformed multipart form: {detail}") from None
     unknown = sorted(set(form.keys()) - set(fields))
     if unknown:
-        raise RequestError(400, f"unknown form field(s) {unknown}; expected {', '.join(fields)}")
+        raise ApiError(400, f"unknown form field(s) {unknown}; expected {', '.join(fields)}")
     return form
 
 
 def form_options(form, model: type[BaseModel], keys: tuple[str, ...]):
     """The form's option fields validated by `model` (numbers arrive as text and are JSON-decoded when they
-    can be); a RequestError naming each bad field."""
+    can be); an ApiError naming each bad field."""
     options = {}
     for key in keys:
         if key in form:
@@ -141,7 +131,7 @@ def form_options(form, model: type[BaseModel], keys: tuple[str, ...]):
     try:
         return model.model_validate(options)
     except ValidationError as e:
-        raise RequestError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+        raise ApiError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
                                           for x in e.errors())) from None
 
 
@@ -157,16 +147,16 @@ class PredictInput(SelfParsed):
     @classmethod
     async def _parse(cls, request):
         form = await read_multipart(request, field="images", fields=("images", "top_k", "threshold"),
-                                    max_files=settings.MAX_IMAGES, other="; JSON clients use POST /predict_base64")
+                                    max_files=settings().max_images, other="; JSON clients use POST /predict_base64")
         files = form.getlist("images")
         if not files:
-            raise RequestError(400, "no images: send one or more files in the multipart field `images`")
-        if len(files) > settings.MAX_IMAGES:
-            raise RequestError(400, f"{len(files)} images is over the limit of {settings.MAX_IMAGES} per request")
+            raise ApiError(400, "no images: send one or more files in the multipart field `images`")
+        if len(files) > settings().max_images:
+            raise ApiError(400, f"{len(files)} images is over the limit of {settings().max_images} per request")
         uploads = []
         for i, f in enumerate(files):
             if not isinstance(f, UploadFile):
-                raise RequestError(400, f"images[{i}] is a text value, not a file upload")
+                raise ApiError(400, f"images[{i}] is a text value, not a file upload")
             uploads.append(Upload(name=f.filename or f"images[{i}]", data=await f.read()))
         opts = form_options(form, PredictOptions, ("top_k", "threshold"))
         # Already validated above; construct skips the file-path coercion BentoML applies to `images`.
@@ -212,31 +202,31 @@ class PredictBase64Input(SelfParsed):
     async def _parse(cls, request):
         ctype = request.headers.get("content-type", "")
         if ctype.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(415, f"send application/json (got {ctype or 'no content type'}): "
+            raise ApiError(415, f"send application/json (got {ctype or 'no content type'}): "
                                     '{"images": [{"data": "<base64>", "name": "a.jpg"}]}; '
                                     "multipart clients use POST /predict")
         try:
             body = await request.body()
         except BodyTooLarge:
-            raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
+            raise ApiError(413, f"request body is over the limit of {settings().max_request_mb:g} MB") from None
         try:
             req = Base64Request.model_validate_json(body)
         except ValidationError as e:
             if any(x["type"] == "json_invalid" for x in e.errors()):
-                raise RequestError(400, f"body is not valid JSON: {e.errors()[0]['msg']}") from None
-            raise RequestError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                raise ApiError(400, f"body is not valid JSON: {e.errors()[0]['msg']}") from None
+            raise ApiError(400, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
                                               for x in e.errors())) from None
         if not req.images:
-            raise RequestError(400, "no images: send one or more base64 images in `images`")
-        if len(req.images) > settings.MAX_IMAGES:
-            raise RequestError(400, f"{len(req.images)} images is over the limit of {settings.MAX_IMAGES} per request")
+            raise ApiError(400, "no images: send one or more base64 images in `images`")
+        if len(req.images) > settings().max_images:
+            raise ApiError(400, f"{len(req.images)} images is over the limit of {settings().max_images} per request")
         uploads = []
         for i, im in enumerate(req.images):
             name = im.name or f"images[{i}]"
             try:
                 uploads.append(Upload(name=name, data=decode_base64(im.data)))
             except (binascii.Error, ValueError) as e:
-                raise RequestError(400, f"{name}: not valid base64 ({e}); send the file's bytes base64-encoded "
+                raise ApiError(400, f"{name}: not valid base64 ({e}); send the file's bytes base64-encoded "
                                         "(line breaks, a data: URL prefix and the URL-safe alphabet are "
                                         "accepted)") from None
         return cls.model_construct(images=uploads, top_k=req.top_k, threshold=req.threshold)
@@ -261,14 +251,14 @@ class ExplainInput(SelfParsed):
                                     max_files=1, other="")
         files = form.getlist("image")
         if len(files) != 1:
-            raise RequestError(400, f"send exactly one image file in the multipart field `image` (got {len(files)})")
+            raise ApiError(400, f"send exactly one image file in the multipart field `image` (got {len(files)})")
         if not isinstance(files[0], UploadFile):
-            raise RequestError(400, "image is a text value, not a file upload")
+            raise ApiError(400, "image is a text value, not a file upload")
         # The label is a class name: taken as the text it is, never JSON-decoded (a class may be named "1").
         opts = form_options(form, PredictOptions, ("top_k", "threshold"))
         label = form.get("label")
         if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > 200):
-            raise RequestError(400, "label: send the class name to explain as text (1 to 200 characters)")
+            raise ApiError(400, "label: send the class name to explain as text (1 to 200 characters)")
         upload = Upload(name=files[0].filename or "image", data=await files[0].read())
         return cls.model_construct(image=upload, label=label, top_k=opts.top_k, threshold=opts.threshold)
 
@@ -339,45 +329,59 @@ def _retrain_body() -> dict:
 RETRAIN_BODY = _retrain_body()
 
 
-class JsonInput(SelfParsed):
-    """An application/json body with exactly the fields the subclass declares, read and validated here rather
-    than by BentoML, which takes any media type as JSON (a multipart body without a boundary was a 500),
-    ignores unknown fields, and answers "1 validation error for Input" with a traceback in the log."""
+class JsonBody(BaseModel):
+    """An application/json body with exactly the fields the subclass declares, read and validated by `parse`
+    (a route's dependency) rather than by the framework: BentoML took any media type as JSON (a multipart
+    body without a boundary was a 500) and ignored unknown fields; FastAPI answers 422 where these routes
+    have always answered 400."""
 
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    async def _parse(cls, request):
+    async def parse(cls, request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype and not is_json(ctype):
             shape = ", ".join(f'"{k}": ...' for k in cls.model_fields)
-            raise RequestError(415, f"send application/json (got {ctype[:80]}): {{{shape}}}")
+            raise ApiError(415, f"send application/json (got {ctype[:80]}): {{{shape}}}")
         try:
             body = await request.body()
         except BodyTooLarge:
-            raise RequestError(413, f"request body is over the limit of {settings.MAX_REQUEST_MB:g} MB") from None
+            raise ApiError(413, f"request body is over the limit of {settings().max_request_mb:g} MB") from None
         try:
             return cls.model_validate_json(body or b"{}")
         except ValidationError as e:
             errors = e.errors(include_url=False)
             bad_json = json_problem(errors)
-            raise RequestError(400, f"body is not valid JSON: {bad_json}" if bad_json
-                               else describe(errors, cls.model_fields)) from None
+            raise ApiError(400, f"body is not valid JSON: {bad_json}" if bad_json
+                           else describe(errors, cls.model_fields)) from None
+
+    @classmethod
+    def openapi(cls, name: str) -> dict:
+        """The route's OpenAPI entry as it was when the route was a BentoML API `name`: the body's schema
+        (which the page cannot see in a body read by a dependency), BentoML's name, tag and error replies."""
+        def error(kind: str, what: str) -> dict:
+            return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{kind}"}}},
+                    "description": what}
+
+        return {"operation_id": f"refit__{name}", "tags": ["Service APIs"], "openapi_extra": {
+            "x-bentoml-name": name,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": cls.model_json_schema()}}},
+            "responses": {"200": {"content": {"application/json": {"schema": {"additionalProperties": True,
+                                                                               "type": "object"}}},
+                                  "description": "Successful Response"},
+                          "400": error("InvalidArgument", "Bad Request"), "404": error("NotFound", "Not Found"),
+                          "500": error("InternalServerError", "Internal Server Error")}}}
 
 
-class PromoteInput(JsonInput):
+class PromoteInput(JsonBody):
     """`{"version": "v0003", "reason": "..."}`."""
-
-    file_field: ClassVar[str] = "version"
 
     version: str = Field(max_length=200, description="Version id, e.g. v0003.")
     reason: str = Field("", max_length=500, description="Why; kept in the promotion history.")
 
 
-class RollbackInput(JsonInput):
+class RollbackInput(JsonBody):
     """`{"reason": "..."}`."""
-
-    file_field: ClassVar[str] = "reason"
 
     reason: str = Field("", max_length=500, description="Why; kept in the history.")
 
@@ -398,9 +402,7 @@ class FeedbackRequest(BaseModel):
     @field_validator("label")
     @classmethod
     def _label_rule(cls, value: str) -> str:
-        from core.labels import label_problem  # the one label rule: stored trimmed and in NFC
-
-        problem, label = label_problem(value)
+        problem, label = label_problem(value)  # the one label rule: stored trimmed and in NFC
         if problem:
             raise ValueError(problem)
         return label

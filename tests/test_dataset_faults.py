@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT, jpeg_bytes, make_dataset, run_cli
+from PIL import Image
 from serving import AUTH, Server, copy_store, make_zip, predict, solid, wait_task
+
 from core import snapshots
 from core.data import DatasetError, load_dataset
 from core.dataset_sweep import sweep_blobs
@@ -326,7 +326,7 @@ def test_a_sweep_between_making_a_scratch_folder_and_locking_it_leaves_it(tmp_pa
 
 
 def test_the_start_sweep_looks_for_unreferenced_images_on_a_folder_store_only(any_store, monkeypatch):
-    from service.service import _sweep_datasets
+    from service.bootstrap import sweep_datasets as _sweep_datasets
 
     monkeypatch.setenv("REFIT_DATASET_BLOB_GRACE_SECONDS", "0.01")
     orphan = Datasets(any_store).put_blob(jpeg_bytes("blue", 5))

@@ -1,4 +1,4 @@
-"""BentoML's request timeout pins every request in memory for the whole timeout (service/timeouts.py); the
+"""BentoML's request timeout pins every request in memory for the whole timeout (service/compat.py); the
 replacement the service installs lets go of each request when it ends. Runs the real middleware classes
 around a real ASGI app on a real event loop."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import contextvars
 import gc
 import weakref
 
-from service import timeouts
+from service import compat
 
 REQUEST = contextvars.ContextVar("request")  # where BentoML keeps each request, as far as this test is concerned
 
@@ -50,14 +50,13 @@ def _alive_after(cls, n: int = 200) -> int:
 
 def test_bentoml_timeout_middleware_pins_requests_and_ours_does_not():
     # BentoML's own class keeps every request for the timeout. If this starts failing, BentoML fixed it
-    # upstream and service/timeouts.py can go.
-    assert _alive_after(timeouts._Original) == 200
-    assert _alive_after(timeouts.TimeoutMiddleware) == 0
+    # upstream and its part of service/compat.py can go.
+    assert _alive_after(compat._Original) == 200
+    assert _alive_after(compat.TimeoutMiddleware) == 0
 
 
 def test_the_service_builds_its_app_with_the_replacement():
-    from bentoml._internal.server.http import traffic
-
     import service.service  # noqa: F401 - installs it
+    from service.compat import traffic
 
-    assert traffic.TimeoutMiddleware is timeouts.TimeoutMiddleware
+    assert traffic.TimeoutMiddleware is compat.TimeoutMiddleware
