@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service import console, errors
-from service.jobs import AdmissionError
 from service.routers import captures, datasets, drift, feedback, jobs, retrain, versions
 
 ROUTERS = (versions, drift, retrain, jobs, feedback, captures, datasets)  # the OpenAPI page lists them so
@@ -14,8 +13,6 @@ ROUTERS = (versions, drift, retrain, jobs, feedback, captures, datasets)  # the 
 def create_app() -> FastAPI:
     app = FastAPI(title="Refit admin", docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)  # ApiError and validation errors as {"error": ...}, nothing echoed back at length
-    # Until service/admission.py raises ApiError (the jobs side of issue 21), its AdmissionError the same way.
-    app.add_exception_handler(AdmissionError, errors.api_error)
     console.mount(app)  # the web console at /ui
     for module in ROUTERS:
         app.include_router(module.router)

@@ -44,9 +44,7 @@ log = logging.getLogger("refit.jobs")
 
 TRAINING_PROCESS = "training.jobrun"  # python -m training.jobrun run|standby ...
 BUSY = "busy: a retrain is already running; submit again when it has finished"
-# The old name of ApiError here; service/service.py still imports it from this module (to go at the merge).
-AdmissionError = ApiError
-__all__ = ["PACKAGE_ROOT", "AdmissionError", "BUSY", "Jobs", "public", "looks_like_dataset"]
+__all__ = ["PACKAGE_ROOT", "BUSY", "Jobs", "public", "looks_like_dataset"]
 
 
 class Jobs:
