@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.settings import settings
+from training.export import session
 from training.registry import Backbone
 
 # Cache memory allowed (REFIT_ACTIVATION_CACHE_MB, default 2048), and never more than this share of the memory
@@ -134,8 +135,6 @@ def split_model(bb: Backbone, unfrozen: list[str]) -> Split | None:
 def prefix_session(bb: Backbone, split: Split, input_size: int, cache_dir: Path, threads: int | None = None):
     """ONNX Runtime session of the frozen prefix, exported once and kept on disk by backbone, cut, input size
     and weights (a changed weights file never gives stale activations)."""
-    from training.export import session
-
     h = hashlib.sha256()
     for k, v in sorted(split.prefix.state_dict().items()):
         h.update(k.encode())

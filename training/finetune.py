@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from training.export import feature_session
 from training.registry import Backbone, get_module
 
 
@@ -89,8 +90,6 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
     The frozen backbone runs in ONNX Runtime, several times faster than eager PyTorch on a CPU, so
     feature extraction takes seconds. The feature graph is exported once per backbone and input size
     and kept in `cache_dir`."""
-    from training.export import feature_session
-
     sess = feature_session(bb, arrays.shape[-1], cache_dir)
     out = []
     for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch", disable=None):

@@ -25,17 +25,17 @@ from core.progress import Progress
 from core.scratch import run_folder
 from core.store import Store
 from training.artifacts import Evaluation, publish_version, version_meta, write_artifacts
-from training.bootstrap import BOOTSTRAP_CLAIM, _claim_bootstrap, bootstrap_imagenet
+from training.bootstrap import bootstrap_imagenet
 from training.checks import Checked, export_and_check, try_int8
-from training.choose import Fitted, choose_and_train, fit
+from training.choose import Fitted, fit
 from training.findings import drift_reference, label_findings
-from training.promotion import evaluate_onnx_on, promotion_decision
+from training.promotion import promotion_decision
 from training.run import Run, input_contract, seed_everything
 
-# Names other code imports from here (the service's bootstrap subprocess, the tests): kept where they were.
+# Also imported from here by other code: `bootstrap_imagenet` (the service's first start runs it in a
+# subprocess), `Run`, `input_contract` and `_publish` (the tests).
 _publish = publish_version
-__all__ = ["train", "Run", "input_contract", "seed_everything", "choose_and_train", "promotion_decision",
-           "evaluate_onnx_on", "bootstrap_imagenet", "BOOTSTRAP_CLAIM", "_claim_bootstrap", "_publish"]
+__all__ = ["train", "Run", "input_contract", "bootstrap_imagenet", "_publish"]
 
 
 def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
