@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from core.settings import settings
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs"
@@ -62,7 +64,7 @@ QUICK = Plan("quick", model_seconds=0.3, model_images=16, preprocess_images=16, 
 
 def data_dir() -> Path:
     """The real dataset (ants vs bees); read in place, never copied into the project."""
-    path = Path(os.environ.get("REFIT_BENCH_DATA") or ROOT.parent / "shared" / "data" / "hymenoptera").resolve()
+    path = Path(settings().bench_data or ROOT.parent / "shared" / "data" / "hymenoptera").resolve()
     if not (path / "train").is_dir() or not (path / "val").is_dir():
         raise SystemExit(f"bench: no dataset at {path} (expected train/ and val/ class folders); "
                          "set REFIT_BENCH_DATA")
@@ -72,7 +74,7 @@ def data_dir() -> Path:
 def flowers_dir() -> Path | None:
     """The second real dataset (5 flower classes, small blurry photos where fine-tuning beats a frozen
     backbone): REFIT_BENCH_FLOWERS, else flowers5_128px beside the project; None when absent."""
-    path = Path(os.environ.get("REFIT_BENCH_FLOWERS") or ROOT.parent / "shared" / "data" / "flowers5_128px").resolve()
+    path = Path(settings().bench_flowers or ROOT.parent / "shared" / "data" / "flowers5_128px").resolve()
     return path if (path / "train").is_dir() and (path / "val").is_dir() else None
 
 

@@ -68,8 +68,8 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
 
 def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
                seconds: float, only: str | None = None) -> dict:
-    from training.export import read_contract
     from core.preprocess import preprocess
+    from training.export import read_contract
 
     contract = read_contract(path)
     sess = ort_session(path, threads)
@@ -101,8 +101,8 @@ def single_image(path: Path, files: list[bytes], seconds: float) -> dict:
     """Decode + preprocess + ONNX Runtime at batch 1 for one image at a time, on one thread (a session
     with one intra-op thread): the work of one request, with nothing around it. Percentiles over the
     images, cycled for `seconds` after a short warm-up."""
-    from training.export import read_contract
     from core.preprocess import preprocess
+    from training.export import read_contract
 
     contract = read_contract(path)
     sess = ort_session(path, 1)

@@ -11,13 +11,21 @@ photos, other photos, line drawings and colour noise.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
+
+from core.drift import build_reference, thresholds, unit
+from core.preprocess import preprocess
+from core.settings import settings
+from training.export import feature_session
+from training.quality import NEAR_DUPLICATE_SIMILARITY as T
+from training.quality import label_problems, near_duplicates
+from training.registry import create_backbone
 
 WINDOW = 32
 
@@ -79,13 +87,9 @@ def other_photos() -> list[bytes]:
 
 
 def main() -> None:
-    from core.drift import build_reference, thresholds
-    from training.export import feature_session
-    from core.preprocess import preprocess
-    from training.quality import label_problems, near_duplicates
-    from training.registry import create_backbone
-
-    root = Path(os.environ["REFIT_TEST_DATA"])
+    root = settings().test_data
+    if root is None:
+        raise SystemExit("set REFIT_TEST_DATA to the hymenoptera folder (train/ and val/ of ants and bees)")
     bb = create_backbone("efficientnet_lite0", num_classes=2, pretrained=True)
     contract = bb.contract
     sess = feature_session(bb, contract.input_size, Path(tempfile.mkdtemp()))
@@ -98,13 +102,17 @@ def main() -> None:
     tr = feats([p.read_bytes() for p, _ in train])
     va = feats([p.read_bytes() for p, _ in val])
     ty, vy = np.array([y for _, y in train]), np.array([y for _, y in val])
-    meta = lambda items, split: [{"path": f"{split}/{p.parent.name}/{p.name}", "sha256": "", "split": split}
-                                 for p, _ in items]
+    near_duplicate_figures(feats, train, val, tr, va)
+    label_problem_figures(train, val, tr, va, ty, vy)
+    drift_figures(feats, tr, va, vy)
 
-    # near-duplicates: altered copies of 40 validation photos vs their originals placed in train
-    from core.drift import unit
-    from training.quality import NEAR_DUPLICATE_SIMILARITY as T
 
+def meta(items: list[tuple[Path, int]], split: str) -> list[dict]:
+    return [{"path": f"{split}/{p.parent.name}/{p.name}", "sha256": "", "split": split} for p, _ in items]
+
+
+def near_duplicate_figures(feats: Callable, train: list, val: list, tr: np.ndarray, va: np.ndarray) -> None:
+    """Altered copies of 40 validation photos vs their originals placed in train."""
     pick = np.linspace(0, len(val) - 1, 40).astype(int)
     sims: dict[str, list[float]] = {}
     for i in pick:
@@ -123,7 +131,10 @@ def main() -> None:
     dup = near_duplicates(tr, va, meta(train, "train"), meta(val, "val"))
     print(f"near_duplicates on hymenoptera as it is: {dup['count']} pairs ({time.time() - t0:.2f}s)")
 
-    # label problems: three bee photos copied into ants
+
+def label_problem_figures(train: list, val: list, tr: np.ndarray, va: np.ndarray, ty: np.ndarray,
+                          vy: np.ndarray) -> None:
+    """Three bee photos copied into ants: where they rank."""
     bees = [i for i, (_, y) in enumerate(train) if y == 1][:3]
     x = np.concatenate([tr, tr[bees], va])
     y = np.concatenate([ty, np.zeros(3, np.int64), vy])
@@ -135,7 +146,9 @@ def main() -> None:
     print(f"label problems: {lp['count']} flagged of {lp['images']} in {time.time() - t0:.2f}s; injected at ranks "
           f"{ranks}; out-of-fold accuracy {lp['out_of_fold_accuracy']}")
 
-    # drift: windows of WINDOW inputs
+
+def drift_figures(feats: Callable, tr: np.ndarray, va: np.ndarray, vy: np.ndarray) -> None:
+    """Drift scores of windows of WINDOW inputs."""
     ref = build_reference(tr, va, vy, ["ants", "bees"])
     t_emb, t_lab = thresholds(ref, WINDOW)
     print(f"thresholds at a window of {WINDOW}: embedding {t_emb:.3f}, labels {t_lab:.3f}")

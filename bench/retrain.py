@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import zipfile
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -101,7 +102,7 @@ def _epoch_seconds(metrics: dict) -> list[float]:
     """Wall seconds of each fine-tuning epoch (training, the cache's view if one was made, validation), from
     the history's cumulative times."""
     times = [h["time"] for h in metrics.get("history", []) if h.get("phase") not in (None, "head")]
-    return [round(b - a, 2) for a, b in zip([0.0, *times], times)][1:] if len(times) > 1 else []
+    return [round(b - a, 2) for a, b in pairwise(times)]
 
 
 def partial_summary(fast: dict) -> dict | None:
@@ -147,7 +148,8 @@ def train_cli(data: Path, strategy: str, home: Path, plan: Plan, default_epochs:
     epochs = plan.retrain_epochs.get(strategy) if strategy != "feature_extraction" else None
     options = {**plan.retrain_options, **({"epochs": epochs} if epochs else {})}
     log(f"retrain: {strategy} ({' '.join(cli_flags(options)) or 'defaults'})")
-    result, wall, error = cli_train(data, home, ["--strategy", strategy, *cli_flags(options)], plan, f"cli-{strategy}.log")
+    result, wall, error = cli_train(data, home, ["--strategy", strategy, *cli_flags(options)], plan,
+                                    f"cli-{strategy}.log")
     row = {"strategy": strategy, "epochs": epochs or (None if strategy == "feature_extraction" else default_epochs),
            "epochs_capped": bool(epochs), "wall_seconds": wall}
     if result is None:
@@ -276,8 +278,8 @@ def tables(result: dict) -> str:
     subset = f" (smoke test: {result['subset']} images per class and split)" if result["subset"] else ""
     text = md_table(["strategy", "kept", "fine-tuning epochs", "val accuracy", "INT8 val accuracy",
                      "train s", "CLI total s", "wall s (with start-up)"], rows)
-    text += (f"\n\nDataset: {Path(result['data']).name}{subset}. `train s` is the fit alone as the CLI reports it; `CLI "
-             "total s` adds decoding, export, the parity check, INT8 quantization and publishing; the wall time "
+    text += (f"\n\nDataset: {Path(result['data']).name}{subset}. `train s` is the fit alone as the CLI reports it; "
+             "`CLI total s` adds decoding, export, the parity check, INT8 quantization and publishing; the wall time "
              "adds Python and torch start-up. Epoch caps apply to fine-tuning; feature extraction and warm-ups "
              "fit the head on cached features with early stopping.\n\n")
     answered = s.get("submit_to_answer_seconds")

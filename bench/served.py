@@ -26,22 +26,21 @@ from bench import inprocess, loadgen, wrkgen
 from bench import version as bench_version
 from bench.common import CONCURRENCY, Plan, jpeg_files, log, md_table
 from bench.servers import Server, naive_server, peer_server, refit_server, wait_standby_warm
+from core.settings import settings
 
 HALF = 0.5
 
 
 def run(plan: Plan, model_result: dict | None = None) -> dict:
-    from service import settings  # only to record the defaults the server will read from the same env
-
     if not wrkgen.available():  # before minutes of training and measuring
         raise RuntimeError("wrk is not installed: the served benchmark drives its servers with it "
                            "(Debian/Ubuntu: apt-get install wrk)")
     images = jpeg_files()
     logs = plan.results_dir / "logs"
-    # getattr: the bench runs against whatever service/ is checked out, whose settings may be named otherwise
-    named = (("max_batch_size", "MAX_BATCH_SIZE"), ("workers", "WORKERS"), ("ort_threads", "ORT_THREADS"))
+    # The defaults the server will read from the same environment, recorded with the results.
+    current = settings()
     out = {"images": len(images), "levels": list(CONCURRENCY), "servers": {},
-           **{key: getattr(settings, name, None) for key, name in named}}
+           **{key: getattr(current, key) for key in ("max_batch_size", "workers", "ort_threads")}}
     v = bench_version.trained(plan)
     out["version"] = bench_version.describe(v)
     out["inprocess"] = inprocess.served_baseline(v, [data for _, data in images], plan, model_result)
@@ -318,7 +317,7 @@ and pipeline is bounded by the same two cores: Refit and the peer are within noi
 connections (0.9–1.3 × across runs), and 1.5 × the peer would be about 1.5 × what the two cores can decode and
 run. What separates them is everything else: Refit answers one request at a time in about 1.5 × the work's
 own time, keeps every reply on one version through hot swaps, refuses bad input with named 4xx errors,
-and enforces body, pixel and per-request limits and the token."""
+and enforces body, pixel and per-request limits and the token."""  # noqa: E501 - markdown table rows are one line each
 
 
 def _baseline_line(result: dict) -> str:

@@ -13,12 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import typing
+from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
+from core.backbones import list_backbones
 from core.config import TrainRequest
+from core.data import DatasetError
+from core.dataset_sweep import sweep, sweep_local
+from core.datasets import Datasets
+from core.preprocess import MAX_PIXELS, ImageError, preprocess
+from core.progress_view import ProgressView
+from core.store import Store, StoreError
+from service.explain import NotExplainable, UnknownLabel, explain_upload
+from service.model import ModelHolder, open_version
+from training.errors import BackboneError, ExportError
+
+# Whatever imports torch is imported by the command that needs it (train, predict, worker), not here: torch
+# takes seconds to import, and `refit --help`, `refit versions` or `refit dataset list` never use it.
 
 
 def _add_request_options(p: argparse.ArgumentParser) -> None:
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from training.pipeline import train
+    from training.pipeline import train  # torch
 
     fields = {k: v for k, v in vars(args).items() if k in TrainRequest.model_fields}
     try:
@@ -97,8 +114,6 @@ def cmd_train(args) -> int:
         for err in e.errors():
             print(f"  --{'.'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
-    from core.progress_view import ProgressView
-
     out = sys.stderr if args.json else sys.stdout
     # The bar (or, when stderr is not a terminal, a line per phase) goes to stderr, so stdout keeps the log,
     # or with --json nothing but the summary.
@@ -113,8 +128,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_versions(args) -> int:
-    from core.store import Store
-
     store = Store()
     rows = store.list_info()
     problem = store.pointer_problem()
@@ -136,44 +149,46 @@ def cmd_versions(args) -> int:
 
 
 def cmd_dataset(args) -> int:
-    from pathlib import Path
-
-    from core.data import DatasetError
-    from core.datasets import Datasets
-    from core.store import Store
-
     datasets = Datasets(Store())
     if args.dataset_command == "list":
-        rows = datasets.list()
-        if args.json:
-            print(json.dumps(rows))
-        for r in [] if args.json else rows:
-            print(f"{r['dataset']:24s} snapshot {r['snapshot']}  {r['images']} images  {r['classes']} classes  "
-                  f"updated {r['updated']}")
-        if not rows and not args.json:
-            print("no datasets yet; run `refit dataset add NAME PATH`")
-        return 0
+        return _dataset_list(datasets, args)
     if args.dataset_command == "show":
-        info = datasets.show(args.name)
-        if args.json:
-            print(json.dumps(info))
-            return 0
-        print(f"{info['dataset']}: snapshot {info['snapshot']}, {info['images']} images")
-        for label, n in info["classes"].items():
-            print(f"  {label:24s} {n}")
-        print("snapshots, newest first:")
-        for h in info["snapshots"]:
-            print(f"  {h['snapshot']}  {h['at']}  {h['action']:8s} {h['images']} images")
-        return 0
+        return _dataset_show(datasets, args)
     if args.dataset_command == "sweep":
-        from core.dataset_sweep import sweep
-
         removed = sweep(datasets.store)
         print(json.dumps(removed) if args.json else
               ", ".join(f"removed {len(v)} {k}" for k, v in removed.items()))
         return 0
-    from core.dataset_sweep import sweep_local
+    return _dataset_add(datasets, args)
 
+
+def _dataset_list(datasets: Datasets, args) -> int:
+    rows = datasets.list()
+    if args.json:
+        print(json.dumps(rows))
+    for r in [] if args.json else rows:
+        print(f"{r['dataset']:24s} snapshot {r['snapshot']}  {r['images']} images  {r['classes']} classes  "
+              f"updated {r['updated']}")
+    if not rows and not args.json:
+        print("no datasets yet; run `refit dataset add NAME PATH`")
+    return 0
+
+
+def _dataset_show(datasets: Datasets, args) -> int:
+    info = datasets.show(args.name)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['dataset']}: snapshot {info['snapshot']}, {info['images']} images")
+    for label, n in info["classes"].items():
+        print(f"  {label:24s} {n}")
+    print("snapshots, newest first:")
+    for h in info["snapshots"]:
+        print(f"  {h['snapshot']}  {h['at']}  {h['action']:8s} {h['images']} images")
+    return 0
+
+
+def _dataset_add(datasets: Datasets, args) -> int:
     sweep_local(datasets.store)  # what adds killed on this machine left; images need `refit dataset sweep`
     path = Path(args.path)
     if not path.exists():
@@ -199,11 +214,7 @@ def cmd_dataset(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-
-    from training.export import read_contract, session
-    from core.preprocess import preprocess
-    from core.store import Store
+    from training.export import read_contract, session  # torch
 
     store = Store()
     version = store.resolve(args.version)
@@ -225,14 +236,6 @@ def cmd_predict(args) -> int:
 
 def cmd_explain(args) -> int:
     """The service's numpy code (`service/explain.py`) on the version's ONNX file, opened as serving opens it."""
-    import os
-    from pathlib import Path
-
-    from service.explain import NotExplainable, UnknownLabel, explain_upload
-    from service.model import ModelHolder, open_version
-    from core.preprocess import MAX_PIXELS
-    from core.store import Store
-
     image = Path(args.image)
     if not image.is_file():
         print(f"refit: error: {image}: no such file", file=sys.stderr)
@@ -265,16 +268,8 @@ def cmd_explain(args) -> int:
 
 
 def main(argv=None) -> int:
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
-    from core.data import DatasetError
-    from training.export import ExportError
-    from core.preprocess import ImageError
-    from training.registry import BackboneError, list_backbones
-    from core.store import Store, StoreError
-
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -295,7 +290,7 @@ def main(argv=None) -> int:
         if args.command == "explain":
             return cmd_explain(args)
         if args.command == "worker":
-            from training.worker import main as work
+            from training.worker import main as work  # torch and RQ: a worker imports torch once, up front
 
             return work(burst=args.burst, name=args.name)
         if args.command == "dataset":

@@ -9,6 +9,10 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from core.backbones import list_backbones, unknown_backbone
+from core.data import DatasetError
+from core.datasets import check_name, check_snapshot
+
 Strategy = Literal["auto", "feature_extraction", "partial", "full", "scratch"]
 
 
@@ -71,9 +75,7 @@ class TrainRequest(BaseModel):
     @classmethod
     def _registered_backbone(cls, name: str) -> str:
         # Checked here, not when the model is built, so a retrain with a wrong name is refused at submit
-        # (and the CLI before reading any data). The registry's names need no torch import.
-        from training.registry import list_backbones, unknown_backbone
-
+        # (and the CLI before reading any data). The table of names needs no torch import (core/backbones.py).
         if name not in list_backbones():
             raise PydanticCustomError("unknown_backbone", "{message}", {"message": unknown_backbone(name)})
         return name
@@ -82,9 +84,6 @@ class TrainRequest(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_name(cls, name):
-        from core.datasets import check_name
-        from core.data import DatasetError
-
         try:
             return None if name is None else check_name(name)
         except DatasetError as e:
@@ -93,9 +92,6 @@ class TrainRequest(BaseModel):
     @field_validator("snapshot")
     @classmethod
     def _snapshot_id(cls, snapshot):
-        from core.datasets import check_snapshot
-        from core.data import DatasetError
-
         try:
             return None if snapshot is None else check_snapshot(snapshot)
         except DatasetError as e:

@@ -220,15 +220,7 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
                  log_fn=log.info, contract=None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
     `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`."""
-    data = Path(data)
-    if not data.exists():
-        raise DatasetError(f"{data}: no such file or folder")
-    if data.is_file():
-        if data.suffix.lower() != ".zip":
-            raise DatasetError(f"{data}: expected a folder of class sub-folders or a .zip of one")
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="refit-data-"))
-        data = safe_extract_zip(data, workdir / "dataset")
-    root = class_root(data)
+    root = class_root(_unpacked(Path(data), workdir))
     skipped: list[dict] = []
     ignored: list[str] = []
     decoded: dict | None = {} if contract is not None else None
@@ -237,16 +229,8 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
         return _usable(files, skipped, ignored, contract, decoded)
 
     has_split = (root / "train").is_dir() and (root / "val").is_dir()
-    if has_split:
-        tr, va = _scan_classes(root / "train"), _scan_classes(root / "val")
-        if set(tr) != set(va):
-            raise DatasetError(f"{root}: train/ and val/ have different classes: "
-                               f"train {sorted(tr)}, val {sorted(va)}")
-        tr = {c: usable(f) for c, f in tr.items()}
-        va = {c: usable(f) for c, f in va.items()}
-        per_class = {c: tr[c] + va[c] for c in tr}
-    else:
-        per_class = {c: usable(f) for c, f in _scan_classes(root).items()}
+    tr, va, per_class = _scan_split(root, usable) if has_split else \
+        (None, None, {c: usable(f) for c, f in _scan_classes(root).items()})
     for s in skipped:
         log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
         # Recorded (metrics, the retrain reply) relative to the dataset, as in dataset.json: the full path
@@ -255,31 +239,12 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
     if ignored:
         log_fn(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
     per_class = {c: f for c, f in per_class.items() if f or not has_split}
-    if len(per_class) < 2:
-        found = ", ".join(f"{c} ({len(f)} images)" for c, f in per_class.items()) or "none"
-        raise DatasetError(f"{root}: need at least 2 class folders with images, found {len(per_class)}: {found}. "
-                           "Put each class's images in its own sub-folder.")
-    small = {c: len(f) for c, f in per_class.items() if len(f) < 2}
-    if small:
-        raise DatasetError(f"{root}: every class needs at least 2 usable images; too few in: "
-                           + ", ".join(f"{c} ({n})" for c, n in small.items()))
+    _check_classes(root, per_class)
     classes = sorted(per_class)
-    idx = {c: i for i, c in enumerate(classes)}
     if has_split:
-        empty_val = [c for c in classes if not va[c]]
-        if empty_val:
-            raise DatasetError(f"{root}: val/ has no usable images for class(es) {empty_val}")
-        train = [(p, idx[c]) for c in classes for p in tr[c]]
-        val = [(p, idx[c]) for c in classes for p in va[c]]
+        train, val = _given_split(root, classes, tr, va)
     else:
-        rng = random.Random(seed)
-        train, val = [], []
-        for c in classes:
-            files = list(per_class[c])
-            rng.shuffle(files)
-            n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
-            val += [(p, idx[c]) for p in files[:n_val]]
-            train += [(p, idx[c]) for p in files[n_val:]]
+        train, val = _seeded_split(classes, per_class, val_fraction, seed)
     ds = Dataset(root, classes, train, val, "folders" if has_split else "seeded", skipped, ignored,
                  decoded=decoded or {})
     sizes = {c: len(per_class[c]) for c in classes}
@@ -288,3 +253,58 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
                            "accuracy may flatter the large class, check per-class recall")
         log_fn(ds.warnings[-1])
     return ds
+
+
+def _unpacked(data: Path, workdir: Path | None) -> Path:
+    """The dataset folder: `data` itself, or a .zip extracted under `workdir`."""
+    if not data.exists():
+        raise DatasetError(f"{data}: no such file or folder")
+    if not data.is_file():
+        return data
+    if data.suffix.lower() != ".zip":
+        raise DatasetError(f"{data}: expected a folder of class sub-folders or a .zip of one")
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="refit-data-"))
+    return safe_extract_zip(data, workdir / "dataset")
+
+
+def _scan_split(root: Path, usable) -> tuple[dict, dict, dict]:
+    """train/ and val/ given: their usable files per class, and both together per class."""
+    tr, va = _scan_classes(root / "train"), _scan_classes(root / "val")
+    if set(tr) != set(va):
+        raise DatasetError(f"{root}: train/ and val/ have different classes: "
+                           f"train {sorted(tr)}, val {sorted(va)}")
+    tr = {c: usable(f) for c, f in tr.items()}
+    va = {c: usable(f) for c, f in va.items()}
+    return tr, va, {c: tr[c] + va[c] for c in tr}
+
+
+def _check_classes(root: Path, per_class: dict) -> None:
+    if len(per_class) < 2:
+        found = ", ".join(f"{c} ({len(f)} images)" for c, f in per_class.items()) or "none"
+        raise DatasetError(f"{root}: need at least 2 class folders with images, found {len(per_class)}: {found}. "
+                           "Put each class's images in its own sub-folder.")
+    small = {c: len(f) for c, f in per_class.items() if len(f) < 2}
+    if small:
+        raise DatasetError(f"{root}: every class needs at least 2 usable images; too few in: "
+                           + ", ".join(f"{c} ({n})" for c, n in small.items()))
+
+
+def _given_split(root: Path, classes: list[str], tr: dict, va: dict) -> tuple[list, list]:
+    empty_val = [c for c in classes if not va[c]]
+    if empty_val:
+        raise DatasetError(f"{root}: val/ has no usable images for class(es) {empty_val}")
+    idx = {c: i for i, c in enumerate(classes)}
+    return [(p, idx[c]) for c in classes for p in tr[c]], [(p, idx[c]) for c in classes for p in va[c]]
+
+
+def _seeded_split(classes: list[str], per_class: dict, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A stratified split: each class's share of validation images, at least one, leaving one to train on."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for i, c in enumerate(classes):
+        files = list(per_class[c])
+        rng.shuffle(files)
+        n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+        val += [(p, i) for p in files[:n_val]]
+        train += [(p, i) for p in files[n_val:]]
+    return train, val

@@ -71,9 +71,9 @@ class Reference:
         flagged = n >= MIN_WINDOW and (emb > t_emb or tv > t_lab)
         return {"embedding": {"score": _r(emb), "threshold": _r(t_emb)},
                 "labels": {"score": _r(tv), "threshold": _r(t_lab),
-                           "expected": {c: _r(float(p)) for c, p in zip(self.classes, self.val_labels)},
+                           "expected": {c: _r(float(p)) for c, p in zip(self.classes, self.val_labels, strict=True)},
                            "observed": None if observed is None else
-                           {c: _r(float(p)) for c, p in zip(self.classes, observed)}},
+                           {c: _r(float(p)) for c, p in zip(self.classes, observed, strict=True)}},
                 "flagged": bool(flagged)}
 
 

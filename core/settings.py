@@ -125,6 +125,11 @@ class Settings(BaseSettings):
     capture_prune_seconds: float = 300
     suggest_pool: int = 1000  # `suggest` ranks at most this many of the newest captures
 
+    # -- development: where the tests and benchmarks find their photos (bench/common.py, tests/) ---------------
+    test_data: Optional[Path] = None  # the hymenoptera photos (train/ and val/ of ants and bees)
+    bench_data: Optional[Path] = None  # the benchmarks' photos (default: ../shared/data/hymenoptera)
+    bench_flowers: Optional[Path] = None  # the retrain benchmark's flowers (default: ../shared/data/flowers5_128px)
+
     # -- process plumbing: set by Refit for the processes it starts, not by an operator --------------------------
     parent_pid: Optional[int] = None  # a `refit worker`'s work horses die with this process
     supervisor_pid: Optional[int] = None  # `bentoml serve`'s supervisor, for the model workers (lifeline.py)

@@ -400,7 +400,7 @@ def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_a
     15 minutes waited 300 s for it and then served nothing."""
     import socket
 
-    from training import pipeline
+    from training import bootstrap as pipeline
     from core.store import now_iso
 
     monkeypatch.setattr(pipeline, "BOOTSTRAP_WAIT_SECONDS", 3)  # waiting would fail in 3 s, not 300

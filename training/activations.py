@@ -32,12 +32,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from core.settings import settings
+from training.export import session
 from training.registry import Backbone
 
-# Cache memory allowed by default, and never more than this share of the memory available when training
-# starts. At the defaults (EfficientNet-Lite0, 4 stages unfrozen, 224 px) an image costs 37 KB per view,
-# so a few hundred images take tens of MB; the bound matters for large datasets and late cuts.
-DEFAULT_LIMIT_MB = 2048
+# Cache memory allowed (REFIT_ACTIVATION_CACHE_MB, default 2048), and never more than this share of the memory
+# available when training starts. At the defaults (EfficientNet-Lite0, 4 stages unfrozen, 224 px) an image
+# costs 37 KB per view, so a few hundred images take tens of MB; the bound matters for large datasets and late
+# cuts.
 MAX_SHARE_OF_AVAILABLE = 0.5
 
 
@@ -133,8 +135,6 @@ def split_model(bb: Backbone, unfrozen: list[str]) -> Split | None:
 def prefix_session(bb: Backbone, split: Split, input_size: int, cache_dir: Path, threads: int | None = None):
     """ONNX Runtime session of the frozen prefix, exported once and kept on disk by backbone, cut, input size
     and weights (a changed weights file never gives stale activations)."""
-    from training.export import session
-
     h = hashlib.sha256()
     for k, v in sorted(split.prefix.state_dict().items()):
         h.update(k.encode())
@@ -170,7 +170,7 @@ def evaluating(module: nn.Module):
 def limit_bytes() -> int:
     """The cache's memory bound: REFIT_ACTIVATION_CACHE_MB (default 2048), and at most half of the memory
     available now."""
-    limit = float(os.environ.get("REFIT_ACTIVATION_CACHE_MB") or DEFAULT_LIMIT_MB) * 2**20
+    limit = settings().activation_cache_mb * 2**20
     try:
         import psutil
 

@@ -1,6 +1,8 @@
 """ONNX export with the preprocessing contract inside, and the parity check that gates publishing."""
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -11,15 +13,12 @@ import torch
 from torch import nn
 
 from core.contract import Contract
+from training.errors import ExportError
 
 CONTRACT_KEY = "refit.contract"
 VERSION_KEY = "refit.version"
 CAM_FILE = "cam.npz"  # the head's weight and bias, for class activation maps (service/explain.py)
 PARITY_TOLERANCE = 1e-4  # max |prob_torch - prob_onnx| allowed before a version may be published
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 class WithSoftmax(nn.Module):
@@ -115,9 +114,6 @@ def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, class
 def feature_session(bb, input_size: int, cache_dir: Path):
     """An ONNX Runtime session of the frozen backbone up to the classifier's input, cached on disk by
     backbone, input size and weights (so a changed weights file is never served stale features)."""
-    import copy
-    import hashlib
-
     state_hash = hashlib.sha256()
     for k, v in sorted(bb.model.state_dict().items()):
         if not k.startswith(bb.classifier + "."):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from training.export import feature_session
 from training.registry import Backbone, get_module
 
 
@@ -89,8 +90,6 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
     The frozen backbone runs in ONNX Runtime, several times faster than eager PyTorch on a CPU, so
     feature extraction takes seconds. The feature graph is exported once per backbone and input size
     and kept in `cache_dir`."""
-    from training.export import feature_session
-
     sess = feature_session(bb, arrays.shape[-1], cache_dir)
     out = []
     for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch", disable=None):
@@ -210,30 +209,16 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
                                          num_workers=0, drop_last=len(train_ds) > batch_size)
-    opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
-                            weight_decay=weight_decay)
-    steps = max(1, epochs * len(loader))
-    warm = min(len(loader), steps // 10 + 1)
-    # Short linear warm-up then cosine decay, per step: protects pretrained layers from the first noisy steps.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    opt, sched = _optimizer(groups, weight_decay, steps=max(1, epochs * len(loader)), per_epoch=len(loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     best, best_state, since, history, t0 = None, None, 0, [], time.time()
     kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
     start_loss = None
     if warm_started:
         # The warmed-up head is the point to beat: fine-tuning that only hurts validation is undone.
-        ev = evaluate(model, val_arrays, val_labels)
-        best, best_state = (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict())
-        kept.update(val_acc=ev["val_acc"], val_loss=ev["val_loss"])
-        start_loss = ev["val_loss"]
-        log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}")
-        if progress is not None:
-            progress.best(ev["val_acc"])
+        best, best_state, start_loss = _warm_start(model, val_arrays, val_labels, kept, phase, log, progress)
     for epoch in range(1, epochs + 1):
-        spent = time.time() - t0
-        if budget is not None and epoch > 1 and spent + spent / (epoch - 1) > budget:
-            log(f"{phase}: time budget: {spent:.1f}s spent of {budget:.1f}s, another epoch would not fit")
+        if _over_budget(budget, time.time() - t0, epoch, phase, log):
             kept["stopped"] = "budget"
             break
         if hasattr(train_ds, "set_epoch"):
@@ -245,9 +230,7 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
         history.append(row)
         key = (row["val_acc"], -row["val_loss"])
         improved = best is None or key > best
-        log(f"{phase} epoch {epoch}/{epochs}  train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f}  "
-            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  {row['train_seconds']:.1f}s"
-            + ("  *" if improved else ""))
+        _log_epoch(log, row, epochs, improved)
         if progress is not None:
             progress.epoch(epoch, val_acc=row["val_acc"])
         if improved:
@@ -259,13 +242,58 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
                 log(f"{phase}: early stop, no validation improvement for {patience} epochs")
                 kept["stopped"] = "patience"
                 break
-        if trial and epoch == trial and start_loss is not None and min(
-                r["val_loss"] for r in history) >= start_loss:
-            log(f"{phase}: trial: validation loss not below the warmed-up head's ({start_loss:.4f}) after "
-                f"{trial} epoch(s); stopping")
+        if _trial_failed(trial, epoch, start_loss, history, phase, log):
             kept["stopped"] = "trial"
             break
     model.load_state_dict(best_state)
     kept["epochs_run"] = len(history)
     kept["seconds"] = round(time.time() - t0, 2)
     return history, kept
+
+
+def _warm_start(model: nn.Module, val_arrays: np.ndarray, val_labels: np.ndarray, kept: dict, phase: str,
+                log: Callable, progress) -> tuple[tuple, dict, float]:
+    """The warmed-up model's validation figures: (best key, its weights, its validation loss)."""
+    ev = evaluate(model, val_arrays, val_labels)
+    kept.update(val_acc=ev["val_acc"], val_loss=ev["val_loss"])
+    log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}")
+    if progress is not None:
+        progress.best(ev["val_acc"])
+    return (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict()), ev["val_loss"]
+
+
+def _optimizer(groups: list[dict], weight_decay: float, *, steps: int, per_epoch: int):
+    """AdamW over the parameter groups, with a short linear warm-up then cosine decay, per step: protects
+    pretrained layers from the first noisy steps."""
+    opt = torch.optim.AdamW([{k: v for k, v in gr.items() if k != "name"} for gr in groups],
+                            weight_decay=weight_decay)
+    warm = min(per_epoch, steps // 10 + 1)
+
+    def factor(s: int) -> float:
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _over_budget(budget: float | None, spent: float, epoch: int, phase: str, log: Callable) -> bool:
+    """Whether another epoch, at the mean epoch time so far, would end past the budget."""
+    if budget is not None and epoch > 1 and spent + spent / (epoch - 1) > budget:
+        log(f"{phase}: time budget: {spent:.1f}s spent of {budget:.1f}s, another epoch would not fit")
+        return True
+    return False
+
+
+def _log_epoch(log: Callable, row: dict, epochs: int, improved: bool) -> None:
+    log(f"{row['phase']} epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  "
+        f"{row['train_seconds']:.1f}s" + ("  *" if improved else ""))
+
+
+def _trial_failed(trial: int, epoch: int, start_loss: float | None, history: list[dict], phase: str,
+                  log: Callable) -> bool:
+    """auto's trial: after `trial` epochs, validation loss must be below the warmed-up head's to go on."""
+    if trial and epoch == trial and start_loss is not None and min(r["val_loss"] for r in history) >= start_loss:
+        log(f"{phase}: trial: validation loss not below the warmed-up head's ({start_loss:.4f}) after "
+            f"{trial} epoch(s); stopping")
+        return True
+    return False

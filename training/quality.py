@@ -25,7 +25,8 @@ MAX_LISTED = 50  # entries kept in metrics.json per list (the count says how man
 # score 0.85 or more against their original (mirrored 100 %, cropped 98 %, re-encoded 95 %, half size 70 %:
 # the misses are mostly half-size copies of photos that were small already), while the most similar pair
 # of distinct photos across train and val scores 0.80 (99.9th percentile of all distinct pairs: 0.72).
-# 0.85 finds nearly every copy and no distinct pair. (Features centred on the training mean separate no better: the margin was the same.)
+# 0.85 finds nearly every copy and no distinct pair. (Features centred on the training mean separate no better:
+# the margin was the same.)
 NEAR_DUPLICATE_SIMILARITY = 0.85
 
 
@@ -90,7 +91,7 @@ def label_problems(features: np.ndarray, labels: np.ndarray, classes: list[str],
     counts = np.bincount(labels, minlength=len(classes))
     k = min(MAX_FOLDS, int(counts.min()))
     if k < 2:
-        small = [f"{c} ({n})" for c, n in zip(classes, counts) if n < 2]
+        small = [f"{c} ({n})" for c, n in zip(classes, counts, strict=True) if n < 2]
         return {"available": False, "reason": f"too few images for {MAX_FOLDS}-fold scoring: every class needs at "
                 f"least 2 (train and val together); too few in {', '.join(small)}", "items": [], "count": 0}
     probs = out_of_fold_probs(np.asarray(features, np.float32), labels, len(classes), k, seed)
@@ -106,7 +107,7 @@ def label_problems(features: np.ndarray, labels: np.ndarray, classes: list[str],
     accuracy = float((probs.argmax(1) == labels).mean())
     return {"available": True, "method": "confident learning on out-of-fold probabilities", "folds": k,
             "count": int(issue.sum()), "images": int(len(labels)), "out_of_fold_accuracy": round(accuracy, 4),
-            "thresholds": {c: round(float(t), 4) for c, t in zip(classes, thresholds)},
+            "thresholds": {c: round(float(t), 4) for c, t in zip(classes, thresholds, strict=True)},
             "items": items, "seconds": round(time.time() - t0, 2)}
 
 

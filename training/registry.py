@@ -2,28 +2,28 @@
 
 Each entry knows its default preprocessing contract, the dotted name of its final Linear layer (the head
 that transfer learning replaces) and its stages in forward order (what `partial` unfreezes from the end).
+The names, and what is known of each without torch, are the table in core/backbones.py; this module holds
+one builder per name, and registering a builder for a name the table lacks fails, as does a name of the
+table left without one.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from core.backbones import BACKBONES, BackboneInfo, list_backbones, unknown_backbone
 from core.contract import Contract
+from training.errors import BackboneError
 
 if TYPE_CHECKING:
     from torch import nn
 
-# torch is imported inside the functions that build models: the names (list_backbones) are needed where
-# no model is, e.g. to validate a training request in the service's front process.
+# torch is imported inside the functions that build models: importing this module for BackboneError or the
+# names must not cost torch's import (the names themselves live in core/backbones.py).
 
 log = logging.getLogger("refit.registry")
-
-
-class BackboneError(ValueError):
-    pass
 
 
 @dataclass
@@ -40,24 +40,23 @@ _REGISTRY: dict[str, Callable[..., Backbone]] = {}
 
 
 def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    """Register `fn` as the builder of the backbone of its name, which core/backbones.py must list."""
+    if fn.__name__ not in BACKBONES:
+        raise BackboneError(f"backbone {fn.__name__!r} is not in core/backbones.py's table: list it there, so "
+                            "training requests accept it")
     _REGISTRY[fn.__name__] = fn
     return fn
 
 
-def list_backbones(pattern: str = "*") -> list[str]:
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
-
-
-def unknown_backbone(name: str) -> str:
-    """The one message for a backbone name that is not registered (CLI, retrain request, create_backbone)."""
-    return f"Unknown backbone {name!r}; available: {', '.join(list_backbones())}"
+__all__ = ["Backbone", "BackboneError", "create_backbone", "get_module", "list_backbones", "register_backbone",
+           "replace_head", "unknown_backbone"]
 
 
 def create_backbone(name: str, num_classes: int | None = None, pretrained: bool = True,
                     weights: str | Path | None = None) -> Backbone:
     """Build a backbone. num_classes=None keeps the pretrained ImageNet head; otherwise a fresh head
     of that size replaces it. `weights` is a local state-dict file used instead of the packaged ones."""
-    if name not in _REGISTRY:
+    if name not in BACKBONES:
         raise BackboneError(unknown_backbone(name))
     bb = _REGISTRY[name](pretrained=pretrained and weights is None)
     if weights is not None:
@@ -91,7 +90,7 @@ def _load_local(model: nn.Module, path: Path) -> None:
         raise BackboneError(f"weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+    except Exception as e:  # broad on purpose: any unpickling failure is a bad file for the user
         raise BackboneError(f"weights file {path} is not a PyTorch state dict: {e}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference-script checkpoints
@@ -147,15 +146,13 @@ def _efficientnet_lite(variant: int, pretrained: bool) -> Backbone:
     return Backbone(f"efficientnet_lite{variant}", model, contract, "_fc", stages, None)
 
 
-def _lite(variant: int) -> None:
+def _lite(info: BackboneInfo) -> None:
+    variant = int(info.name.removeprefix("efficientnet_lite"))
+
     def entry(pretrained: bool = True) -> Backbone:
         return _efficientnet_lite(variant, pretrained)
-    entry.__name__ = f"efficientnet_lite{variant}"
+    entry.__name__ = info.name
     register_backbone(entry)
-
-
-for _variant in _LITE_INPUT:
-    _lite(_variant)
 
 
 # --- torchvision's ImageNet models through its weights API ---------------------------------------
@@ -188,22 +185,31 @@ def _torchvision_state(weights) -> dict:
         return torch.load(cache / filename, map_location="cpu", weights_only=True)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # noqa: BLE001 - URLError, timeouts, proxies: all mean "not downloadable here"
+    except Exception as e:  # broad on purpose: URLError, timeouts, proxies: all mean "not downloadable here"
         raise BackboneError(
             f"pretrained weights {filename} are not in {cache} and could not be downloaded ({e}). "
             f"Download {weights.url} and put it in {cache}/, or pass a local file with --weights, "
             f"or use an offline backbone: efficientnet_lite0, efficientnet_lite1 or efficientnet_lite2.") from None
 
 
-def _tv(name: str, classifier: str, stage_root: str | None = None):
+def _tv(info: BackboneInfo) -> None:
     def entry(pretrained: bool = True) -> Backbone:
-        return _torchvision(name, classifier, stage_root, pretrained)
-    entry.__name__ = name
+        return _torchvision(info.name, info.classifier, info.stage_root, pretrained)
+    entry.__name__ = info.name
     register_backbone(entry)
 
 
-_tv("resnet18", "fc")
-_tv("resnet50", "fc")
-_tv("mobilenet_v3_large", "classifier.3", "features")
-_tv("efficientnet_b0", "classifier.1", "features")
-_tv("convnext_tiny", "classifier.2", "features")
+# --- every name of the table, built by its family's builder ----------------------------------------------
+
+_FAMILIES: dict[str, Callable[[BackboneInfo], None]] = {"efficientnet_lite": _lite, "torchvision": _tv}
+
+
+def _register_table() -> None:
+    for info in BACKBONES.values():
+        _FAMILIES[info.family](info)
+    missing = sorted(set(BACKBONES) - set(_REGISTRY))
+    if missing:  # not an assert: the check must hold under python -O too
+        raise BackboneError(f"core/backbones.py lists {missing} but training/registry.py builds none of them")
+
+
+_register_table()
