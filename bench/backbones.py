@@ -113,7 +113,7 @@ def serve(home: Path, version: str, images: list[tuple[str, bytes]], plan: Plan,
             if serving != version:
                 return {"error": f"the server answered with {serving}, not the published {version}"}
             row = wrkgen.closed_loop(srv.url, images, CONCURRENCY, seconds=seconds, warmup_seconds=warmup)
-    except Exception as e:  # broad on purpose: recorded in the row; the other backbones still run
+    except Exception as e:  # noqa: BLE001 - recorded in the row; the other backbones still run
         log(f"backbones: serving {label} failed: {e}")
         return {"error": f"{type(e).__name__}: {e}"[:2000]}
     log(f"backbones: {label} serves {row['throughput']:.1f} images/s at c={CONCURRENCY} "

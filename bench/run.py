@@ -40,7 +40,7 @@ def measure(name: str, plan: Plan, results: dict) -> dict:
     t0 = time.perf_counter()
     try:
         result = run_section(name, plan, results)
-    except Exception as e:  # broad on purpose: report it on the page and carry on with the next benchmark
+    except Exception as e:  # noqa: BLE001 - report it on the page and carry on with the next benchmark
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}"}
     result["_meta"] = {"seconds": round(time.perf_counter() - t0, 1), "plan": plan.name,

@@ -84,7 +84,7 @@ def _upright(im: Image.Image) -> None:
     """Apply the EXIF orientation (phones store the sensor's pixels plus a tag saying how to turn them)."""
     try:
         orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # broad on purpose: an unreadable EXIF block: viewers show such files as stored, so do we
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: viewers show such files as stored, so do we
         return
     if orientation in range(2, 9):
         ImageOps.exif_transpose(im, in_place=True)

@@ -49,7 +49,7 @@ async def admit(request: Request, jobs: JobStore, store) -> dict:
         log.exception("retrain refused (503): the server could not store the dataset")
         raise ApiError(503, f"the server could not store the dataset ({e.strerror or type(e).__name__}); "
                             "try again later") from None
-    except Exception as e:  # noqa: BLE001 - whatever it is, the client gets an answer and the log the cause
+    except Exception as e:  # broad on purpose: whatever it is, the client gets an answer and the log the cause
         log.exception("retrain refused (503): admission failed")
         raise ApiError(503, f"the server could not admit this retrain ({type(e).__name__}); the cause is "
                             "in the server log") from None

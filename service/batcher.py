@@ -104,7 +104,7 @@ class Batcher:
                 outs = [batch[0].model.run_outputs(arrays[i:i + self.max_batch_size])
                         for i in range(0, len(arrays), self.max_batch_size)]
                 probs = np.concatenate([o[0] for o in outs])
-            except Exception as e:  # noqa: BLE001 - every waiting request gets the error, the thread lives on
+            except Exception as e:  # broad on purpose: every waiting request gets the error, the thread lives on
                 log.exception("model run failed")
                 for b in batch:
                     _settle(b, e)

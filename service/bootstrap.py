@@ -97,5 +97,5 @@ def sweep_datasets(store) -> None:
         if store.remote:
             log.info("dataset sweep at start: temp files only; images no snapshot names are removed from S3 by "
                      "`refit dataset sweep`")
-    except Exception:  # noqa: BLE001 - the sweep is housekeeping
+    except Exception:  # broad on purpose: the sweep is housekeeping
         log.exception("the dataset sweep at start failed; nothing else is affected")

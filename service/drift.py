@@ -86,7 +86,7 @@ class DriftMonitor:
                 try:
                     for r, d in zip(todo, ref.distances(np.stack([r[0] for r in todo])).tolist(), strict=True):
                         r[2], r[0] = d, None  # scored once; the embedding is not needed any more
-                except Exception:  # noqa: BLE001 - an embedding of another width, say: logged, left out
+                except Exception:  # broad on purpose: an embedding of another width, say: logged, left out
                     log.exception("drift: cannot score the embeddings of %s", v)
                     for r in todo:
                         r[2], r[0] = float("nan"), None

@@ -68,7 +68,7 @@ class Guard:
 
         try:
             await self._route(scope, receive, tracked)
-        except Exception as e:  # noqa: BLE001 - the last line of defence: log it, answer it
+        except Exception as e:  # broad on purpose: the last line of defence: log it, answer it
             problem = _body_problem(e)
             if problem is not None:  # a late body or a client that hung up: _limited logged it in one line
                 if not started:

@@ -204,7 +204,7 @@ class ModelHolder:
         while not self._stop.wait(self.poll_seconds):
             try:
                 self.refresh()
-            except Exception:  # noqa: BLE001 - a watcher that dies leaves this worker on its version for good
+            except Exception:  # broad on purpose: a watcher that dies leaves this worker on its version for good
                 log.exception("the promoted-pointer watcher failed; it keeps watching")
 
     def _heartbeat(self, seconds: float) -> None:

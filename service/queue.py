@@ -85,7 +85,7 @@ class QueueRunner:
             self.jobs.rq_queue.enqueue(JOB_FUNCTION, job_id, job_id=job_id,
                                        job_timeout=settings().job_timeout_seconds, result_ttl=3600,
                                        failure_ttl=7 * 86400, description=f"retrain {job_id}")
-        except Exception as e:  # noqa: BLE001 - Redis refused or is away: the client is told, the line freed
+        except Exception as e:  # broad on purpose: Redis refused or is away: the client is told, the line freed
             log.exception("retrain job %s could not be queued", job_id)
             self.jobs.abandon(job_id, f"the job queue could not take this job ({type(e).__name__}); try again")
             raise ApiError(503, f"the job queue ({shown(self.jobs.queue_url)}) cannot be reached; "

@@ -47,7 +47,7 @@ class LocalRunner:
         """Until the job ends; cancelling this kills its training process and records the job as failed."""
         try:
             job = await self.jobs.run(job_id, train_threads=self.train_threads)
-        except Exception as e:  # noqa: BLE001 - the job must end in a state a client can read
+        except Exception as e:  # broad on purpose: the job must end in a state a client can read
             log.exception("retrain job %s could not run", job_id)
             job = self.jobs.update(job_id, **failed(500, f"the job could not run ({type(e).__name__}); the cause is "
                                                          "in the server log", finished=now_iso()))

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -82,7 +82,7 @@ def real_data() -> Path:
     return Path(REAL_DATA)
 
 
-def REFIT_TEST_DATA_OK() -> bool:  # noqa: N802 - reads like the variable it checks
+def REFIT_TEST_DATA_OK() -> bool:  # reads like the variable it checks
     return bool(REAL_DATA) and (Path(REAL_DATA) / "train").is_dir()
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 import serving
 from conftest import run_cli
 from serving import AUTH, COLOURS, Server, copy_store, dataset_files, make_zip, predict, solid, wait_task

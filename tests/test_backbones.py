@@ -9,11 +9,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import run_cli
+
 from core.contract import Contract
-from training.export import export_onnx, read_contract
 from core.preprocess import preprocess
+from training.export import export_onnx, read_contract
 from training.registry import create_backbone
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")

@@ -7,10 +7,10 @@ import time
 import uuid
 
 import pytest
-
 from conftest import jpeg_bytes
-from service.capture import Captures, captured_at, new_id
+
 from core.store import Store
+from service.capture import Captures, captured_at, new_id
 
 
 @pytest.fixture

@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import jpeg_bytes
+from PIL import Image
 from serving import AUTH, Server, copy_store, metric, photo, predict
-from service.capture import Captures, new_id
+
 from core.preprocess import load_image
+from service.capture import Captures, new_id
 
 BUDGET = 3 * 1024 * 1024  # REFIT_CAPTURE_MAX_MB=3
 JUNK = 6 * 1024 * 1024
@@ -213,9 +213,9 @@ def _publish_with_problems(home: Path, root: Path) -> str:
     import onnx
 
     from core.contract import Contract
+    from core.store import Store
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from core.store import Store
 
     model = root / "model.onnx"
     shutil.copy(home / "models" / "refit" / "v0001" / "model.onnx", model)

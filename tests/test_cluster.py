@@ -22,10 +22,10 @@ import boto3
 import httpx
 import psutil
 import pytest
-
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
 from serving import AUTH, Server, dataset_files, make_zip, predict
 from test_store_contract import publish
+
 from core.store import Store
 
 TTL = 10  # seconds without a heartbeat before a running job counts as lost; short, so a test sees it

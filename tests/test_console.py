@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files, make_zip, predict, solid, wait_serving
 
 ANT = "val/ants/157401988_d0564a9d02.jpg"
@@ -23,9 +22,9 @@ def server(imagenet_store, tmp_path_factory):
     import onnx
 
     from core.contract import Contract
+    from core.store import Store
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from core.store import Store
 
     root = tmp_path_factory.mktemp("console")
     home = copy_store(imagenet_store, root / "home")

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files
 
 TIMEOUT_MS = 60_000

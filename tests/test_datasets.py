@@ -15,9 +15,9 @@ import zipfile
 
 import httpx
 import pytest
-
 from conftest import S3_BUCKET, jpeg_bytes, make_dataset, run_cli
 from serving import AUTH, Server, copy_store, make_zip, wait_task
+
 from core.data import DatasetError
 from core.datasets import Datasets, UnknownDataset, blob_key
 from core.store import Store

@@ -14,7 +14,6 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -362,11 +361,11 @@ def test_a_trained_version_records_the_torch_it_was_trained_with(tmp_path):
     """metrics.json's `software` is the installed pair, which is the pinned one where the project installed."""
     import torch
     import torchvision
-
     from serving import dataset_files
+
     from core.config import TrainRequest
-    from training.pipeline import train
     from core.store import Store
+    from training.pipeline import train
 
     for name, data in dataset_files(4).items():
         (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)

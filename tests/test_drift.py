@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import onnx
 import pytest
-
-from bench.quality_thresholds import noise_image, sketch_image
 from conftest import run_cli
 from serving import AUTH, Server, copy_store, metric, wait_serving
+
+from bench.quality_thresholds import noise_image, sketch_image
 
 WINDOW = 32  # per worker, small so the test fills it quickly
 
@@ -46,9 +46,9 @@ def without_embedding(src: Path, dest: Path) -> Path:
 def drift_store(real_data, imagenet_store, tmp_path_factory) -> Path:
     """v0001 bootstrap (promoted), v0002 trained on hymenoptera, v0003 = v0002's model without `embedding`."""
     from core.contract import Contract
+    from core.store import Store
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from core.store import Store
 
     root = tmp_path_factory.mktemp("drift-store")
     home = copy_store(imagenet_store, root / "home")

@@ -19,9 +19,8 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from PIL import Image, ImageOps
-
 from conftest import run_cli
+from PIL import Image, ImageOps
 from serving import AUTH, Server, copy_store, predict, wait_serving
 
 BOXES = json.loads((Path(__file__).parent / "fixtures" / "insect_boxes.json").read_text())["boxes"]
@@ -45,9 +44,9 @@ def store(imagenet_store, real_data, tmp_path_factory) -> Path:
     """v0001: the bootstrap ImageNet model (promoted), v0002: the same model without `features` or cam.npz,
     v0003: trained on hymenoptera (feature extraction; INT8 chosen for serving, as by default)."""
     from core.contract import Contract
+    from core.store import Store
     from training.export import CONTRACT_KEY
     from training.pipeline import _publish
-    from core.store import Store
 
     root = tmp_path_factory.mktemp("explain-store")
     home = copy_store(imagenet_store, root / "home")
@@ -95,10 +94,10 @@ def test_bootstrap_version_has_the_feature_map_and_the_map_is_exact(store, real_
     activation map plus the bias is the logit (what makes the map an explanation of this model)."""
     import onnxruntime as ort
 
-    from service.explain import head_for
     from core.contract import Contract
-    from training.export import CONTRACT_KEY
     from core.preprocess import preprocess
+    from service.explain import head_for
+    from training.export import CONTRACT_KEY
 
     folder = store / "models" / "refit" / "v0001"
     m = onnx.load(str(folder / "model.onnx"))
@@ -323,9 +322,9 @@ def test_a_version_trained_here_explains_its_classes(store, real_data):
     FP32 file: the peak falls on the insect for `ants` and `bees`, and the two maps agree."""
     import onnxruntime as ort
 
+    from core.store import Store
     from service.explain import explain_upload
     from service.model import open_version
-    from core.store import Store
 
     assert Store(store).info("v0003")["serving_file"] == "model.int8.onnx"
     model = open_version(Store(store), "v0003", threads=2)  # the file the service serves: INT8

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving
 
 PURPLE = (130, 40, 130)  # halfway between the two colours: the model cannot be sure

@@ -12,14 +12,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import make_dataset, run_cli
-from training.activations import ViewCache, activation_bytes, prefix_outputs, prefix_session, split_model
+
 from core.config import TrainRequest
 from core.data import load_dataset
+from training.activations import ViewCache, activation_bytes, prefix_outputs, prefix_session, split_model
+from training.augment import train_transform
 from training.finetune import STRATEGIES, apply_strategy
 from training.pipeline import Run, input_contract
-from training.augment import train_transform
 from training.registry import create_backbone
 
 

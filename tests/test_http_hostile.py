@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from serving import AUTH, TOKEN, Server, copy_store, predict, solid
 
 BODY_TIMEOUT = 3  # REFIT_BODY_TIMEOUT for this server (default 30)

@@ -17,9 +17,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 from serving import Server, copy_store, dataset_files, make_zip, photo, predict
 
 

@@ -18,7 +18,6 @@ import uuid
 
 import httpx
 import pytest
-
 from conftest import ROOT, make_dataset, run_cli
 from serving import AUTH, Server, copy_store, dataset_files, make_zip
 

@@ -10,9 +10,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 BEE = "train/bees/1092977343_cb42b38d62.jpg"  # filed under ants as well, with a new name
 VAL_PHOTO = "val/ants/10308379_1b6c72e180.jpg"  # saved again (JPEG quality 80) into train/ants
@@ -109,6 +108,7 @@ def test_small_synthetic_dataset_trains_with_fewer_folds(tmp_path):
 def test_reports_and_drift_reference_travel_through_an_s3_store(s3_endpoint, tmp_path, monkeypatch):
     """Published to S3: the version's metrics carry the lists, and a replica's checked copy has drift.npz."""
     from conftest import S3_BUCKET, make_dataset
+
     from core.drift import load_reference
     from core.store import Store
 

@@ -14,10 +14,10 @@ import uuid
 import boto3
 import httpx
 import pytest
-
 from conftest import S3_BUCKET, jpeg_bytes
 from serving import AUTH, Server, own_workers, predict
 from test_store_contract import publish
+
 from core.store import ENTRIES, Store
 
 HEARTBEAT, TTL = 1, 5  # seconds; short, so an expiry is seen within a test

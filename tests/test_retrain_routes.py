@@ -11,7 +11,6 @@ import time
 import httpx
 import psutil
 import pytest
-
 from serving import AUTH, Server, copy_store, dataset_files
 
 FAST = {"strategy": "feature_extraction", "head_epochs": 20, "promote": False, "int8": False}

@@ -24,9 +24,21 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-
-from serving import (AUTH, COLOURS, REPO, Server, dataset_files, jpeg, make_zip, metric, photo, predict, solid,
-                     wait_serving, wait_task)
+from serving import (
+    AUTH,
+    COLOURS,
+    REPO,
+    Server,
+    dataset_files,
+    jpeg,
+    make_zip,
+    metric,
+    photo,
+    predict,
+    solid,
+    wait_serving,
+    wait_task,
+)
 
 
 @pytest.fixture(scope="module")

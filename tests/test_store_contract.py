@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
+
 from core.contract import Contract
 from core.store import Store, StoreError, sha256_file
 
@@ -313,7 +313,6 @@ def test_s3_service_serves_the_promoted_version_and_follows_a_cli_promote(tmp_pa
     """`bentoml serve` with REFIT_STORE=s3://... serves the promoted version from its cache, lists the
     store's versions, and follows a promote made by the `refit` CLI on another REFIT_HOME within 5 s."""
     import httpx
-
     from serving import AUTH, Server, predict, wait_serving
 
     url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"

@@ -21,10 +21,10 @@ from pathlib import Path
 import boto3
 import httpx
 import pytest
-
 from conftest import ROOT, S3_BUCKET, jpeg_bytes
 from serving import Server, free_port, own_workers, predict
 from test_store_contract import publish, tiny_model
+
 from core.contract import Contract
 from core.store import ENTRIES, Store, sha256_file
 
@@ -355,8 +355,8 @@ def test_sweep_removes_a_publish_cut_short_and_never_one_that_is_alive(s3_endpoi
 def test_restarted_worker_removes_what_its_killed_job_left_and_nothing_a_live_job_uses(s3_endpoint, redis_url,
                                                                                         tmp_path):
     """A worker's tmp/staging-* and jobs/<id> survived its restart."""
-    from service.queue import record_key
     from core.store import now_iso
+    from service.queue import record_key
 
     url = f"s3://{S3_BUCKET}/{uuid.uuid4().hex}"
     home = tmp_path / "w1"
@@ -400,8 +400,8 @@ def test_a_bootstrap_claim_left_by_a_process_gone_from_this_host_is_taken_over_a
     15 minutes waited 300 s for it and then served nothing."""
     import socket
 
-    from training import bootstrap as pipeline
     from core.store import now_iso
+    from training import bootstrap as pipeline
 
     monkeypatch.setattr(pipeline, "BOOTSTRAP_WAIT_SECONDS", 3)  # waiting would fail in 3 s, not 300
     store = Store(tmp_path / "home")

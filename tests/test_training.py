@@ -16,17 +16,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import ROOT, jpeg_bytes, make_dataset, run_cli
 from PIL import Image
 from pydantic import ValidationError
 
-from conftest import ROOT, jpeg_bytes, make_dataset, run_cli
 from core.config import TrainRequest
 from core.contract import Contract
 from core.data import DatasetError, load_dataset, safe_extract_zip
-from training.export import export_onnx, read_contract
 from core.preprocess import ImageError, preprocess
-from training.registry import BackboneError, create_backbone, list_backbones
 from core.store import Store, StoreError
+from training.export import export_onnx, read_contract
+from training.registry import BackboneError, create_backbone, list_backbones
 
 
 def last_json(stdout: str) -> dict:

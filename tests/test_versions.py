@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import run_cli
 from serving import AUTH, COLOURS, Server, copy_store, dataset_files, predict, solid, wait_serving
 

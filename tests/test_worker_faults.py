@@ -20,9 +20,9 @@ from pathlib import Path
 import boto3
 import psutil
 import pytest
-
 from conftest import ROOT, S3_BUCKET
 from serving import dataset_files, make_zip
+
 from core.store import Store
 
 TTL = 10  # REFIT_JOB_TTL_SECONDS: seconds without a heartbeat before a running job counts as lost
@@ -312,6 +312,7 @@ def _stop_after_publish(horse: psutil.Process, home: Path, timeout: float = 400)
 def _publish_for(job: dict, shared, *, promote: bool) -> str:
     """A tiny version published by `job` (its id in the metadata, as training writes it); returns its id."""
     from test_store_contract import tiny_model
+
     from core.store import sha256_file
 
     onnx = tiny_model(shared["tmp"] / "model.onnx", 1)
@@ -349,9 +350,10 @@ def test_a_damaged_newer_version_does_not_stop_a_stale_job_being_settled(shared)
     """A newer version with a damaged model.yaml (yaml.YAMLError) or metrics.json (ValueError) made every
     read of a stale job (GET /jobs, GET /jobs/{id}, retrain admission) a 500 while the reader looked for the
     job's version."""
-    from service.queue import record_key
     from test_store_contract import publish
+
     from core.store import ENTRIES
+    from service.queue import record_key
 
     jobs, store = shared["jobs"], shared["jobs"].store
     job = jobs.admit(request=REQUEST, source={"upload": "x.zip"}, actor="test")

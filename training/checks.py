@@ -67,7 +67,7 @@ def try_int8(fp32_path: Path, out: Path, run: Run, fp32_acc: float, log: Callabl
     reduce_range = not has_vnni()
     try:
         quantize_int8(fp32_path, out, calibration_sample(run.train_arrays, run.request.seed), reduce_range)
-    except Exception as e:  # broad on purpose: INT8 is an optimisation; FP32 is still published
+    except Exception as e:  # noqa: BLE001 - INT8 is an optimisation; FP32 is still published
         log(f"int8: quantization failed ({e}); serving FP32")
         out.unlink(missing_ok=True)
         return {"chosen": False, "reason": f"quantization failed: {e}"}

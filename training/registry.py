@@ -90,7 +90,7 @@ def _load_local(model: nn.Module, path: Path) -> None:
         raise BackboneError(f"weights file {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # broad on purpose: any unpickling failure is a bad file for the user
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise BackboneError(f"weights file {path} is not a PyTorch state dict: {e}") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # torchvision reference-script checkpoints
@@ -185,7 +185,7 @@ def _torchvision_state(weights) -> dict:
         return torch.load(cache / filename, map_location="cpu", weights_only=True)
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # broad on purpose: URLError, timeouts, proxies: all mean "not downloadable here"
+    except Exception as e:  # noqa: BLE001 - URLError, timeouts, proxies: all mean "not downloadable here"
         raise BackboneError(
             f"pretrained weights {filename} are not in {cache} and could not be downloaded ({e}). "
             f"Download {weights.url} and put it in {cache}/, or pass a local file with --weights, "

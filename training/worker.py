@@ -164,7 +164,7 @@ def _train(store: Store, job: dict, folder: Path, beat: "_Heartbeat") -> dict:
         return failed(500, "the job's dataset is not in the store")
     except DatasetError as e:
         return failed(422, f"dataset: {e}")
-    except Exception as e:  # noqa: BLE001 - the store or this machine's disk: the job says so, not a stale heartbeat
+    except Exception as e:  # broad on purpose: the store or this machine's disk: the job says so, not a stale heartbeat
         log.exception("job %s: the dataset could not be fetched", job["id"])
         return failed(503, f"the worker could not fetch the dataset ({type(e).__name__}); try again")
     (folder / "dataset.zip").unlink()
