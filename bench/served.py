@@ -307,7 +307,7 @@ HTTP and multipart parsing and BentoML's per-request handling, about 2 ms of a c
 growing: BentoML's request timeout starts a timer per request and never cancels it, and the timer keeps the
 request's context, which holds the request, until the timeout fires, an hour here (`traffic.timeout` covers
 synchronous retrains). The service replaces that middleware with one that cancels its timer
-(`service/timeouts.py`): a replica now stays flat, within a few MB of the same figure from 2,000 to 13,000
+(`service/compat.py`): a replica now stays flat, within a few MB of the same figure from 2,000 to 13,000
 predictions at 64 connections.
 
 **Why not 1.5 × the peer.** The peer serves the same model file with the same preprocessing, and on this

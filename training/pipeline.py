@@ -45,7 +45,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
     snapshot `request.snapshot`, else its newest, which the version then records). `progress` is called with
     the run's phase, epoch, best validation accuracy so far and time left (core/progress.py). `job_id`,
     the retrain job running this, is recorded in the version's metadata (`job`): a reader finds the version
-    of a job whose process stopped after publishing (service/outcome.py)."""
+    of a job whose process stopped after publishing (core/outcome.py)."""
     t_start = time.time()
     tracker = Progress(progress)
     set_up_torch(request)
