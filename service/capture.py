@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -239,22 +238,5 @@ def _sizes(store: Store) -> dict[str, dict[str, int]]:
 
 
 def _listing(store: Store):
-    """(key, size) under PREFIX. The store's own `keys` gives no sizes; S3 lists them with the keys."""
-    if store.remote:
-        bucket = store.remote
-        pages = bucket.client.get_paginator("list_objects_v2").paginate(Bucket=bucket.bucket,
-                                                                        Prefix=bucket.key(PREFIX))
-        for page in pages:
-            for o in page.get("Contents", []):
-                yield o["Key"][len(bucket.prefix):], o["Size"]
-        return
-    base = store.root / PREFIX
-    if not base.is_dir():
-        return
-    with os.scandir(base) as entries:
-        for entry in entries:
-            try:
-                if entry.is_file() and not entry.name.startswith("."):
-                    yield f"{PREFIX}{entry.name}", entry.stat().st_size
-            except FileNotFoundError:  # removed by another worker's pass while listed
-                continue
+    """(key, size) under PREFIX, from one listing of the store's objects (S3 lists sizes with the keys)."""
+    return ((o.key, o.size) for o in store.objects.listing(PREFIX))
