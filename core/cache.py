@@ -31,12 +31,7 @@ class InPlace:
 
     def entry_file(self, version: str, name: str, missing_ok: bool = False, record: bytes | None = None
                    ) -> bytes | None:
-        try:
-            return (self.models_dir / version / name).read_bytes()
-        except FileNotFoundError:
-            if missing_ok:
-                return None
-            raise StoreError(f"{version}: {name} is missing") from None
+        return _read_local(self.models_dir, version, name, missing_ok)
 
     def newest_held(self) -> str | None:
         return None  # nothing is cached: the store is here
@@ -73,12 +68,7 @@ class CheckedCopies:
         if name == MODEL_YAML:
             return self.store_record(version, missing_ok=missing_ok)
         if self.cached_is(version, record or self.store_record(version, missing_ok=True)):
-            try:
-                return (self.models_dir / version / name).read_bytes()
-            except FileNotFoundError:
-                if missing_ok:
-                    return None
-                raise StoreError(f"{version}: {name} is missing") from None
+            return _read_local(self.models_dir, version, name, missing_ok)
         got = self.objects.get(f"{ENTRIES}{version}/{name}")
         if got is None and not missing_ok:
             raise StoreError(f"{version}: {name} is missing from {self.objects.url}")
@@ -158,3 +148,13 @@ class CheckedCopies:
         if not (tmp / MODEL_YAML).is_file():
             raise StoreError(f"{version}: model.yaml is missing from {self.objects.url}")
         check_files(version, tmp, metadata_of((tmp / MODEL_YAML).read_text()), where=f" in {self.objects.url}")
+
+
+def _read_local(models_dir: Path, version: str, name: str, missing_ok: bool) -> bytes | None:
+    """A file of a version held on this machine (the folder store itself, or a checked copy of a remote one)."""
+    try:
+        return (models_dir / version / name).read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise StoreError(f"{version}: {name} is missing") from None

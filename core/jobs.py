@@ -17,7 +17,6 @@ import os
 import re
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -88,14 +87,6 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def age(updated) -> float:
-    """Seconds since an ISO time a record carries; infinite for a missing or foreign one."""
-    try:
-        return time.time() - datetime.fromisoformat(str(updated)).timestamp()
-    except ValueError:
-        return float("inf")  # not a time Refit writes: nobody keeps it fresh
 
 
 class JobStore(Protocol):

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import re
 
-from core.jobs import ACTIVE, JOB_ID, Status, age, failed
+from core.clock import age_seconds as age
+from core.jobs import ACTIVE, JOB_ID, Status, failed
 from core.outcome import published_outcome
 from core.settings import settings
 from core.store import Store, StoreError, now_iso

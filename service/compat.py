@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from bentoml._internal.server.http import traffic  # no public API names this middleware
+from bentoml._internal.server.http import traffic  # no public API or upstream issue: see "The request timeout"
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, Mount

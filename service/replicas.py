@@ -16,10 +16,10 @@ import logging
 import os
 import re
 import socket
-import time
 import uuid
 from datetime import datetime, timezone
 
+from core.clock import age_seconds, now_ms
 from core.settings import settings
 from core.store import Store, StoreError
 
@@ -45,19 +45,6 @@ def replica_id() -> str:
     return f"{host}-{supervisor or os.getppid()}"
 
 
-def _stamp() -> str:
-    # Milliseconds: the TTL may be a few seconds, and whole seconds would age a record by up to one more.
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def age(updated) -> float:
-    """Seconds since an ISO time a record carries; infinite for a missing or foreign one."""
-    try:
-        return time.time() - datetime.fromisoformat(str(updated)).timestamp()
-    except ValueError:
-        return float("inf")  # not a time Refit writes: nobody keeps it fresh
-
-
 class StatusBoard:
     """Worker status records and refusals in one store."""
 
@@ -69,7 +56,7 @@ class StatusBoard:
     def publish(self, replica: str, pid: int, status: dict) -> None:
         """Write (or refresh) one worker's record. Raises StoreError or OSError when the store refuses."""
         self.store.put_record(f"{SERVING}{replica}/{pid}.json",
-                              {**status, "replica": replica, "pid": pid, "updated": _stamp()})
+                              {**status, "replica": replica, "pid": pid, "updated": now_ms()})
 
     def withdraw(self, replica: str, pid: int) -> None:
         self.store.delete_record(f"{SERVING}{replica}/{pid}.json")
@@ -84,7 +71,7 @@ class StatusBoard:
             m = _RECORD_RE.match(key)
             if not m or not isinstance(record, dict) or record.get("replica") != m.group(1):
                 continue  # not a worker record (an older release's serving/worker-<pid>.json, say)
-            if age(record.get("updated")) > self.ttl:
+            if age_seconds(record.get("updated")) > self.ttl:
                 self._remove(key)
                 continue
             out.append(record)
