@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout (or the bento's src folder)
@@ -184,9 +184,25 @@ def settings() -> Settings:
     return _parsed(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("REFIT_"))))
 
 
+class SettingsError(ValueError):
+    """A REFIT_* variable whose value does not parse; the message names each one and what was wrong."""
+
+
 @lru_cache(maxsize=8)
 def _parsed(_env: tuple) -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as e:
+        prefix = Settings.model_config["env_prefix"]
+        fields = Settings.model_fields
+        problems = []
+        for err in e.errors():
+            name = str(err["loc"][0]) if err.get("loc") else "?"
+            field = fields.get(name)  # an aliased field is reported by its alias, the variable itself
+            var = (field.alias if field is not None and field.alias else name if name.upper().startswith(prefix.upper())
+                   else prefix + name).upper()
+            problems.append(f"{var}={os.environ.get(var, '')!r}: {err['msg']}")
+        raise SettingsError("; ".join(problems)) from None
 
 
 def refit_home() -> Path:
