@@ -79,7 +79,7 @@ def version_meta(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, *, 
             "parity_max_abs_diff": checked.parity["max_abs_prob_diff"], "promotion": ev.decision, "actor": actor,
             "dataset_hash": ev.fingerprint["content_hash"], "note": request.note or "",
             "precision": "int8" if ev.int8 and ev.int8["chosen"] else "fp32", "lineage": lineage,
-            "job": job_id}
+            "job": job_id, "why": fitted.auto.get("summary", "")}
 
 
 def publish_version(store: Store, files: dict[str, Path], contract: Contract, meta: dict) -> str:

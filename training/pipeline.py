@@ -66,6 +66,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             run, fitted, checked, evaluation, parent=parent, actor=actor, lineage=lineage, job_id=job_id))
     log(f"published {version}: {fitted.strategy}, val_accuracy {checked.report['accuracy']:.4f}, "
         f"train {fitted.seconds:.1f}s")
+    log(f"strategy: {fitted.auto['summary']}")
     tracker.phase("done")
     promoted = promote(store, version, evaluation.decision, actor, log)
     return summary(version, promoted, run, fitted, checked, evaluation, metrics, lineage,

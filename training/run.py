@@ -113,9 +113,9 @@ class Run:
         return bb
 
     def run(self, name: str, start: Backbone | None = None, *, budget: float | None = None,
-            trial: int = 0) -> tuple[Backbone, list[dict], dict]:
+            trial: Callable[[list[dict]], str | None] | None = None) -> tuple[Backbone, list[dict], dict]:
         """Train one strategy. `start` continues from an already warmed-up model (used by auto), within
-        `budget` seconds and after a `trial` of that many epochs (see fine_tune)."""
+        `budget` seconds and while `trial` finds no reason to stop (see fine_tune)."""
         r, spec = self.request, STRATEGIES[name]
         seed_everything(r.seed)
         t0 = time.time()
