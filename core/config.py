@@ -47,7 +47,7 @@ class TrainRequest(BaseModel):
                              "frozen-stage activations are computed once and cached, so each step runs only the "
                              "unfrozen stages (0: no cache, every step runs the whole network).")
     time_budget: float = Field(15.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "
-                               "always, then partial fine-tuning while a short trial says it pays and the time "
+                               "always, then partial fine-tuning while its trial says it pays and the time "
                                "allows); export, checks and publishing come on top.")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")
     parity_images: int = Field(32, ge=0, le=100_000, description="Validation images (evenly spread) on which "
