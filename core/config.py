@@ -60,6 +60,9 @@ class TrainRequest(BaseModel):
                                                   "the promoted version on the new validation split (same "
                                                   "classes) or above min_accuracy (new classes); true/false: "
                                                   "always/never.")
+    balance: Union[Literal["auto"], bool] = Field("auto", description="auto: class-weighted loss when the "
+                                                  "training split's largest/smallest class ratio > 1.5; "
+                                                  "true/false: always/never.")
     min_accuracy: float = Field(0.7, ge=0, le=1, description="Accuracy a version with new classes needs for "
                                 "auto promotion.")
     note: Optional[str] = Field(None, max_length=500, description="Free text stored with the version.")

@@ -39,6 +39,7 @@ def metrics_record(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, l
     metrics = {
         "val_accuracy": report["accuracy"], "train_accuracy": checked.train_acc,
         "train_val_gap": checked.train_acc - report["accuracy"], "val_loss": checked.val_loss,
+        "balanced_accuracy": report["balanced_accuracy"], "balance": run.balance,
         "per_class": report["per_class"], "macro_f1": report["macro_f1"],
         "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
         "strategy": fitted.strategy, "auto": fitted.auto, "parity": checked.parity,

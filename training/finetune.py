@@ -100,8 +100,9 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
 def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
              val_y: torch.Tensor, *, lr: float, weight_decay: float, label_smoothing: float, epochs: int,
              batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print,
-             progress=None) -> list[dict]:
-    """Fit a linear head on cached features with early stopping on validation; best epoch restored."""
+             progress=None, class_weights: torch.Tensor | None = None) -> list[dict]:
+    """Fit a linear head on cached features with early stopping on validation; best epoch restored.
+    `class_weights` (training/balance.py) weight the training loss per class; validation loss is unweighted."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -114,7 +115,7 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             x = F.dropout(train_x[idx], dropout, training=True)
-            loss = F.cross_entropy(head(x), train_y[idx], label_smoothing=label_smoothing)
+            loss = F.cross_entropy(head(x), train_y[idx], weight=class_weights, label_smoothing=label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -198,7 +199,7 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
               epochs: int, batch_size: int, weight_decay: float, label_smoothing: float, patience: int,
               seed: int, phase: str, warm_started: bool = False, log: Callable = print, model: nn.Module | None = None,
               budget: float | None = None, trial: Callable[[list[dict]], str | None] | None = None,
-              progress=None) -> tuple[list[dict], dict]:
+              progress=None, class_weights: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls.
 
     `model` is what runs on `train_ds`'s inputs: the whole backbone on images, or, with the activation cache
@@ -207,13 +208,14 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
     past it is not started. `trial`: asked after every epoch with the history so far, it returns why to stop
     or None (auto's test of whether fine-tuning pays, training/choose.py's Trial). Patience counts from
     fine-tuning's own best epoch: the warmed-up head stays the fallback the weights return to, but an epoch
-    below it is not a stall of fine-tuning. Returns the history and the kept epoch's figures."""
+    below it is not a stall of fine-tuning. `class_weights` weight the training loss per class
+    (training/balance.py); validation stays unweighted. Returns the history and the kept epoch's figures."""
     model = (model if model is not None else bb.model).to(memory_format=torch.channels_last)  # oneDNN: NHWC on CPU
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
                                          num_workers=0, drop_last=len(train_ds) > batch_size)
     opt, sched = _optimizer(groups, weight_decay, steps=max(1, epochs * len(loader)), per_epoch=len(loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
     best, best_state, history, t0 = None, None, [], time.time()
     kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
     if warm_started:
