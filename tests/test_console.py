@@ -208,6 +208,9 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     page.wait_for_selector("#curves svg")
     assert page.locator("#version-detail table >> text=red").count() >= 1
     assert page.text_content("#version-why").startswith("Strategy: trained feature_extraction as requested")
+    # Balanced accuracy beside accuracy, and the balancing decision (these classes are even: off).
+    shown = page.text_content("#balanced-accuracy")
+    assert "balanced accuracy (mean recall per class)" in shown and "class balancing off (balanced" in shown
     page.shot("version-detail")
     # The Data page lists the uploaded dataset with its counts and thumbnails (fetched with the token).
     page.goto("/ui/#data")
