@@ -245,7 +245,8 @@ def test_busy_worker_rides_out_a_redis_outage_and_its_job_publishes(shared, redi
     w = Worker("W2", worker_home, shared["url"], redis_server.url)
     try:
         w.wait_listening()
-        job_id = submit(shared, {**REQUEST, "strategy": "full", "epochs": 4})  # about 40 s
+        # Long enough to outlast the outage on an idle machine: every epoch runs (patience as long as the epochs).
+        job_id = submit(shared, {**REQUEST, "strategy": "full", "epochs": 10, "patience": 10})
         wait_for(shared["jobs"], job_id, ("running",), timeout=120)
         redis_server.stop()
         time.sleep(3 * MONITOR + 4)  # at least three renewals fail
