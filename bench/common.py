@@ -223,5 +223,10 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def target_row(target: str, figure: str, goal: str, passed: bool | None) -> list:
+    """One row of the targets table: what, the measured figure, the goal, PASS/FAIL (– when not judged)."""
+    return [target, figure, goal, "–" if passed is None else ("PASS" if passed else "FAIL")]
+
+
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

@@ -12,10 +12,10 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from bench import backbones, inprocess, model, preprocessing, report, retrain, served
+from bench import backbones, inprocess, model, preprocessing, report, retrain, served, transfer
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
-SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones")
+SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -31,6 +31,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return retrain.run(plan)
     if name == "backbones":
         return backbones.run(plan)
+    if name == "transfer":
+        return transfer.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
