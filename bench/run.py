@@ -1,6 +1,6 @@
 """Run the benchmarks and write bench/results/ (JSON + markdown) and docs/benchmarks.md with its plots.
 
-    python -m bench.run                     # everything, about 25 minutes on 2 cores (make bench)
+    python -m bench.run                     # everything, about 40 minutes on 2 cores (make bench)
     python -m bench.run --quick             # tiny counts: a smoke test, written under bench/results/quick/
     python -m bench.run --only served       # one benchmark (repeatable); the page keeps the others' saved figures
 """
