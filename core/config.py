@@ -47,7 +47,7 @@ class TrainRequest(BaseModel):
                              "frozen-stage activations are computed once and cached, so each step runs only the "
                              "unfrozen stages (0: no cache, every step runs the whole network).")
     time_budget: float = Field(15.0, gt=0, le=86_400, description="auto: seconds it may spend fitting (the head "
-                               "always, then partial fine-tuning while a short trial says it pays and the time "
+                               "always, then partial fine-tuning while its trial says it pays and the time "
                                "allows); export, checks and publishing come on top.")
     patience: int = Field(3, ge=1, le=100, description="Early stopping: epochs without validation improvement.")
     parity_images: int = Field(32, ge=0, le=100_000, description="Validation images (evenly spread) on which "
@@ -60,6 +60,9 @@ class TrainRequest(BaseModel):
                                                   "the promoted version on the new validation split (same "
                                                   "classes) or above min_accuracy (new classes); true/false: "
                                                   "always/never.")
+    balance: Union[Literal["auto"], bool] = Field("auto", description="auto: class-weighted loss when the "
+                                                  "training split's largest/smallest class ratio > 1.5; "
+                                                  "true/false: always/never.")
     min_accuracy: float = Field(0.7, ge=0, le=1, description="Accuracy a version with new classes needs for "
                                 "auto promotion.")
     note: Optional[str] = Field(None, max_length=500, description="Free text stored with the version.")

@@ -87,6 +87,16 @@ def REFIT_TEST_DATA_OK() -> bool:  # reads like the variable it checks
 
 
 @pytest.fixture(scope="session")
+def flowers_data() -> Path:
+    """flowers5_128px (5 classes, 280 train / 120 val): small blurry photos where fine-tuning beats the head."""
+    path = os.environ.get("REFIT_TEST_FLOWERS")
+    if not path or not (Path(path) / "train").is_dir():
+        pytest.skip("REFIT_TEST_FLOWERS is not set to the flowers5_128px folder (../shared/data/flowers5_128px); "
+                    ".ci/run sets it when the folder exists")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
 def imagenet_store(tmp_path_factory) -> Path:
     """A store holding only the bootstrap version v0001 (pretrained ImageNet model, promoted), made once per
     session; copy it with `serving.copy_store` to start a server without paying the bootstrap again."""

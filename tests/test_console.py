@@ -197,6 +197,8 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     phases = ("Preparing the data", "Computing features", "Training the head", "Exporting, checking and publishing")
     assert any(f.startswith(phases) and " s in" in f for f in figures), figures
     assert "Promoted:" in result
+    # Which strategy won and why, in the one line the run logged.
+    assert page.text_content("#job-why").startswith("Strategy: trained feature_extraction as requested")
     page.wait_for_function(f"() => document.getElementById('promoted').textContent === '{new}'")
     # The new version's figures: per-class table, confusion matrix and curves drawn from results.csv.
     page.goto("/ui/#versions")
@@ -205,6 +207,10 @@ def test_retrain_from_a_zip_shows_progress_then_the_new_version(page, http, tmp_
     page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img)
     page.wait_for_selector("#curves svg")
     assert page.locator("#version-detail table >> text=red").count() >= 1
+    assert page.text_content("#version-why").startswith("Strategy: trained feature_extraction as requested")
+    # Balanced accuracy beside accuracy, and the balancing decision (these classes are even: off).
+    shown = page.text_content("#balanced-accuracy")
+    assert "balanced accuracy (mean recall per class)" in shown and "class balancing off (balanced" in shown
     page.shot("version-detail")
     # The Data page lists the uploaded dataset with its counts and thumbnails (fetched with the token).
     page.goto("/ui/#data")

@@ -39,6 +39,7 @@ def metrics_record(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, l
     metrics = {
         "val_accuracy": report["accuracy"], "train_accuracy": checked.train_acc,
         "train_val_gap": checked.train_acc - report["accuracy"], "val_loss": checked.val_loss,
+        "balanced_accuracy": report["balanced_accuracy"], "balance": run.balance,
         "per_class": report["per_class"], "macro_f1": report["macro_f1"],
         "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
         "strategy": fitted.strategy, "auto": fitted.auto, "parity": checked.parity,
@@ -79,7 +80,7 @@ def version_meta(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, *, 
             "parity_max_abs_diff": checked.parity["max_abs_prob_diff"], "promotion": ev.decision, "actor": actor,
             "dataset_hash": ev.fingerprint["content_hash"], "note": request.note or "",
             "precision": "int8" if ev.int8 and ev.int8["chosen"] else "fp32", "lineage": lineage,
-            "job": job_id}
+            "job": job_id, "why": fitted.auto.get("summary", "")}
 
 
 def publish_version(store: Store, files: dict[str, Path], contract: Contract, meta: dict) -> str:

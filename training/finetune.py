@@ -100,8 +100,9 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
 def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
              val_y: torch.Tensor, *, lr: float, weight_decay: float, label_smoothing: float, epochs: int,
              batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print,
-             progress=None) -> list[dict]:
-    """Fit a linear head on cached features with early stopping on validation; best epoch restored."""
+             progress=None, class_weights: torch.Tensor | None = None) -> list[dict]:
+    """Fit a linear head on cached features with early stopping on validation; best epoch restored.
+    `class_weights` (training/balance.py) weight the training loss per class; validation loss is unweighted."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -114,7 +115,7 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             x = F.dropout(train_x[idx], dropout, training=True)
-            loss = F.cross_entropy(head(x), train_y[idx], label_smoothing=label_smoothing)
+            loss = F.cross_entropy(head(x), train_y[idx], weight=class_weights, label_smoothing=label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -197,36 +198,35 @@ class ImageListDataset(torch.utils.data.Dataset):
 def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray, val_labels: np.ndarray, *,
               epochs: int, batch_size: int, weight_decay: float, label_smoothing: float, patience: int,
               seed: int, phase: str, warm_started: bool = False, log: Callable = print, model: nn.Module | None = None,
-              budget: float | None = None, trial: int = 0, progress=None) -> tuple[list[dict], dict]:
+              budget: float | None = None, trial: Callable[[list[dict]], str | None] | None = None,
+              progress=None, class_weights: torch.Tensor | None = None) -> tuple[list[dict], dict]:
     """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls.
 
     `model` is what runs on `train_ds`'s inputs: the whole backbone on images, or, with the activation cache
     (training/activations.py), the unfrozen tail on cached activations; a dataset with `set_epoch` is told
-    each epoch first. `budget`: seconds this may take; an epoch that the mean epoch time says would end past
-    it is not started. `trial`: after this many epochs, stop unless validation loss is below the warmed-up
-    head's (auto's cheap test of whether fine-tuning pays). Returns the history and the kept epoch's figures."""
+    each epoch first. `budget`: seconds this may take; an epoch that the last one's duration says would end
+    past it is not started. `trial`: asked after every epoch with the history so far, it returns why to stop
+    or None (auto's test of whether fine-tuning pays, training/choose.py's Trial). Patience counts from
+    fine-tuning's own best epoch: the warmed-up head stays the fallback the weights return to, but an epoch
+    below it is not a stall of fine-tuning. `class_weights` weight the training loss per class
+    (training/balance.py); validation stays unweighted. Returns the history and the kept epoch's figures."""
     model = (model if model is not None else bb.model).to(memory_format=torch.channels_last)  # oneDNN: NHWC on CPU
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
                                          num_workers=0, drop_last=len(train_ds) > batch_size)
     opt, sched = _optimizer(groups, weight_decay, steps=max(1, epochs * len(loader)), per_epoch=len(loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    best, best_state, since, history, t0 = None, None, 0, [], time.time()
+    criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+    best, best_state, history, t0 = None, None, [], time.time()
     kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
-    start_loss = None
     if warm_started:
         # The warmed-up head is the point to beat: fine-tuning that only hurts validation is undone.
-        best, best_state, start_loss = _warm_start(model, val_arrays, val_labels, kept, phase, log, progress)
+        best, best_state = _warm_start(model, val_arrays, val_labels, kept, phase, log, progress)
+    own_best, since = None, 0  # fine-tuning's own best epoch, from which patience counts
     for epoch in range(1, epochs + 1):
-        if _over_budget(budget, time.time() - t0, epoch, phase, log):
+        if _over_budget(budget, time.time() - t0, history, phase, log):
             kept["stopped"] = "budget"
             break
-        if hasattr(train_ds, "set_epoch"):
-            train_ds.set_epoch(epoch)
-        row = {"epoch": epoch, "phase": phase}
-        row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))
-        ev = evaluate(model, val_arrays, val_labels)
-        row.update(val_loss=ev["val_loss"], val_acc=ev["val_acc"], time=round(time.time() - t0, 3))
+        row = _epoch(model, criterion, opt, sched, loader, train_ds, val_arrays, val_labels, epoch, phase, t0)
         history.append(row)
         key = (row["val_acc"], -row["val_loss"])
         improved = best is None or key > best
@@ -234,32 +234,37 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
         if progress is not None:
             progress.epoch(epoch, val_acc=row["val_acc"])
         if improved:
-            best, best_state, since = key, copy.deepcopy(model.state_dict()), 0
+            best, best_state = key, copy.deepcopy(model.state_dict())
             kept.update(epoch=epoch, val_acc=row["val_acc"], val_loss=row["val_loss"])
+        if own_best is None or key > own_best:
+            own_best, since = key, 0
         else:
             since += 1
             if since >= patience:
                 log(f"{phase}: early stop, no validation improvement for {patience} epochs")
                 kept["stopped"] = "patience"
                 break
-        if _trial_failed(trial, epoch, start_loss, history, phase, log):
-            kept["stopped"] = "trial"
+        stop = trial(history) if trial is not None else None
+        if stop:
+            log(f"{phase}: trial: {stop}; stopping")
+            kept.update(stopped="trial", trial=stop)
             break
     model.load_state_dict(best_state)
     kept["epochs_run"] = len(history)
+    kept["tuned_val_acc"] = own_best[0] if own_best is not None else None  # the best fine-tuning reached
     kept["seconds"] = round(time.time() - t0, 2)
     return history, kept
 
 
 def _warm_start(model: nn.Module, val_arrays: np.ndarray, val_labels: np.ndarray, kept: dict, phase: str,
-                log: Callable, progress) -> tuple[tuple, dict, float]:
-    """The warmed-up model's validation figures: (best key, its weights, its validation loss)."""
+                log: Callable, progress) -> tuple[tuple, dict]:
+    """The warmed-up model's validation figures: (best key, its weights)."""
     ev = evaluate(model, val_arrays, val_labels)
     kept.update(val_acc=ev["val_acc"], val_loss=ev["val_loss"])
     log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}")
     if progress is not None:
         progress.best(ev["val_acc"])
-    return (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict()), ev["val_loss"]
+    return (ev["val_acc"], -ev["val_loss"]), copy.deepcopy(model.state_dict())
 
 
 def _optimizer(groups: list[dict], weight_decay: float, *, steps: int, per_epoch: int):
@@ -275,9 +280,25 @@ def _optimizer(groups: list[dict], weight_decay: float, *, steps: int, per_epoch
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _over_budget(budget: float | None, spent: float, epoch: int, phase: str, log: Callable) -> bool:
-    """Whether another epoch, at the mean epoch time so far, would end past the budget."""
-    if budget is not None and epoch > 1 and spent + spent / (epoch - 1) > budget:
+def _epoch(model, criterion, opt, sched, loader, train_ds, val_arrays, val_labels, epoch: int, phase: str,
+           t0: float) -> dict:
+    """One epoch of fine-tuning and its validation: a results.csv row."""
+    if hasattr(train_ds, "set_epoch"):
+        train_ds.set_epoch(epoch)
+    row = {"epoch": epoch, "phase": phase}
+    row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))
+    ev = evaluate(model, val_arrays, val_labels)
+    row.update(val_loss=ev["val_loss"], val_acc=ev["val_acc"], time=round(time.time() - t0, 3))
+    return row
+
+
+def _over_budget(budget: float | None, spent: float, history: list[dict], phase: str, log: Callable) -> bool:
+    """Whether another epoch, as long as the last one, would end past the budget. The last epoch, not the
+    mean: with the activation cache the first epochs also make the cached views and cost more than the rest."""
+    if budget is None or not history:
+        return False
+    last = history[-1]["time"] - (history[-2]["time"] if len(history) > 1 else 0.0)
+    if spent + last > budget:
         log(f"{phase}: time budget: {spent:.1f}s spent of {budget:.1f}s, another epoch would not fit")
         return True
     return False
@@ -287,13 +308,3 @@ def _log_epoch(log: Callable, row: dict, epochs: int, improved: bool) -> None:
     log(f"{row['phase']} epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f} "
         f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  "
         f"{row['train_seconds']:.1f}s" + ("  *" if improved else ""))
-
-
-def _trial_failed(trial: int, epoch: int, start_loss: float | None, history: list[dict], phase: str,
-                  log: Callable) -> bool:
-    """auto's trial: after `trial` epochs, validation loss must be below the warmed-up head's to go on."""
-    if trial and epoch == trial and start_loss is not None and min(r["val_loss"] for r in history) >= start_loss:
-        log(f"{phase}: trial: validation loss not below the warmed-up head's ({start_loss:.4f}) after "
-            f"{trial} epoch(s); stopping")
-        return True
-    return False

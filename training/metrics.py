@@ -1,4 +1,5 @@
-"""Classification metrics for a version: accuracy, per-class precision/recall/F1, confusion matrix."""
+"""Classification metrics for a version: accuracy, balanced accuracy, per-class precision/recall/F1, confusion
+matrix."""
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,18 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[
         per_class[c] = {"precision": round(float(prec), 4), "recall": round(float(rec), 4),
                         "f1": round(float(f1), 4), "support": int(cm[i, :].sum())}
     return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "per_class": per_class,
+            "balanced_accuracy": balanced_accuracy(cm),
             "macro_f1": round(float(np.mean([v["f1"] for v in per_class.values()])), 4),
             "confusion_matrix": cm.tolist()}
+
+
+def balanced_accuracy(cm) -> float:
+    """Mean recall over the classes with images in the split (rows of the confusion matrix): accuracy as if
+    every class counted alike, so a model that ignores a rare class cannot hide behind the large ones."""
+    cm = np.asarray(cm)
+    support = cm.sum(1)
+    has = support > 0
+    return float(np.mean(np.diag(cm)[has] / support[has])) if has.any() else 0.0
 
 
 def save_results_csv(history: list[dict], path: Path) -> None:

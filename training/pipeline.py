@@ -66,6 +66,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
             run, fitted, checked, evaluation, parent=parent, actor=actor, lineage=lineage, job_id=job_id))
     log(f"published {version}: {fitted.strategy}, val_accuracy {checked.report['accuracy']:.4f}, "
         f"train {fitted.seconds:.1f}s")
+    log(f"strategy: {fitted.auto['summary']}")
     tracker.phase("done")
     promoted = promote(store, version, evaluation.decision, actor, log)
     return summary(version, promoted, run, fitted, checked, evaluation, metrics, lineage,
@@ -128,7 +129,8 @@ def evaluate_version(run: Run, fitted: Fitted, checked: Checked, store: Store, f
     """INT8 (when asked for), the promotion decision, the label findings and the drift reference."""
     accuracy = checked.report["accuracy"]
     int8 = try_int8(checked.path, folder / "model.int8.onnx", run, accuracy, log) if run.request.int8 else None
-    decision = promotion_decision(run.request, store, run.ds, accuracy, run)
+    decision = promotion_decision(run.request, store, run.ds, accuracy, run,
+                                  val_balanced=checked.report["balanced_accuracy"])
     fingerprint = run.ds.fingerprint()
     problems, duplicates = label_findings(run, fitted.backbone, fingerprint, log)
     drift = drift_reference(run, fitted.backbone, fitted.strategy, checked.path, folder / DRIFT_FILE)
@@ -154,6 +156,7 @@ def summary(version: str, promoted: bool, run: Run, fitted: Fitted, checked: Che
             "promoted": promoted, "promotion": ev.decision, "parity": checked.parity, "classes": ds.classes,
             "train_val_gap": metrics["train_val_gap"], "auto": fitted.auto, "skipped": ds.skipped,
             "lineage": lineage, "warnings": ds.warnings,
-            "metrics": {k: metrics[k] for k in ("val_accuracy", "train_accuracy", "macro_f1", "per_class")},
+            "metrics": {k: metrics[k] for k in ("val_accuracy", "balanced_accuracy", "train_accuracy", "macro_f1",
+                                                "per_class")},
             "label_problems": {**ev.problems, "items": ev.problems["items"][:5]},
             "near_duplicates": {**ev.duplicates, "items": ev.duplicates["items"][:5]}}

@@ -18,6 +18,7 @@ from core.preprocess import Prepared, load_image, prepare
 from core.progress import Progress
 from training.activations import ViewCache, activation_bytes, limit_bytes, prefix_outputs, prefix_session, split_model
 from training.augment import train_transform
+from training.balance import class_weights, decide
 from training.finetune import STRATEGIES, ImageListDataset, apply_strategy, extract_features, fine_tune, fit_head
 from training.registry import Backbone, create_backbone, get_module
 
@@ -60,6 +61,11 @@ class Run:
         self.val_labels = np.array([y for _, y in ds.val], dtype=np.int64)
         log(f"preprocessed {len(self.train_images)} train + {len(self.val_arrays)} val images in "
             f"{time.time() - t0:.1f}s")
+        counts = {c: self.train_labels.count(i) for i, c in enumerate(ds.classes)}
+        # Decided once from the training split; every strategy's training loss takes the same weights.
+        self.balance = decide(request.balance, counts)
+        self.class_weights = class_weights(counts.values()) if self.balance["on"] else None
+        log(f"balance: {'on' if self.balance['on'] else 'off'} ({self.balance['why']})")
         self._features = None
         self._aug_images = None
 
@@ -113,9 +119,9 @@ class Run:
         return bb
 
     def run(self, name: str, start: Backbone | None = None, *, budget: float | None = None,
-            trial: int = 0) -> tuple[Backbone, list[dict], dict]:
+            trial: Callable[[list[dict]], str | None] | None = None) -> tuple[Backbone, list[dict], dict]:
         """Train one strategy. `start` continues from an already warmed-up model (used by auto), within
-        `budget` seconds and after a `trial` of that many epochs (see fine_tune)."""
+        `budget` seconds and while `trial` finds no reason to stop (see fine_tune)."""
         r, spec = self.request, STRATEGIES[name]
         seed_everything(r.seed)
         t0 = time.time()
@@ -130,7 +136,7 @@ class Run:
             history += fit_head(get_module(bb.model, bb.classifier), tr, ty, va, vy, lr=r.lr,
                                 weight_decay=r.weight_decay, label_smoothing=r.label_smoothing,
                                 epochs=r.head_epochs, batch_size=r.batch_size, seed=r.seed, log=self.log,
-                                progress=self.progress)
+                                progress=self.progress, class_weights=self.class_weights)
         if spec.trainable != "head":
             self.progress.phase(name, epochs=r.epochs, budget=budget)
             train_ds, model, val_inputs, cache = self._tuning_inputs(bb, spec, summary)
@@ -138,7 +144,8 @@ class Run:
                                     batch_size=r.batch_size, weight_decay=r.weight_decay,
                                     label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
                                     phase=name, warm_started=spec.pretrained, log=self.log, model=model,
-                                    budget=budget, trial=trial, progress=self.progress)
+                                    budget=budget, trial=trial, progress=self.progress,
+                                    class_weights=self.class_weights)
             history += tuned
             summary["kept"] = kept
             if cache is not None:

@@ -68,7 +68,10 @@ def version_detail(svc: RefitDep, version: str, request: Request):
     # Per-class figures and the confusion matrix as numbers, for pages that draw their own table; the
     # figures training drew are at /versions/{id}/files/{name}.
     detail = {k: metrics[k] for k in ("per_class", "confusion_matrix", "int8", "parity") if k in metrics}
-    return {**version_row(info), **detail, "precision": info.get("precision"),
+    # `why`: the one line saying which strategy won and why (older versions: their metrics' auto summary).
+    why = info.get("why") or (metrics.get("auto") or {}).get("summary")
+    return {**version_row(info), **detail, "precision": info.get("precision"), "why": why,
+            "balanced_accuracy": metrics.get("balanced_accuracy"), "balance": metrics.get("balance"),
             "files": [n for n in console.VERSION_FILES if svc.store.version_file(version, n) is not None],
             **_image_lists({"label_problems": metrics.get("label_problems", none),
                             "near_duplicates": metrics.get("near_duplicates", none)}, authorized(request.scope))}

@@ -139,6 +139,7 @@ async function done(id, box, signal) {
     box.append(h("p", { class: "ok", id: "job-result", role: "status" },
       `Published ${r.version} (${r.strategy}, validation accuracy ${pct(r.val_accuracy)}). `,
       r.promoted ? `Promoted: ${p.reason || "yes"}.` : `Not promoted: ${p.reason || "promotion was off"}.`),
+      r.auto && r.auto.summary ? h("p", { id: "job-why" }, `Strategy: ${r.auto.summary}.`) : null,
       h("p", {}, h("a", { href: "#versions" }, "See it on the Versions page")));
   } catch (e) {
     box.append(h("p", { class: "bad", id: "job-result" }, e.message));
