@@ -29,7 +29,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 
 @dataclass(frozen=True)
 class Plan:
-    """How much each benchmark measures. `full` fits the whole run in about 40 minutes on 2 cores."""
+    """How much each benchmark measures. `full` fits the whole run in about 45 minutes on 2 cores."""
 
     name: str
     model_seconds: float  # per (runtime, batch size) cell
