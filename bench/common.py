@@ -29,7 +29,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 
 @dataclass(frozen=True)
 class Plan:
-    """How much each benchmark measures. `full` fits the whole run in about 25 minutes on 2 cores."""
+    """How much each benchmark measures. `full` fits the whole run in about 45 minutes on 2 cores."""
 
     name: str
     model_seconds: float  # per (runtime, batch size) cell
@@ -221,6 +221,11 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def target_row(target: str, figure: str, goal: str, passed: bool | None) -> list:
+    """One row of the targets table: what, the measured figure, the goal, PASS/FAIL (– when not judged)."""
+    return [target, figure, goal, "–" if passed is None else ("PASS" if passed else "FAIL")]
 
 
 def log(msg: str) -> None:

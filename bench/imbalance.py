@@ -7,8 +7,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from bench.common import Plan, flowers_dir, log, md_table
-from bench.retrain import _version_metrics, cli_flags, cli_train
+from bench.common import Plan, flowers_dir, log, md_table, target_row
+from bench.retrain import cli_flags, cli_train, version_metrics
 
 RARE = "rose"  # the class cut down
 RARE_TRAIN = 8  # its training images (the others keep their 56)
@@ -55,7 +55,7 @@ def train(data: Path, home: Path, plan: Plan, mode: str, options: dict) -> dict:
     if result is None:
         log(f"imbalance: balance {mode} failed: {error[-300:]}")
         return {**row, "error": error}
-    m = _version_metrics(home, result["version"])
+    m = version_metrics(home, result["version"])
     row.update(strategy=result["strategy"], balance=m.get("balance"), train_seconds=result["train_seconds"],
                total_seconds=result["total_seconds"], **scores(m))
     log(f"imbalance: balance {mode} seed {row['seed']}: {RARE} recall {row['rare_recall']:.4f}, others "
@@ -110,21 +110,16 @@ def targets(result: dict) -> list[list]:
     """Rows as bench/report.py's targets table takes them: target, measured, goal, PASS/FAIL."""
     off, on = (result.get("means") or {}).get("off"), (result.get("means") or {}).get("on")
     if not off or not on:
-        return [_row("imbalance: rare-class recall with balancing", result.get("error", "failed"),
+        return [target_row("imbalance: rare-class recall with balancing", result.get("error", "failed"),
                      f"≥ +{RECALL_GAIN_POINTS} points", None)]
     gain = (on["rare_recall"] - off["rare_recall"]) * 100
     drop = (off["others_accuracy"] - on["others_accuracy"]) * 100
-    return [_row(f"imbalance: {RARE} recall ({result['rare_train']} training images), balancing vs not",
+    return [target_row(f"imbalance: {RARE} recall ({result['rare_train']} training images), balancing vs not",
                  f"{on['rare_recall']:.4f} vs {off['rare_recall']:.4f} ({gain:+.1f} points)",
                  f"≥ +{RECALL_GAIN_POINTS} points", gain >= RECALL_GAIN_POINTS),
-            _row("imbalance: other classes' accuracy, balancing vs not",
+            target_row("imbalance: other classes' accuracy, balancing vs not",
                  f"{on['others_accuracy']:.4f} vs {off['others_accuracy']:.4f} ({-drop:+.1f} points)",
                  f"down ≤ {OTHERS_DROP_POINTS} point", drop <= OTHERS_DROP_POINTS)]
-
-
-def _row(target: str, figure: str, goal: str, passed: bool | None) -> list:
-    # bench/report.py's _row; not imported from there, which imports the benchmark modules.
-    return [target, figure, goal, "–" if passed is None else ("PASS" if passed else "FAIL")]
 
 
 def _f(value: float | None) -> str | None:

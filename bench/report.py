@@ -3,23 +3,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import backbones, inprocess, model, preprocessing, retrain, served
-from bench.common import CONCURRENCY, ROOT, Plan, md_table
+from bench import backbones, imbalance, inprocess, model, preprocessing, retrain, served, transfer
+from bench.common import CONCURRENCY, ROOT, Plan, md_table, target_row
 
 TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess": inprocess.tables,
-          "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables}
+          "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables,
+          "transfer": transfer.tables, "imbalance": imbalance.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "preprocess": "2. Preprocessing: full vs reduced-size (draft) JPEG decoding",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
           "served": "4. Served: `POST /predict` under load",
           "retrain": "5. Retraining on the real dataset",
-          "backbones": "6. Backbones: EfficientNet-Lite0, -Lite1 and -Lite2"}
+          "backbones": "6. Backbones: EfficientNet-Lite0, -Lite1 and -Lite2",
+          "transfer": "7. Transfer to a distant domain", "imbalance": "8. Imbalanced classes"}
 
 
 # --- targets -----------------------------------------------------------------------------------------
 
-def _row(target: str, figure: str, goal: str, passed: bool | None) -> list:
-    return [target, figure, goal, "–" if passed is None else ("PASS" if passed else "FAIL")]
+_row = target_row  # the one row format, shared with the sections that state their own targets
 
 
 def _ok(result: dict | None) -> bool:
@@ -52,6 +53,10 @@ def targets(results: dict) -> list[list]:
                          "≥ 1.6 ×", ratio >= 1.6))
     if _ok(r):
         rows += _retrain_targets(r)
+    if _ok(results.get("transfer")):
+        rows += transfer.targets(results["transfer"])
+    if _ok(results.get("imbalance")):
+        rows += imbalance.targets(results["imbalance"])
     return rows
 
 

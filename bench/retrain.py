@@ -75,10 +75,10 @@ def default_run(data: Path, name: str, home: Path, plan: Plan, options: dict) ->
     if result is None:
         log(f"retrain: {name} {tag} failed: {error[-300:]}")
         return {**row, "error": error}
-    metrics = _version_metrics(home, result["version"])
-    row.update(chosen=result["strategy"], val_accuracy=result["val_accuracy"], train_seconds=result["train_seconds"],
-               total_seconds=result["total_seconds"], auto=result.get("auto"), epochs_run=_epochs_run(metrics),
-               epoch_seconds=_epoch_seconds(metrics))
+    metrics = version_metrics(home, result["version"])
+    row.update(version=result["version"], chosen=result["strategy"], val_accuracy=result["val_accuracy"],
+               train_seconds=result["train_seconds"], total_seconds=result["total_seconds"], auto=result.get("auto"),
+               epochs_run=_epochs_run(metrics), epoch_seconds=_epoch_seconds(metrics))
     log(f"retrain: {name} {tag} -> {row['chosen']} val_acc {row['val_accuracy']:.4f}, train "
         f"{row['train_seconds']:.1f}s, wall {wall:.1f}s")
     return row
@@ -155,7 +155,7 @@ def train_cli(data: Path, strategy: str, home: Path, plan: Plan, default_epochs:
     if result is None:
         log(f"retrain: {strategy} failed: {error[-300:]}")
         return {**row, "error": error}
-    metrics = _version_metrics(home, result["version"])
+    metrics = version_metrics(home, result["version"])
     row.update(version=result["version"], chosen=result["strategy"], val_accuracy=result["val_accuracy"],
                train_seconds=result["train_seconds"], total_seconds=result["total_seconds"],
                epochs_run=_epochs_run(metrics), int8=metrics.get("int8"), auto=result.get("auto"))
@@ -170,7 +170,7 @@ def _keep_log(plan: Plan, name: str, text: str) -> None:
     (logs / name).write_text(text)
 
 
-def _version_metrics(home: Path, version: str) -> dict:
+def version_metrics(home: Path, version: str) -> dict:
     # The store's layout (core/store.py): one folder per version under models/refit/.
     path = home / "models" / "refit" / version / "metrics.json"
     return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,6 +1,6 @@
 """Run the benchmarks and write bench/results/ (JSON + markdown) and docs/benchmarks.md with its plots.
 
-    python -m bench.run                     # everything, about 25 minutes on 2 cores (make bench)
+    python -m bench.run                     # everything, about 45 minutes on 2 cores (make bench)
     python -m bench.run --quick             # tiny counts: a smoke test, written under bench/results/quick/
     python -m bench.run --only served       # one benchmark (repeatable); the page keeps the others' saved figures
 """
@@ -12,10 +12,10 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from bench import backbones, inprocess, model, preprocessing, report, retrain, served
+from bench import backbones, imbalance, inprocess, model, preprocessing, report, retrain, served, transfer
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
-SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones")
+SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -31,6 +31,10 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return retrain.run(plan)
     if name == "backbones":
         return backbones.run(plan)
+    if name == "transfer":
+        return transfer.run(plan)
+    if name == "imbalance":
+        return imbalance.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
