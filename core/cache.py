@@ -43,12 +43,13 @@ class InPlace:
 class CheckedCopies:
     """A remote store's versions, served from checked copies in `models_dir` (this machine's cache)."""
 
-    def __init__(self, objects: ObjectStore, models_dir: Path, tmp: Path):
+    def __init__(self, objects: ObjectStore, models_dir: Path, tmp: Path, entries: str = ENTRIES):
         self.objects, self.models_dir, self.tmp = objects, models_dir, tmp
+        self.entries = entries  # the model line's folder in the store: one per project
 
     def store_record(self, version: str, missing_ok: bool = False) -> bytes | None:
         """The version's model.yaml as the store holds it now."""
-        got = self.objects.get(f"{ENTRIES}{version}/{MODEL_YAML}")
+        got = self.objects.get(f"{self.entries}{version}/{MODEL_YAML}")
         if got is None and not missing_ok:
             raise StoreError(f"{version}: model.yaml is missing from {self.objects.url}")
         return got[0] if got else None
@@ -69,7 +70,7 @@ class CheckedCopies:
             return self.store_record(version, missing_ok=missing_ok)
         if self.cached_is(version, record or self.store_record(version, missing_ok=True)):
             return _read_local(self.models_dir, version, name, missing_ok)
-        got = self.objects.get(f"{ENTRIES}{version}/{name}")
+        got = self.objects.get(f"{self.entries}{version}/{name}")
         if got is None and not missing_ok:
             raise StoreError(f"{version}: {name} is missing from {self.objects.url}")
         return got[0] if got else None
@@ -140,7 +141,7 @@ class CheckedCopies:
         return dest
 
     def _fetch(self, version: str, tmp: Path) -> None:
-        prefix = f"{ENTRIES}{version}/"
+        prefix = f"{self.entries}{version}/"
         for key in self.objects.list(prefix):
             name = key[len(prefix):]
             if name and not name.startswith("."):  # .claim is the store's bookkeeping, not the model's

@@ -24,7 +24,6 @@ from core.objects import Conflict, ObjectStore, StoreError
 from core.settings import settings
 
 CLAIM_ATTEMPTS = 50  # numbers tried one after another before a publish gives up
-_CLAIMED_RE = re.compile(rf"^{ENTRIES}v(\d{{4,}})/")
 log = logging.getLogger("refit.store")
 
 
@@ -33,8 +32,11 @@ class ClaimedCommit:
     replicas' status records, this machine's cache): a re-created store numbers on after them. `adopt` keeps
     the files a publish uploaded as this machine's cached copy."""
 
-    def __init__(self, objects: ObjectStore, seen: Callable[[], set[int]], adopt: Callable[[str, Path], None]):
+    def __init__(self, objects: ObjectStore, seen: Callable[[], set[int]], adopt: Callable[[str, Path], None],
+                 entries: str = ENTRIES):
         self.objects, self.seen, self.adopt = objects, seen, adopt
+        self.entries = entries  # the model line's folder: one per project (core.projects.entries)
+        self._claimed = re.compile(rf"^{re.escape(entries)}v(\d{{4,}})/")
         self._beats: dict[str, ClaimBeat] = {}  # versions this process claimed and is still writing
 
     @contextlib.contextmanager
@@ -44,7 +46,8 @@ class ClaimedCommit:
         model.yaml was written. Kept fresh from a thread until the block ends."""
         note = {"at": now_ms(), "updated": now_ms(), "pid": os.getpid(), "host": os.uname().nodename}
         version, tag = self._exact(version, note) if version is not None else self._next(note)
-        beat = ClaimBeat(self.objects, f"{ENTRIES}{version}/.claim", note, tag, settings().claim_heartbeat_seconds)
+        beat = ClaimBeat(self.objects, f"{self.entries}{version}/.claim", note, tag,
+                         settings().claim_heartbeat_seconds)
         beat.start()
         self._beats[version] = beat
         try:
@@ -55,25 +58,25 @@ class ClaimedCommit:
 
     def _exact(self, version: str, note: dict) -> tuple[str, str]:
         try:
-            return version, self.objects.put(f"{ENTRIES}{version}/.claim", json.dumps(note).encode(),
+            return version, self.objects.put(f"{self.entries}{version}/.claim", json.dumps(note).encode(),
                                              create_only=True)
         except Conflict:
             raise StoreError(f"{version} is already taken in {self.objects.url}") from None
 
     def _next(self, note: dict) -> tuple[str, str]:
-        keys = self.objects.list(ENTRIES)
+        keys = self.objects.list(self.entries)
         # The listing a claim needs also shows the claims of publishes cut short: swept here, past their grace,
         # as a folder store's publish removes its partial entries.
         try:
             self._sweep_claims(keys)
         except StoreError as e:  # a bucket that refuses deletes, say: publishing still works
             log.warning("orphan claims not swept: %s", e)
-        taken = {int(m.group(1)) for k in keys if (m := _CLAIMED_RE.match(k))}
+        taken = {int(m.group(1)) for k in keys if (m := self._claimed.match(k))}
         n = max(taken | self.seen(), default=0) + 1
         for _ in range(CLAIM_ATTEMPTS):
             try:
-                return f"v{n:04d}", self.objects.put(f"{ENTRIES}v{n:04d}/.claim", json.dumps(note).encode(),
-                                                     create_only=True)
+                key = f"{self.entries}v{n:04d}/.claim"
+                return f"v{n:04d}", self.objects.put(key, json.dumps(note).encode(), create_only=True)
             except Conflict:
                 n += 1  # another publisher claimed it a moment ago
         raise StoreError(f"could not claim a version number in {self.objects.url} ({CLAIM_ATTEMPTS} tries)")
@@ -88,7 +91,7 @@ class ClaimedCommit:
             for p in files:
                 if p.name == MODEL_YAML and version in self._beats:
                     self._beats[version].confirm()
-                self.objects.upload(f"{ENTRIES}{version}/{p.relative_to(folder).as_posix()}", p)
+                self.objects.upload(f"{self.entries}{version}/{p.relative_to(folder).as_posix()}", p)
         finally:
             beat = self._beats.pop(version, None)
             if beat is not None:
@@ -99,7 +102,7 @@ class ClaimedCommit:
     def sweep(self) -> list[str]:
         """What publishes cut short left in the store (best effort: logged, not raised)."""
         try:
-            return [f"{self.objects.url}/{ENTRIES}{v}" for v in self._sweep_claims()]
+            return [f"{self.objects.url}/{self.entries}{v}" for v in self._sweep_claims()]
         except StoreError as e:
             log.warning("orphan claims not swept: %s", e)
             return []
@@ -108,15 +111,15 @@ class ClaimedCommit:
         """The claimed versions (from a listing of ENTRIES) a publish cut short left without a model.yaml,
         emptied but for their claim once it is past the grace; returns their ids."""
         files: dict[str, list[str]] = {}
-        for k in self.objects.list(ENTRIES) if keys is None else keys:
-            if m := _CLAIMED_RE.match(k):
+        for k in self.objects.list(self.entries) if keys is None else keys:
+            if m := self._claimed.match(k):
                 files.setdefault(f"v{m.group(1)}", []).append(k)
         swept = []
         for version, found in sorted(files.items()):
             names = {k.rsplit("/", 1)[1] for k in found}
             if MODEL_YAML in names or ".claim" not in names or names == {".claim"}:
                 continue  # complete, not Refit's, or nothing but the claim (kept: its number stays taken)
-            note = self._abandon(f"{ENTRIES}{version}/.claim")
+            note = self._abandon(f"{self.entries}{version}/.claim")
             if note is None:
                 continue
             log.warning("removing %s from %s: its publish was cut short (claimed %s, last alive %s)", version,

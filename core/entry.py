@@ -23,16 +23,17 @@ MODEL_YAML = "model.yaml"  # the entry's record; a version is listed once it is 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
-def write_entry(dest: Path, version: str, files: dict[str, Path], metadata: dict, labels: dict) -> Path:
+def write_entry(dest: Path, version: str, files: dict[str, Path], metadata: dict, labels: dict,
+                model_name: str = MODEL_NAME) -> Path:
     """The files (name in the entry -> source path) copied into `dest`, then `model.yaml`."""
     dest.mkdir(parents=True)
     for name, src in files.items():
         shutil.copyfile(src, dest / name)
-    (dest / MODEL_YAML).write_text(model_yaml(version, metadata, labels), encoding="utf8")
+    (dest / MODEL_YAML).write_text(model_yaml(version, metadata, labels, model_name), encoding="utf8")
     return dest
 
 
-def model_yaml(version: str, metadata: dict, labels: dict) -> str:
+def model_yaml(version: str, metadata: dict, labels: dict, name: str = MODEL_NAME) -> str:
     """BentoML 1.4's ModelInfo of a model made by `bentoml.models.create`, in its key order, dumped as it dumps
     it (`yaml.safe_dump(..., sort_keys=False)`). BentoML's metadata takes basic types only: absent values
     (None) are left out, and numpy scalars and arrays become numbers and lists, as BentoML converts them."""
@@ -42,7 +43,7 @@ def model_yaml(version: str, metadata: dict, labels: dict) -> str:
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError("label keys and values must be strings")
     info = {
-        "name": MODEL_NAME, "version": version, "module": "", "labels": dict(labels), "options": {},
+        "name": name, "version": version, "module": "", "labels": dict(labels), "options": {},
         "metadata": _plain(drop_none(metadata)),
         "context": {"framework_name": "", "framework_versions": {},
                     "bentoml_version": importlib.metadata.version("bentoml"),

@@ -49,11 +49,13 @@ def new_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def new_record(job_id: str, *, request: dict, source: dict, actor: str, stamped: bool = False) -> dict:
+def new_record(job_id: str, *, request: dict, source: dict, actor: str, stamped: bool = False,
+               project: str = "default") -> dict:
     """The record of a job just admitted; `stamped`: with `updated` from the start (the shared store's
     readers age records by it)."""
     created = now_iso()
-    return {"id": job_id, "status": Status.QUEUED, "created": created, **({"updated": created} if stamped else {}),
+    return {"id": job_id, "project": project, "status": Status.QUEUED, "created": created,
+            **({"updated": created} if stamped else {}),
             "actor": actor, "source": source, "request": request, "task_id": job_id, "result": None, "error": None}
 
 
@@ -65,7 +67,7 @@ def failed(status: int, message: str, **changes) -> dict:
 
 def public(job: dict) -> dict:
     """What a client sees of a job (the log stays on the server)."""
-    keys = ("id", "task_id", "status", "created", "started", "finished", "seconds", "actor", "source",
+    keys = ("id", "project", "task_id", "status", "created", "started", "finished", "seconds", "actor", "source",
             "request", "progress", "worker", "heartbeat", "result", "error")
     return {k: job.get(k) for k in keys if k in job}
 

@@ -29,8 +29,9 @@ log = logging.getLogger("refit.store")
 class Staging:
     """Staging folders under `tmp`, each flocked while its publish runs."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, model_name: str = MODEL_NAME):
         self.tmp = tmp
+        self.model_name = model_name  # BentoML's name of the model line: one per project
         self._held: dict[Path, int] = {}  # staging folder -> fd of the flock that marks it in use
 
     def build(self, version: str, files: dict[str, Path], metadata: dict, labels: dict | None,
@@ -43,7 +44,8 @@ class Staging:
         try:
             extra = stamp(version) if stamp else {}
             metadata = {**metadata, **extra, "version": version, "created": now_iso()}
-            entry = write_entry(staging / MODEL_NAME / version, version, files, metadata, labels or {})
+            entry = write_entry(staging / self.model_name / version, version, files, metadata, labels or {},
+                                self.model_name)
         except BaseException:
             self.drop(staging)
             raise

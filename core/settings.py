@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     max_request_megapixels: float = 64
     max_image_megapixels: float = 50  # one image as stored (400 above)
     poll_seconds: float = 0.25  # how often each worker checks the promoted pointer
+    # Projects other than `default` whose versions each model worker keeps loaded, the least recently used
+    # evicted first (service/projects.py); the default project's version is always loaded and not counted.
+    max_loaded_models: int = Field(8, ge=1)
+    # Projects named in the per-project metrics series; any further project is counted under "_other", so that
+    # a service of many projects cannot grow the series without bound (service/metrics.py).
+    metrics_projects: int = Field(20, ge=1)
     # Each model worker keeps a status record in the store (what it serves), rewritten every heartbeat; a record
     # not rewritten for the TTL belongs to a worker that died without removing it (kill -9, a lost machine), and
     # readers drop it. The TTL is a few heartbeats, so one late write never makes a live worker disappear.

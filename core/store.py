@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from core import cache, claims, publish
+from core import cache, claims, projects, publish
 from core.cas import ATTEMPTS as CAS_ATTEMPTS
 from core.clock import age_seconds, now_iso, seconds
 from core.entry import ENTRIES, MODEL_NAME, MODEL_YAML, VERSION_RE, check_files, check_loadable
@@ -43,30 +43,41 @@ class Store:
     """`home` is this machine's folder (REFIT_HOME: jobs, caches, the version cache of an S3 store); `url`
     is where versions and the pointer live (default: REFIT_STORE, else `home`)."""
 
-    def __init__(self, home: Path | str | None = None, url: str | None = None):
+    def __init__(self, home: Path | str | None = None, url: str | None = None, project: str = projects.DEFAULT):
         self.home = Path(home).resolve() if home else refit_home()
         # BentoML's home is Refit's, for what this process runs of BentoML (the service's packed model) and
         # starts: `bentoml models list` shows the versions (the Makefile and the tests set it as well).
         os.environ["BENTOML_HOME"] = str(self.home)
         self.url = url or (settings().store or str(self.home))
-        self.objects = open_objects(self.url)
-        self.root = self.objects.root or self.home  # where the versions are read on this machine
-        self.models_dir = self.root / "models" / MODEL_NAME
+        self.project = projects.check_name(project)
+        self.model_name = projects.model_name(project)  # BentoML's name of this project's versions
+        self.entries = projects.entries(project)
+        self.base = open_objects(self.url)  # the whole store: every project's versions, the project records
+        # This project's records (pointer, jobs, datasets, captures, status): the root for `default`, else
+        # projects/NAME/ (core/projects.py).
+        self.objects = self.base if project == projects.DEFAULT else open_objects(projects.records_url(self.url,
+                                                                                                         project))
+        self.root = self.base.root or self.home  # where the versions are read on this machine
+        self.models_dir = self.root / "models" / self.model_name
         self.models_dir.mkdir(parents=True, exist_ok=True)
-        self.pointer = self.root / POINTER if self.objects.root else None  # the local file; None on S3
+        self.pointer = self.objects.root / POINTER if self.objects.root else None  # the local file; None on S3
         self._pointer = Pointer(self.objects)
-        self._staging = publish.Staging(self.root / "tmp")
-        if self.objects.root:  # a folder: the store is here
+        self._staging = publish.Staging(self.root / "tmp", self.model_name)
+        if self.base.root:  # a folder: the store is here
             self.copies = cache.InPlace(self.models_dir)
-            self.commits = publish.RenameCommit(self.objects, self.models_dir, self.root / "tmp", self.versions)
+            self.commits = publish.RenameCommit(self.base, self.models_dir, self.root / "tmp", self.versions)
         else:
-            self.copies = cache.CheckedCopies(self.objects, self.models_dir, self.root / "tmp")
-            self.commits = claims.ClaimedCommit(self.objects, self._seen_elsewhere, self.copies.adopt)
+            self.copies = cache.CheckedCopies(self.base, self.models_dir, self.root / "tmp", self.entries)
+            self.commits = claims.ClaimedCommit(self.base, self._seen_elsewhere, self.copies.adopt, self.entries)
+
+    def for_project(self, project: str) -> Store:
+        """The same store seen as another project (same home and URL)."""
+        return self if project == self.project else Store(self.home, self.url, project)
 
     @property
     def remote(self):
         """The S3 bucket of an S3 store (its own calls, for callers that need them); None for a folder."""
-        return None if self.objects.root else self.objects
+        return None if self.base.root else self.objects
 
     def describe(self) -> str:
         return self.objects.url
@@ -79,7 +90,7 @@ class Store:
     # -- reading -----------------------------------------------------------------------------------
     def versions(self) -> list[str]:
         """Version ids in creation order; only complete entries (model.yaml present) count."""
-        out = [v for v in self.objects.folders_with(ENTRIES, MODEL_YAML) if VERSION_RE.match(v)]
+        out = [v for v in self.base.folders_with(self.entries, MODEL_YAML) if VERSION_RE.match(v)]
         return sorted(out, key=lambda v: int(v[1:]))
 
     def path(self, version: str) -> Path:
@@ -88,7 +99,7 @@ class Store:
 
     def resolve(self, version: str) -> str:
         """Accepts vNNNN, refit:vNNNN, 'latest' and 'promoted'."""
-        v = version.split(":", 1)[1] if version.startswith(f"{MODEL_NAME}:") else version
+        v = version.split(":", 1)[1] if version.startswith(f"{self.model_name}:") else version
         if v == "latest":
             vs = self.versions()
             if not vs:
@@ -116,7 +127,7 @@ class Store:
             raise StoreError(f"{v}: model.yaml is not a BentoML model entry")
         info = dict(entry.get("metadata") or {})
         created = info.get("created") or seconds(entry.get("creation_time"))
-        info.update(version=v, tag=f"{MODEL_NAME}:{v}", path=str(self.models_dir / v), created=created)
+        info.update(version=v, tag=f"{self.model_name}:{v}", path=str(self.models_dir / v), created=created)
         metrics = self.copies.entry_file(v, "metrics.json", missing_ok=True, record=record)
         if metrics is not None:
             info["metrics"] = json.loads(metrics)

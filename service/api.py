@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service import console, errors
-from service.routers import captures, datasets, drift, feedback, jobs, retrain, versions
+from service.routers import captures, datasets, drift, feedback, jobs, projects, retrain, versions
 
-ROUTERS = (versions, drift, retrain, jobs, feedback, captures, datasets)  # the OpenAPI page lists them so
+ROUTERS = (versions, drift, retrain, jobs, feedback, captures, datasets, projects)  # the OpenAPI page lists them so
 
 
 def create_app() -> FastAPI:

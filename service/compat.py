@@ -48,6 +48,8 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match, Mount
 
+from core.projects import split_path
+
 # --- the request timeout ------------------------------------------------------------------------------------
 
 _Original = traffic.TimeoutMiddleware
@@ -130,6 +132,16 @@ def _inner_routes(route: BaseRoute) -> list[BaseRoute] | None:
     return getattr(getattr(route, "original_router", None), "routes", None)
 
 
+def _template(routes: list[BaseRoute], scope) -> str:
+    """The route template, for a project's route (`/projects/NAME/...`, core/projects.py) that of the route it
+    is, under `/projects/{name}`: project names never become labels."""
+    name, rest = split_path(scope["path"])
+    if name is None:
+        return route_template(routes, scope) or UNMATCHED
+    inner = route_template(routes, {**scope, "path": rest})
+    return "/projects/{name}" + inner if inner else UNMATCHED
+
+
 class _Relabel:
     """In front of the whole application: the path becomes its route template for the layers before
     RouteLabels (BentoML's metrics, tracing and access log), and the real one is kept in the scope."""
@@ -140,7 +152,7 @@ class _Relabel:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            template = route_template(self.starlette.routes, scope) or UNMATCHED
+            template = _template(self.starlette.routes, scope)
             if template != scope["path"]:
                 scope = {**scope, "path": template, _REAL_PATH: scope["path"]}
         await self.app(scope, receive, send)

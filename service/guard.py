@@ -9,8 +9,11 @@ import logging
 import anyio
 from starlette.responses import JSONResponse
 
+from core.objects import StoreError
+from core.projects import DEFAULT, token_matches, token_project
 from core.settings import settings
 from service.compat import one_error_shape
+from service.projects import PROJECT, directory
 from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
 log = logging.getLogger("refit.guard")
@@ -34,13 +37,47 @@ def needs_token(method: str, path: str) -> bool:
     return settings().protect_predict and path.startswith(("/predict", "/explain"))
 
 
-def authorized(scope) -> bool:
-    token = settings().token
-    if token is None:
-        return True
+def bearer(scope) -> str | None:
     header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
     scheme, _, sent = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), token.encode())
+    return sent.strip() if scheme.lower() == "bearer" and sent.strip() else None
+
+
+def refusal(scope) -> tuple[int, str] | None:
+    """Why a request may not pass (401 or 403, and the message), or None. Without REFIT_TOKEN nothing needs a
+    token. With it: the admin token opens everything; a project's token opens that project's routes and
+    nothing else; the default project keeps its rules (`needs_token`); the project admin routes and every
+    route of another project need a token. Tokens are compared in constant time and never echoed."""
+    admin = settings().token
+    if admin is None:
+        return None
+    method, path = scope["method"], scope["path"]
+    project = scope.get(PROJECT, DEFAULT)
+    sent = bearer(scope)
+    if sent is not None and hmac.compare_digest(sent.encode(), admin.encode()):
+        return None
+    admin_route = path == "/projects" or path.startswith("/projects/")  # what ProjectScope left: the admin routes
+    if not admin_route and project == DEFAULT and not needs_token(method, path):
+        return None
+    if sent is None:
+        return 401, "missing bearer token (Authorization: Bearer ...)"
+    claimed = token_project(sent)
+    try:
+        valid = claimed is not None and token_matches(directory().get(claimed), sent)
+    except StoreError:
+        valid = False
+    if not valid:
+        return 401, "wrong bearer token (Authorization: Bearer ...)"
+    if claimed == project and not admin_route and project != DEFAULT:
+        return None
+    if admin_route:
+        return 403, "a project's token does not open the project admin routes; use the admin token"
+    return 403, f"this token is for project {claimed!r}; it does not open project {project!r}"
+
+
+def authorized(scope) -> bool:
+    """Whether this request carries what its project's protected routes need (to show what only they show)."""
+    return refusal({**scope, "method": "POST", "path": "/promote"}) is None
 
 
 def body_limit(path: str) -> int:
@@ -79,10 +116,12 @@ class Guard:
                 await _reply(send, 500, {"error": "internal error; the cause is in the server log"})
 
     async def _route(self, scope, receive, send):
-        method, path = scope["method"], scope["path"]
-        if needs_token(method, path) and not authorized(scope):
-            return await _reply(send, 401, {"error": "missing or wrong bearer token (Authorization: Bearer ...)"},
-                                headers={"www-authenticate": "Bearer"})
+        path = scope["path"]
+        refused = refusal(scope)
+        if refused is not None:
+            status, message = refused
+            return await _reply(send, status, {"error": message},
+                                headers={"www-authenticate": "Bearer"} if status == 401 else None)
         limit = body_limit(path)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -35,6 +35,7 @@ from pathlib import Path
 from core import standby
 from core.data import check_layout
 from core.jobs import ACTIVE, JOB_ID, PROGRESS_FILE, Status, alive, failed, new_id, new_record, public, read_json
+from core.projects import DEFAULT
 from core.scratch import sweep
 from core.settings import PACKAGE_ROOT, settings
 from core.store import atomic_write_json, now_iso
@@ -48,8 +49,10 @@ __all__ = ["PACKAGE_ROOT", "BUSY", "Jobs", "public", "looks_like_dataset"]
 
 
 class Jobs:
-    def __init__(self, home: Path):
-        self.root = home / "jobs"
+    def __init__(self, home: Path, project: str = DEFAULT):
+        self.home, self.project = home, project
+        # The default project's jobs where they always were; another project's under projects/NAME/.
+        self.root = home / "jobs" if project == DEFAULT else home / "projects" / project / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = self.root / ".lock"
         self._held: dict[str, int] = {}  # job id -> fd of the flock this process holds for it
@@ -117,7 +120,7 @@ class Jobs:
             self._fail_stale()  # we hold the lock, so any job still marked active has lost its worker
             job_id = new_id()
             self.dir(job_id).mkdir(parents=True)
-            job = new_record(job_id, request=request, source=source, actor=actor)
+            job = new_record(job_id, request=request, source=source, actor=actor, project=self.project)
             atomic_write_json(self.dir(job_id) / "job.json", job)
         except BaseException:
             os.close(fd)
@@ -160,7 +163,7 @@ class Jobs:
         """At start: jobs left active by a process that is gone are recorded as failed, and what dead
         processes left on disk is removed (partial uploads, unpacked datasets, a killed run's temp files)."""
         self._sweep_incoming()
-        sweep(self.root.parent)  # temp folders of runs (service or CLI) whose process is gone
+        sweep(self.home)  # temp folders of runs (service or CLI) whose process is gone
         fd = self._try_lock()
         if fd is None:
             return []  # another live worker holds a job; its state is current
@@ -214,7 +217,7 @@ class Jobs:
         from core.store import Store
 
         try:
-            return published_outcome(Store(self.root.parent), job)
+            return published_outcome(Store(self.home, project=self.project), job)
         except Exception as e:  # noqa: BLE001 - the store away: the job is recorded failed as before
             log.warning("retrain job %s: its versions cannot be looked up (%s)", job["id"], e)
             return None
@@ -234,7 +237,7 @@ class Jobs:
 
     @property
     def _socket(self) -> Path:
-        return standby.address(self.root)
+        return standby.address(self.home / "jobs")  # one standby per replica, for every project's jobs
 
     def start_standby(self, train_threads: int) -> None:
         """Start the warm training process the next job will run in, whichever worker admits that job: it

@@ -3,9 +3,13 @@
 """
 from __future__ import annotations
 
+from core.projects import DEFAULT
+from core.settings import settings
 from core.store import StoreError
 from service.deps import Service
 from service.drift import served_report
+
+OTHER = "_other"  # the project label of every project past the named ones
 
 
 class Counters:
@@ -24,6 +28,40 @@ class Counters:
         self.retrains = prom.Counter("refit_retrains", "Retrain jobs finished, by status", ["status"])
         self.retrain_seconds = prom.Histogram("refit_retrain_duration_seconds", "Retrain job wall time",
                                               buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
+
+        # Per project, bounded: the first REFIT_METRICS_PROJECTS projects this worker serves by name, the rest
+        # summed under "_other" (a worker's choice; the series of one project name mean the same on every worker).
+        self.project_predictions = prom.Counter("refit_project_predictions", "Images classified, by project",
+                                                ["project"])
+        self.model_loads = prom.Counter("refit_model_loads", "Versions of projects other than default loaded "
+                                        "into a model worker (first request, or again after an eviction)",
+                                        ["project"])
+        self.model_evictions = prom.Counter("refit_model_evictions", "Loaded versions evicted, least recently "
+                                            "used first, to stay within REFIT_MAX_LOADED_MODELS", ["project"])
+        self.model_load_seconds = prom.Histogram("refit_model_load_seconds", "Time to load a project's version "
+                                                 "(checksum, session, warm-up run)",
+                                                 buckets=(0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10))
+        self._named: set[str] = set()
+
+    def project_label(self, project: str) -> str:
+        if project in self._named:
+            return project
+        if len(self._named) < settings().metrics_projects:
+            self._named.add(project)
+            return project
+        return OTHER
+
+    def predicted(self, project: str, version: str, label: str) -> None:
+        if project == DEFAULT:  # refit_predictions keeps its meaning: the default project's versions and labels
+            self.predictions.labels(version=version, label=label).inc()
+        self.project_predictions.labels(project=self.project_label(project)).inc()
+
+    def loaded(self, project: str, seconds: float) -> None:
+        self.model_loads.labels(project=self.project_label(project)).inc()
+        self.model_load_seconds.observe(seconds)
+
+    def evicted(self, project: str) -> None:
+        self.model_evictions.labels(project=self.project_label(project)).inc()
 
     def finished(self, job: dict) -> None:
         """A retrain job ended (the local runner's `on_finish`)."""

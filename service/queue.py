@@ -25,7 +25,7 @@ class SharedJobs(SharedRecords):
 
     def __init__(self, store: Store, queue_url: str):
         super().__init__(store, queue_url)
-        self.local = Jobs(store.home)  # this machine's folder for uploads being received
+        self.local = Jobs(store.home, store.project)  # this machine's folder for uploads being received
         self.root = self.local.root
 
     def incoming_dir(self) -> Path:
@@ -34,7 +34,8 @@ class SharedJobs(SharedRecords):
     def admit(self, *, request: dict, source: dict, actor: str) -> dict:
         """Record a queued job and take the model line for it, or refuse with 409 while another job holds it."""
         job_id = new_id()
-        job = new_record(job_id, request=request, source=source, actor=actor, stamped=True)
+        job = new_record(job_id, request=request, source=source, actor=actor, stamped=True,
+                         project=self.store.project)
         # The record first: a line naming a job nobody can read would look free to the next admitter.
         self.store.put_record(record_key(job_id), job, create_only=True)
         line, tag = self.store.record(LINE)
@@ -82,7 +83,8 @@ class QueueRunner:
 
     def submit(self, job_id: str) -> None:
         try:
-            self.jobs.rq_queue.enqueue(JOB_FUNCTION, job_id, job_id=job_id,
+            # The project rides along: any worker takes any project's job and finds its records by it.
+            self.jobs.rq_queue.enqueue(JOB_FUNCTION, job_id, self.jobs.store.project, job_id=job_id,
                                        job_timeout=settings().job_timeout_seconds, result_ttl=3600,
                                        failure_ttl=7 * 86400, description=f"retrain {job_id}")
         except Exception as e:  # broad on purpose: Redis refused or is away: the client is told, the line freed

@@ -24,6 +24,7 @@ import numpy as np
 from bentoml.validators import ContentType
 
 from core.preprocess import ImageError
+from core.projects import DEFAULT
 from core.settings import refit_home, settings
 from core.store import Store
 from service import bootstrap, budget, compat, console, metrics
@@ -38,6 +39,8 @@ from service.guard import Guard
 from service.jobs import Jobs
 from service.lifeline import bound_shutdown, die_with_supervisor, trim_heap
 from service.model import ModelHolder, unavailable
+from service.projects import ProjectScope, Space, Spaces
+from service.projects import current as current_project
 from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.runner import LocalRunner
@@ -100,6 +103,13 @@ class Refit:
                                  max_bytes=s.capture_max_bytes, on_drop=self.metrics.capture_dropped.inc)
         if bentoml.server_context.worker_index in (None, 1):  # one retention timer per replica, capture on or off
             self.captures.start_pruning(s.capture_prune_seconds)
+        self.spaces = Spaces(Space(DEFAULT, self.store, replica=self.replica, board=self.board,
+                                   captures=self.captures, jobs=self.jobs, runner=self.runner,
+                                   drift_monitor=self.drift_monitor, trains_here=self.trains_here,
+                                   holder=lambda: self.holder),
+                             make_runner=self._runner_for, metrics=self.metrics)
+        # Loading another project's version (a checksum, a session, a warm-up run) happens off the event loop.
+        self.loader = ThreadPoolExecutor(max_workers=4, thread_name_prefix="refit-load")
         # Everything made so far (BentoML, onnxruntime's bindings, the model) lives as long as the worker: moved
         # out of the garbage collector's sight, a full collection during traffic scans only what requests made,
         # which shortens the pauses that land on a request's latency.
@@ -110,16 +120,27 @@ class Refit:
         """Retraining: on the job queue's workers when REFIT_QUEUE is set, else in a training process here, when
         this install has the training code (the serving image has not: it answers retrains with a 503)."""
         self.trains_here = not s.queue and importlib.util.find_spec("torch") is not None
-        if s.queue:
-            self.jobs = SharedJobs(self.store, s.queue)
-            self.runner = QueueRunner(self.jobs)
-        else:
-            self.jobs = Jobs(refit_home())
-            self.runner = LocalRunner(self.jobs, train_threads=s.train_threads, on_finish=self.metrics.finished)
+        self.jobs = SharedJobs(self.store, s.queue) if s.queue else Jobs(refit_home())
+        self.runner = self._runner_for(self.jobs)
         # One warm training process per replica, not per worker: it holds about 1 GB. A job admitted by
         # another worker starts a fresh process (about 5 s more).
         if self.trains_here and s.train_standby and bentoml.server_context.worker_index in (None, 1):
             self.jobs.start_standby(s.train_threads)
+
+    def _runner_for(self, jobs):
+        """A project's job runner: on the queue when REFIT_QUEUE is set, else in a training process here."""
+        s = settings()
+        if s.queue:
+            return QueueRunner(jobs)
+        return LocalRunner(jobs, train_threads=s.train_threads, on_finish=self.metrics.finished)
+
+    async def _served(self):
+        """The request's project (`/projects/NAME/...`, else default), and its holder, loaded if need be."""
+        space = self.spaces.get(current_project.get())
+        if space.project == DEFAULT:
+            return space, self.holder
+        loop = asyncio.get_running_loop()
+        return space, await loop.run_in_executor(self.loader, self.spaces.holder, space.project)
 
     @bentoml.on_deployment
     def prepare() -> None:
@@ -146,10 +167,11 @@ class Refit:
         if len(files) > limit:
             raise ApiError(400, f"{len(files)} images is over the limit of {limit} per request")
         budget.check(files)
-        model = self.holder.current  # read once: the whole request runs on this version even if a swap happens now
+        space, holder = await self._served()
+        model = holder.current  # read once: the whole request runs on this version even if a swap happens now
         if model is None:
-            raise ApiError(503, unavailable(self.store, self.holder))
-        arrays = await asyncio.get_running_loop().run_in_executor(self.decoder, self.holder.decode, model, files)
+            raise ApiError(503, unavailable(space.store, holder), **_named(space))
+        arrays = await asyncio.get_running_loop().run_in_executor(self.decoder, holder.decode, model, files)
         bad = [str(a) for a in arrays if not isinstance(a, np.ndarray)]
         if bad:
             raise ApiError(400, "; ".join(bad))
@@ -163,9 +185,9 @@ class Refit:
         replies = []
         for (name, data), p in zip(files, probs, strict=True):
             r = ModelHolder.answer(model, p, top_k, threshold)
-            self.metrics.predictions.labels(version=r["version"], label=r["label"]).inc()
+            self.metrics.predicted(space.project, r["version"], r["label"])
             r["prediction_id"] = new_capture_id()
-            if capture and not self.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)},
+            if capture and not space.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)},
                                                   contract=model.contract):
                 self.metrics.capture_dropped.inc()
             replies.append(Prediction(**r))
@@ -179,9 +201,10 @@ class Refit:
         (default: the top class) as a PNG overlay and as a small array. 409 for a version exported without
         the feature map, 422 for a label that is not one of its classes."""
         budget.check([(image.name, image.data)])
-        model = self.holder.current  # read once, as /predict does
+        space, holder = await self._served()
+        model = holder.current  # read once, as /predict does
         if model is None:
-            raise ApiError(503, unavailable(self.store, self.holder))
+            raise ApiError(503, unavailable(space.store, holder), **_named(space))
         try:
             found = await asyncio.get_running_loop().run_in_executor(
                 self.explainer, explain_upload, model, image.name, image.data, label, settings().max_image_pixels)
@@ -211,13 +234,23 @@ class Refit:
     @bentoml.on_shutdown
     async def close(self) -> None:
         self.batcher.close()
+        for name in self.spaces.loaded():
+            self.spaces.forget(name)
         self.holder.close()
-        await self.runner.drain()  # as an open request would be: until done, or the worker's time is up
+        for space in self.spaces.spaces():  # as an open request would be: until done, or the worker's time is up
+            await space.runner.drain()
         if isinstance(self.jobs, Jobs):
             self.jobs.stop_standby()
 
 
+def _named(space) -> dict:
+    """The project a refusal is about, in its body, for every project but the default (whose replies are as
+    they always were)."""
+    return {} if space.project == DEFAULT else {"project": space.project}
+
+
 # compat.RouteLabels first: it gives the real path back to the middleware after it (service/compat.py).
 Refit.add_asgi_middleware(compat.RouteLabels)
+Refit.add_asgi_middleware(ProjectScope)  # /projects/NAME/... as /... of project NAME, before the token check
 Refit.add_asgi_middleware(Guard)
 Refit.add_asgi_middleware(console.ConsoleLink)

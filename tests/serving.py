@@ -139,15 +139,16 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
-def predict(http, *images, **options) -> httpx.Response:
+def predict(http, *images, path: str = "/predict", headers: dict | None = None, **options) -> httpx.Response:
     files = [("images", (name, data, "image/jpeg")) for name, data in images]
-    return http.post("/predict", files=files, data={k: str(v) for k, v in options.items()})
+    return http.post(path, files=files, data={k: str(v) for k, v in options.items()}, headers=headers)
 
 
-def wait_task(http, task_id: str, timeout: float = 180) -> dict:
+def wait_task(http, task_id: str, timeout: float = 180, project: str | None = None) -> dict:
+    prefix = f"/projects/{project}" if project else ""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        r = http.get("/retrain/status", params={"task_id": task_id}, headers=AUTH)
+        r = http.get(f"{prefix}/retrain/status", params={"task_id": task_id}, headers=AUTH)
         assert r.status_code == 200, r.text
         if r.json()["status"] != "in_progress":
             return r.json()

@@ -185,7 +185,8 @@ def _train(job: dict, request, job_dir: Path, say, report) -> dict | int:
     from training.pipeline import train
 
     try:
-        return train(request, job.get("data"), store=Store(), actor=job.get("actor", "api"), log=say,
+        store = Store(project=job.get("project", "default"))  # the job's project (core/projects.py)
+        return train(request, job.get("data"), store=store, actor=job.get("actor", "api"), log=say,
                      progress=throttled(report, PROGRESS_EVERY), job_id=job["id"])
     except DatasetError as e:
         atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})

@@ -87,11 +87,12 @@ def store_problem(store: Store) -> str | None:
     return None
 
 
-def run_queued(job_id: str) -> str:
-    """One job, in RQ's work horse: train on the job's dataset, publish, and record the outcome."""
+def run_queued(job_id: str, project: str = "default") -> str:
+    """One job of `project`, in RQ's work horse: train on the job's dataset, publish, and record the outcome.
+    Every worker takes jobs of any project; the job's records are the project's (core/projects.py)."""
     die_with_parent()
     lower_priority()
-    store = Store()
+    store = Store(project=project)
     me = f"{os.environ.get('RQ_WORKER_ID') or socket.gethostname()}/{os.getpid()}"  # worker name / horse pid
     job, tag = _queued_record(store, job_id)
     if job.get("status") != Status.QUEUED:
