@@ -8,6 +8,8 @@
     refit dataset add bees ./photos [--label bee] | refit dataset list | refit dataset show bees
     refit train --dataset bees [--snapshot ID]   # train on a dataset of the store; the version records it
     refit worker                     # take retrain jobs from REFIT_QUEUE (redis://...), publish to REFIT_STORE
+    refit project create acme | refit project list | refit project token acme
+    refit --project acme train ./photos   # any command, on project acme (or REFIT_PROJECT=acme)
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from core.dataset_sweep import sweep, sweep_local
 from core.datasets import Datasets
 from core.preprocess import MAX_PIXELS, ImageError, preprocess
 from core.progress_view import ProgressView
+from core.projects import NAME_PATTERN, ProjectNameError, Registry, UnknownProject, check_name
+from core.settings import settings
 from core.store import Store, StoreError
 from service.explain import NotExplainable, UnknownLabel, explain_upload
 from service.model import ModelHolder, open_version
@@ -57,6 +61,8 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="refit", description="Transfer-learning image classifiers: train, "
                                  "version, promote, predict.")
+    ap.add_argument("--project", default=None, help="the project to work on (default: REFIT_PROJECT, else "
+                    f"'default'); a name matching {NAME_PATTERN}")
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder (or .zip) of class folders")
     t.add_argument("data", nargs="?", default=None, help="folder with one sub-folder per class (optionally "
@@ -97,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     dshow.add_argument("--json", action="store_true")
     dsub.add_parser("sweep", help="remove what killed adds left: temp files, and images no snapshot names "
                     "once older than REFIT_DATASET_BLOB_GRACE_SECONDS").add_argument("--json", action="store_true")
+    pj = sub.add_parser("project", help="projects of the store: create one (its token is shown once), list them, "
+                        "issue a new token")
+    psub = pj.add_subparsers(dest="project_command", required=True)
+    psub.add_parser("create", help="create a project").add_argument("name")
+    psub.add_parser("list", help="every project, default first").add_argument("--json", action="store_true")
+    psub.add_parser("token", help="issue a new token; the old one stops working").add_argument("name")
     w = sub.add_parser("worker", help="run retrain jobs from the job queue (REFIT_QUEUE) against the shared store")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     w.add_argument("--name", default=None, help="worker name shown in job records (default: host-pid)")
@@ -119,7 +131,7 @@ def cmd_train(args) -> int:
     # or with --json nothing but the summary.
     view = ProgressView(sys.stderr)
     try:
-        result = train(request, args.data, log=view.write_to(out), progress=view)
+        result = train(request, args.data, store=_store(args), log=view.write_to(out), progress=view)
     finally:
         view.close()
     if args.json:
@@ -127,8 +139,39 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _store(args) -> Store:
+    """The store as the chosen project (`--project`, REFIT_PROJECT); an unknown project is an error."""
+    name = args.project or settings().project
+    try:
+        check_name(name)
+    except ProjectNameError as e:
+        raise StoreError(str(e)) from None
+    store = Store(project=name)
+    if not Registry(store.base).exists(name):
+        raise UnknownProject(name)
+    return store
+
+
+def cmd_project(args) -> int:
+    registry = Registry(Store().base)
+    if args.project_command == "list":
+        names = registry.names()
+        print(json.dumps(names) if args.json else "\n".join(names))
+        return 0
+    check = check_name(args.name)
+    if args.project_command == "token":
+        print(registry.new_token(check))
+        return 0
+    token = registry.create(check)
+    if token is None:
+        print(f"project {check} exists already (`refit project token {check}` issues a new token)")
+    else:
+        print(f"created project {check}; its token, shown this once:\n{token}")
+    return 0
+
+
 def cmd_versions(args) -> int:
-    store = Store()
+    store = _store(args)
     rows = store.list_info()
     problem = store.pointer_problem()
     if problem:  # the listing still works; what serving lacks goes to stderr, so --json stays one value
@@ -149,7 +192,7 @@ def cmd_versions(args) -> int:
 
 
 def cmd_dataset(args) -> int:
-    datasets = Datasets(Store())
+    datasets = Datasets(_store(args))
     if args.dataset_command == "list":
         return _dataset_list(datasets, args)
     if args.dataset_command == "show":
@@ -216,7 +259,7 @@ def _dataset_add(datasets: Datasets, args) -> int:
 def cmd_predict(args) -> int:
     from training.export import read_contract, session  # torch
 
-    store = Store()
+    store = _store(args)
     version = store.resolve(args.version)
     path = store.verify(version)
     contract, sess = read_contract(path), session(path)
@@ -240,7 +283,7 @@ def cmd_explain(args) -> int:
     if not image.is_file():
         print(f"refit: error: {image}: no such file", file=sys.stderr)
         return 2
-    store = Store()
+    store = _store(args)
     version = store.resolve(args.version)
     model = open_version(store, version, threads=os.cpu_count() or 1)
     try:
@@ -276,13 +319,13 @@ def main(argv=None) -> int:
         if args.command == "versions":
             return cmd_versions(args)
         if args.command == "promote":
-            e = Store().promote(args.version, actor="cli", reason=args.reason)
+            e = _store(args).promote(args.version, actor="cli", reason=args.reason)
             if e.get("repaired"):
                 print(f"repaired the promoted pointer: {e['repaired']['reason']}")
             print(f"promoted {e['version']} (was {e['previous']})")
             return 0
         if args.command == "rollback":
-            e = Store().rollback(actor="cli", reason=args.reason)
+            e = _store(args).rollback(actor="cli", reason=args.reason)
             print(f"rolled back to {e['version']} (was {e['previous']})")
             return 0
         if args.command == "predict":
@@ -295,10 +338,12 @@ def main(argv=None) -> int:
             return work(burst=args.burst, name=args.name)
         if args.command == "dataset":
             return cmd_dataset(args)
+        if args.command == "project":
+            return cmd_project(args)
         if args.command == "backbones":
             print("\n".join(list_backbones()))
             return 0
-    except (DatasetError, StoreError, BackboneError, ImageError, ExportError) as e:
+    except (DatasetError, StoreError, BackboneError, ImageError, ExportError, ProjectNameError) as e:
         print(f"refit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # Projects other than `default` whose versions each model worker keeps loaded, the least recently used
     # evicted first (service/projects.py); the default project's version is always loaded and not counted.
     max_loaded_models: int = Field(8, ge=1)
+    # The project the `refit` command works on (`refit --project NAME` overrides it); the service ignores it.
+    project: str = "default"
     # Projects named in the per-project metrics series; any further project is counted under "_other", so that
     # a service of many projects cannot grow the series without bound (service/metrics.py).
     metrics_projects: int = Field(20, ge=1)
