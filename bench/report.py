@@ -3,19 +3,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import backbones, imbalance, inprocess, model, preprocessing, retrain, served, transfer
+from bench import backbones, imbalance, inprocess, model, preprocessing, projects, retrain, served, transfer
 from bench.common import CONCURRENCY, ROOT, Plan, md_table, target_row
 
 TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess": inprocess.tables,
           "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables,
-          "transfer": transfer.tables, "imbalance": imbalance.tables}
+          "transfer": transfer.tables, "imbalance": imbalance.tables, "projects": projects.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "preprocess": "2. Preprocessing: full vs reduced-size (draft) JPEG decoding",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
           "served": "4. Served: `POST /predict` under load",
           "retrain": "5. Retraining on the real dataset",
           "backbones": "6. Backbones: EfficientNet-Lite0, -Lite1 and -Lite2",
-          "transfer": "7. Transfer to a distant domain", "imbalance": "8. Imbalanced classes"}
+          "transfer": "7. Transfer to a distant domain", "imbalance": "8. Imbalanced classes",
+          "projects": "9. Projects: many classifiers in one replica"}
 
 
 # --- targets -----------------------------------------------------------------------------------------
@@ -57,6 +58,8 @@ def targets(results: dict) -> list[list]:
         rows += transfer.targets(results["transfer"])
     if _ok(results.get("imbalance")):
         rows += imbalance.targets(results["imbalance"])
+    if results.get("projects"):
+        rows += projects.targets(results["projects"])
     return rows
 
 

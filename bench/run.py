@@ -12,10 +12,11 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from bench import backbones, imbalance, inprocess, model, preprocessing, report, retrain, served, transfer
+from bench import backbones, imbalance, inprocess, model, preprocessing, projects, report, retrain, served, transfer
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
-SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance")
+SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance",
+            "projects")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -35,6 +36,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return transfer.run(plan)
     if name == "imbalance":
         return imbalance.run(plan)
+    if name == "projects":
+        return projects.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
