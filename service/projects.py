@@ -144,6 +144,21 @@ class Spaces:
         self._loaded: OrderedDict[str, ModelHolder] = OrderedDict()
         self._loading: dict[str, Future] = {}
         self._lock = threading.Lock()
+        # A project deleted on another worker or replica: its loaded holder would watch its pointer and rewrite
+        # its status record for good, so loaded projects are looked up again now and then.
+        threading.Thread(target=self._janitor, name="refit-projects", daemon=True).start()
+
+    def _janitor(self) -> None:
+        while True:
+            time.sleep(1.0)
+            for name in self.loaded():
+                try:
+                    gone = directory().get(name) is None
+                except Exception:  # noqa: BLE001 - the store away: keep serving what is loaded, look again later
+                    continue
+                if gone:
+                    log.info("project %s was deleted: its version is unloaded", name)
+                    self.forget(name)
 
     def get(self, name: str) -> Space:
         """The space of a project that exists; ApiError 404 for one that does not (deleted a moment ago)."""

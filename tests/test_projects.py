@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -174,6 +176,53 @@ def test_lru_loads_and_evicts_under_concurrent_requests(http, tokens, server):
     assert (metric(text, "refit_project_predictions_total", project="acme") or 0) >= 32
 
 
+def copy_project(home, source: str, name: str, *, break_file: bool = False) -> None:
+    """A project whose store holds a copy of `source`'s version and pointer (damaged, with `break_file`)."""
+    src, dest = home / "models" / f"refit-{source}" / "v0001", home / "models" / f"refit-{name}" / "v0001"
+    shutil.copytree(src, dest)
+    if break_file:
+        with open(dest / "model.onnx", "ab") as f:
+            f.write(b"not the file that was published")
+    shutil.copy(home / "projects" / source / "promoted.json", home / "projects" / name / "promoted.json")
+
+
+def test_a_version_that_fails_to_load_is_a_503_for_its_project_only(http, tokens, server):
+    assert http.put("/projects/broken", headers=AUTH).status_code == 201
+    copy_project(server.home, "acme", "broken", break_file=True)
+    image = ("r.jpg", solid(COLOURS["red"], seed=6))
+    r = predict(http, image, path="/projects/broken/predict", headers=AUTH)
+    assert r.status_code == 503 and r.json()["project"] == "broken", r.text
+    assert "checksum" in r.json()["error"] or "sha256" in r.json()["error"], r.text
+    ok = predict(http, image, path="/projects/acme/predict", headers=bearer(tokens["acme"]))
+    assert ok.status_code == 200 and ok.json()[0]["label"] == "red"
+    assert predict(http, ("c.jpg", photo("chelsea"))).status_code == 200
+
+
+def test_a_project_deleted_under_traffic_answers_200_or_404_never_500(http, tokens, server):
+    assert http.put("/projects/doomed", headers=AUTH).status_code == 201
+    copy_project(server.home, "acme", "doomed")
+    image = ("r.jpg", solid(COLOURS["red"], seed=7))
+    assert predict(http, image, path="/projects/doomed/predict", headers=AUTH).status_code == 200
+    stop, codes = threading.Event(), []
+
+    def hammer() -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            while not stop.is_set():
+                codes.append(predict(c, image, path="/projects/doomed/predict", headers=AUTH).status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert http.delete("/projects/doomed", headers=AUTH).status_code == 200
+    time.sleep(3.5)  # past every worker's registry cache
+    stop.set()
+    for t in threads:
+        t.join()
+    assert codes and set(codes) <= {200, 404}, sorted(set(codes))
+    assert codes[-1] == 404 and 200 in codes
+
+
 def test_a_new_token_replaces_the_old(http, tokens):
     old = bearer(tokens["acme"])
     r = http.post("/projects/acme/token", headers=AUTH)
@@ -201,6 +250,9 @@ def test_delete_refuses_while_a_job_runs_then_removes_everything(http, tokens, s
     r = predict(http, ("r.jpg", solid(COLOURS["red"])), path="/projects/beta/predict", headers=AUTH)
     assert r.status_code == 404
     assert not (server.home / "models" / "refit-beta").exists()
+    deadline = time.time() + 10  # a worker that had beta loaded withdraws its status record once it sees
+    while list((server.home / "projects" / "beta").rglob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
     assert not list((server.home / "projects" / "beta").rglob("*.json"))
     assert http.delete("/projects/default", headers=AUTH).status_code == 409
     assert "beta" not in {p["name"] for p in http.get("/projects", headers=AUTH).json()["projects"]}
