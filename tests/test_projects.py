@@ -155,6 +155,24 @@ def test_each_project_answers_with_its_own_model(http, tokens):
     assert r.status_code == 200 and len(r.json()[0]["top_k"]) >= 1 and r.json()[0]["label"] not in COLOURS
 
 
+def test_datasets_explain_and_training_on_a_dataset_stay_in_their_project(http, tokens):
+    acme = bearer(tokens["acme"])
+    files = [("images", (f"b{i}.jpg", solid(COLOURS["blue"], seed=40 + i), "image/jpeg")) for i in range(6)]
+    r = http.post("/projects/acme/datasets/shapes/images", files=files, data={"label": "blue"}, headers=acme)
+    assert r.status_code == 200 and len(r.json()["added"]) == 6, r.text
+    files = [("images", (f"r{i}.jpg", solid(COLOURS["red"], seed=50 + i), "image/jpeg")) for i in range(6)]
+    assert http.post("/projects/acme/datasets/shapes/images", files=files, data={"label": "red"},
+                     headers=acme).status_code == 200
+    assert [d["dataset"] for d in http.get("/projects/acme/datasets", headers=acme).json()] == ["shapes"]
+    assert http.get("/datasets").json() == []  # the default project has none
+    assert http.get("/projects/beta/datasets/shapes", headers=AUTH).status_code == 404
+    listed = {p["name"]: p for p in http.get("/projects", headers=AUTH).json()["projects"]}
+    assert listed["acme"]["datasets"] == ["shapes"] and listed["beta"]["datasets"] == []
+    r = http.post("/projects/acme/explain", headers=acme,
+                  files={"image": ("r.jpg", solid(COLOURS["red"], seed=8), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["label"] == "red" and r.json()["version"] == "v0001", r.text
+
+
 def test_lru_loads_and_evicts_under_concurrent_requests(http, tokens, server):
     """REFIT_MAX_LOADED_MODELS=1: requests alternating between two projects make every worker load and evict,
     and none of them fails."""
