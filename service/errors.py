@@ -124,3 +124,10 @@ def install(app) -> None:
     """Answer the FastAPI app's ApiErrors and validation errors in the one error shape."""
     app.add_exception_handler(RequestValidationError, validation_failed)
     app.add_exception_handler(ApiError, api_error)
+
+
+async def send_error(send, status: int, body: dict, headers: dict | None = None) -> None:
+    """A whole JSON reply from ASGI middleware (service/guard.py, service/projects.py), before any route runs."""
+    resp = JSONResponse(body, status_code=status, headers=headers)
+    await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})

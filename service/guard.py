@@ -7,12 +7,12 @@ import hmac
 import logging
 
 import anyio
-from starlette.responses import JSONResponse
 
 from core.objects import StoreError
 from core.projects import DEFAULT, token_matches, token_project
 from core.settings import settings
 from service.compat import one_error_shape
+from service.errors import send_error
 from service.projects import PROJECT, directory
 from service.schemas import BodyTimeout, BodyTooLarge, ClientGone
 
@@ -113,19 +113,19 @@ class Guard:
                 return
             log.exception("unhandled error in %s %s", scope["method"], scope["path"])
             if not started:
-                await _reply(send, 500, {"error": "internal error; the cause is in the server log"})
+                await send_error(send, 500, {"error": "internal error; the cause is in the server log"})
 
     async def _route(self, scope, receive, send):
         path = scope["path"]
         refused = refusal(scope)
         if refused is not None:
             status, message = refused
-            return await _reply(send, status, {"error": message},
+            return await send_error(send, status, {"error": message},
                                 headers={"www-authenticate": "Bearer"} if status == 401 else None)
         limit = body_limit(path)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _reply(send, 413, {"error": f"request body of {int(length)} bytes is over the limit of "
+            return await send_error(send, 413, {"error": f"request body of {int(length)} bytes is over the limit of "
                                                      f"{limit} bytes for {path}"})
         state: dict = {}  # "problem": the error _limited raised, whatever the route then answered
         await self.app(scope, _limited(scope, receive, limit, state), _fix_errors(send, state))
@@ -133,16 +133,10 @@ class Guard:
 
 # --- ASGI plumbing ----------------------------------------------------------------------------------------
 
-async def _reply(send, status: int, body: dict, headers: dict | None = None) -> None:
-    resp = JSONResponse(body, status_code=status, headers=headers)
-    await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
-    await send({"type": "http.response.body", "body": resp.body})
-
-
 async def _refuse(send, problem: Exception) -> None:
     """Answer a body _limited refused; after a late or cut-off body the connection is not reused."""
     status = getattr(problem, "status", 413)  # BodyTooLarge carries none
-    await _reply(send, status, {"error": str(problem)}, headers=None if status == 413 else {"connection": "close"})
+    await send_error(send, status, {"error": str(problem)}, headers=None if status == 413 else {"connection": "close"})
 
 
 def _limited(scope, receive, limit: int, state: dict):

@@ -25,15 +25,13 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Callable
 
-from starlette.responses import JSONResponse
-
 from core.objects import StoreError, open_objects
 from core.projects import DEFAULT, ProjectNameError, Registry, UnknownProject, check_name, model_name, split_path
 from core.settings import settings
 from core.store import Store
 from service.capture import Captures
 from service.drift import DriftMonitor
-from service.errors import ApiError
+from service.errors import ApiError, send_error
 from service.jobs import Jobs
 from service.model import ModelHolder
 from service.replicas import StatusBoard
@@ -97,11 +95,11 @@ class ProjectScope:
             check_name(name)
             known = directory().get(name) is not None
         except ProjectNameError as e:
-            return await _reply(send, 422, {"error": str(e)})
+            return await send_error(send, 422, {"error": str(e)})
         except StoreError as e:
-            return await _reply(send, 503, {"error": f"the project registry cannot be read: {e}"})
+            return await send_error(send, 503, {"error": f"the project registry cannot be read: {e}"})
         if not known:
-            return await _reply(send, 404, {"error": str(UnknownProject(name)), "project": name})
+            return await send_error(send, 404, {"error": str(UnknownProject(name)), "project": name})
         raw = rest.encode()
         scope = {**scope, "path": rest, "raw_path": raw, PROJECT: name}
         token = current.set(name)
@@ -109,12 +107,6 @@ class ProjectScope:
             await self.app(scope, receive, send)
         finally:
             current.reset(token)
-
-
-async def _reply(send, status: int, body: dict) -> None:
-    resp = JSONResponse(body, status_code=status)
-    await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
-    await send({"type": "http.response.body", "body": resp.body})
 
 
 class Space:
