@@ -54,7 +54,7 @@ def _summary(svc, name: str) -> dict[str, Any]:
         row["promoted"], row["problem"] = None, str(e)
     try:
         row["versions"] = len(store.versions())
-        row["datasets"] = [d["name"] for d in Datasets(store).list()]
+        row["datasets"] = [d["dataset"] for d in Datasets(store).list()]
         running = space.jobs.active()
         row["job"] = {"id": running["id"], "status": running["status"]} if running else None
     except (StoreError, OSError) as e:
