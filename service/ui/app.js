@@ -70,7 +70,12 @@ function tokenForm() {
     if (project() === DEFAULT) listProjects(); // the admin token lists the projects
     show();
   });
-  document.getElementById("token-forget").addEventListener("click", () => { setToken(""); sayToken(); show(); });
+  document.getElementById("token-forget").addEventListener("click", () => {
+    setToken("");
+    sayToken();
+    if (project() === DEFAULT) listProjects();
+    show();
+  });
   sayToken();
 }
 
