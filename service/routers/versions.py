@@ -136,8 +136,9 @@ def version_row(info: dict) -> dict:
             summary[k] = metrics[k]["count"]
     if "val_accuracy" not in summary and info.get("val_accuracy") is not None:
         summary["val_accuracy"] = info["val_accuracy"]
-    row = {"id": info["version"], "created": info.get("created"), "strategy": info.get("strategy"),
-           "backbone": info.get("backbone"), "classes": info.get("classes"), "num_classes": info.get("num_classes"),
+    row = {"id": info["version"], "tag": info.get("tag"), "created": info.get("created"),
+           "strategy": info.get("strategy"), "backbone": info.get("backbone"), "classes": info.get("classes"),
+           "num_classes": info.get("num_classes"),
            "metrics": summary, "promoted": info.get("promoted", False), "promotion": info.get("promotion"),
            "parent": info.get("parent"), "note": info.get("note"), "lineage": info.get("lineage")}
     if info.get("error"):

@@ -1,11 +1,31 @@
-// Talking to the Refit API: the bearer token (kept in this tab's session storage only), JSON and multipart
-// requests, and errors shown as the API words them.
+// Talking to the Refit API: the chosen project (every call goes to its routes), its bearer token (kept in this
+// tab's session storage only, one per project), JSON and multipart requests, and errors shown as the API words them.
 
-const TOKEN_KEY = "refit.token";
+export const DEFAULT = "default";
 
-export function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
-export function setToken(value) {
-  if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
+// The project is in the page's address (`?project=NAME`; none for the default project), so a reload or a
+// bookmark stays on it and two tabs can show two projects.
+export function project() { return new URLSearchParams(location.search).get("project") || DEFAULT; }
+export function setProject(name) {
+  const url = new URL(location.href);
+  if (name === DEFAULT) url.searchParams.delete("project"); else url.searchParams.set("project", name);
+  history.replaceState(null, "", url);
+}
+
+// The one place a route becomes a URL: `path` as the default project has it ("/versions"), under
+// /projects/NAME/ for any other project. `admin`: the project admin routes (/projects...), under no project.
+export function route(path, admin = false) {
+  const p = project();
+  return admin || p === DEFAULT ? path : `/projects/${encodeURIComponent(p)}${path}`;
+}
+
+// A project's token opens that project only, so each project keeps its own. One without its own uses the
+// default's, which is the admin token where there is one: the admin types it once for every project.
+const tokenKey = (p) => `refit.token.${p}`;
+export function ownToken(p = project()) { return sessionStorage.getItem(tokenKey(p)) || ""; }
+export function token(p = project()) { return ownToken(p) || ownToken(DEFAULT); }
+export function setToken(value, p = project()) {
+  if (value) sessionStorage.setItem(tokenKey(p), value); else sessionStorage.removeItem(tokenKey(p));
 }
 
 export class ApiError extends Error {
@@ -18,19 +38,21 @@ export class ApiError extends Error {
 export function pageLeft(e) { return Boolean(e) && e.name === "AbortError"; }
 function leftError(signal) { return signal.reason || new DOMException("the page was left", "AbortError"); }
 
-// fetch() with the token; `json` sends a JSON body, `form` a FormData. Answers the parsed JSON (or the Response
+// fetch() of `path` for the chosen project (route()), with its token; `admin`: a project admin route, with the
+// default's (admin) token. `json` sends a JSON body, `form` a FormData. Answers the parsed JSON (or the Response
 // itself with raw: true); any status >= 400 throws an ApiError whose message is the API's own `error` text.
 // `signal`: the page's; once it is aborted the request is cancelled (or never sent) and nothing is answered.
-export async function api(path, { method, json, form, raw = false, signal } = {}) {
+export async function api(path, { method, json, form, raw = false, signal, admin = false } = {}) {
   if (signal && signal.aborted) throw leftError(signal);
   const headers = {};
-  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const bearer = admin ? token(DEFAULT) : token();
+  if (bearer) headers.Authorization = `Bearer ${bearer}`;
   let body;
   if (json !== undefined) { headers["Content-Type"] = "application/json"; body = JSON.stringify(json); }
   if (form !== undefined) body = form;
   let resp;
   try {
-    resp = await fetch(path, { method: method || (body ? "POST" : "GET"), headers, body, signal });
+    resp = await fetch(route(path, admin), { method: method || (body ? "POST" : "GET"), headers, body, signal });
   } catch (e) {
     if (pageLeft(e)) throw e;
     throw new ApiError(0, `the server could not be reached (${e.message})`);

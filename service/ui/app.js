@@ -1,6 +1,6 @@
-// The console's shell: pages by URL hash (#try, #versions, #retrain, #data), the token form, and the
-// promoted version shown on every page.
-import { api, clearError, pageLeft, setToken, showError, token } from "./api.js";
+// The console's shell: pages by URL hash (#try, #versions, #retrain, #data), the project picker, the token
+// form (one token per project), and the promoted version shown on every page.
+import { DEFAULT, api, clearError, h, ownToken, pageLeft, project, put, setProject, setToken, showError, token } from "./api.js";
 import * as tryit from "./tryit.js";
 import * as versions from "./versions.js";
 import * as retrain from "./retrain.js";
@@ -54,21 +54,92 @@ async function show() {
   }
 }
 
+function sayToken() {
+  const p = project();
+  document.getElementById("token-state").textContent = ownToken(p) ? `token set for ${p}`
+    : token(p) ? `no token for ${p}: the default's is used` : "no token";
+}
+
 function tokenForm() {
   const input = document.getElementById("token");
-  const state = document.getElementById("token-state");
-  const say = () => { state.textContent = token() ? "token set for this tab" : "no token"; };
   document.getElementById("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     setToken(input.value.trim());
     input.value = "";
-    say();
+    sayToken();
+    if (project() === DEFAULT) listProjects(); // the admin token lists the projects
     show();
   });
-  document.getElementById("token-forget").addEventListener("click", () => { setToken(""); say(); show(); });
-  say();
+  document.getElementById("token-forget").addEventListener("click", () => {
+    setToken("");
+    sayToken();
+    if (project() === DEFAULT) listProjects();
+    show();
+  });
+  sayToken();
+}
+
+// The picker: the projects GET /projects lists (the admin token's), else the default and the one open now;
+// a name can always be typed, so a person holding only a project's token can open their project.
+async function listProjects() {
+  const select = document.getElementById("project");
+  const state = document.getElementById("project-state");
+  let names = [DEFAULT];
+  try {
+    names = (await api("/projects", { admin: true })).projects.map((p) => p.name);
+    state.textContent = "";
+  } catch (e) {
+    state.textContent = e.status === 401 || e.status === 403 ? "listing the projects needs the admin token"
+      : `the projects cannot be listed (${e.message})`;
+  }
+  if (!names.includes(project())) names.push(project());
+  put(select, names.map((n) => h("option", { value: n }, n)));
+  select.value = project();
+}
+
+function openProject(name) {
+  setProject(name);
+  if (![...document.getElementById("project").options].some((o) => o.value === name)) listProjects();
+  document.getElementById("project").value = name;
+  document.getElementById("project-state").textContent = "";
+  sayToken();
+  show();
+}
+
+// Create: PUT /projects/{name} with the admin token. Its token is answered this once: shown, and kept as the
+// new project's token for this tab.
+async function createProject(name) {
+  const state = document.getElementById("project-state");
+  try {
+    const r = await api(`/projects/${encodeURIComponent(name)}`, { method: "PUT", admin: true });
+    if (r.token) setToken(r.token, name);
+    await listProjects();
+    openProject(name);
+    put(state, r.token ? [`created ${name}; its token, shown this once: `, h("code", { id: "new-token" }, r.token)]
+      : `${name} exists already`);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+function projectForm() {
+  const form = document.getElementById("project-form");
+  const typed = document.getElementById("project-name");
+  document.getElementById("project").addEventListener("change", (ev) => openProject(ev.target.value));
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (typed.value.trim()) openProject(typed.value.trim());
+    typed.value = "";
+  });
+  document.getElementById("project-create").addEventListener("click", () => {
+    if (!typed.value.trim() || !form.reportValidity()) return;
+    createProject(typed.value.trim());
+    typed.value = "";
+  });
+  listProjects();
 }
 
 window.addEventListener("hashchange", show);
+projectForm();
 tokenForm();
 show();

@@ -1,7 +1,7 @@
 // Versions: every version with its figures; one version's detail (per-class precision/recall/F1, the
 // confusion matrix and per-epoch curves training drew, lineage, label problems); promote and roll back
 // after a confirmation, with the token.
-import { api, confirmDialog, fixed, h, pct, put, showError } from "./api.js";
+import { api, confirmDialog, fixed, h, imageURL, pageLeft, pct, project, put, showError } from "./api.js";
 
 export async function render(main, ctx) {
   const listing = await api("/versions", { signal: ctx.signal });
@@ -9,6 +9,8 @@ export async function render(main, ctx) {
   const rollback = h("button", { type: "button", id: "rollback", onclick: () => act(ctx, main, null) }, "Roll back one step");
   put(main,
     h("h2", {}, "Versions"),
+    h("p", { id: "versions-model", class: "muted" }, `Project ${project()}`,
+      listing.versions.length && listing.versions[0].tag ? `, BentoML model ${listing.versions[0].tag.split(":")[0]}` : ""),
     listing.problem ? h("p", { class: "bad" }, listing.problem) : null,
     h("div", { class: "row" }, h("span", {}, "Promoted: ", h("strong", { id: "versions-promoted" }, listing.promoted || "none")), rollback),
     table(listing, ctx, main, detail),
@@ -23,7 +25,7 @@ function table(listing, ctx, main, detail) {
     return h("tr", { "data-version": v.id },
       h("th", { scope: "row" }, v.id, v.promoted ? h("span", { class: "ok" }, " (promoted)") : null),
       h("td", {}, v.created ? new Date(v.created).toLocaleString() : "–"),
-      h("td", {}, v.strategy || "–"), h("td", {}, v.backbone || "–"),
+      h("td", {}, v.strategy || "–"), h("td", {}, v.backbone || "–"), h("td", { class: "classes" }, classes(v.classes)),
       h("td", { class: "num" }, pct(m.val_accuracy)), h("td", { class: "num" }, fixed(m.macro_f1)),
       h("td", {}, lin), h("td", {}, v.parent || "–"),
       h("td", { class: "num" }, m.label_problems ?? "–"),
@@ -34,9 +36,15 @@ function table(listing, ctx, main, detail) {
   });
   return h("table", { id: "versions-table" },
     h("caption", { class: "muted" }, "Newest first"),
-    h("thead", {}, h("tr", {}, ["Version", "Created", "Strategy", "Backbone", "Val accuracy", "Macro F1",
+    h("thead", {}, h("tr", {}, ["Version", "Created", "Strategy", "Backbone", "Classes", "Val accuracy", "Macro F1",
                                 "Dataset (lineage)", "Parent", "Label problems", ""].map((t) => h("th", { scope: "col" }, t)))),
     h("tbody", {}, rows));
+}
+
+// A few class names say which classifier a version is; a long list (ImageNet's) only its length.
+function classes(names) {
+  if (!Array.isArray(names) || !names.length) return "–";
+  return names.length <= 6 ? names.join(", ") : `${names.length} classes`;
 }
 
 function serving(listing) {
@@ -89,11 +97,19 @@ async function showDetail(id, box, signal) {
       : h("p", { class: "muted" }, "No per-class figures for this version (not trained here)."),
     h("div", { class: "figs" },
       (v.files || []).includes("confusion_matrix.png")
-        ? h("figure", {}, h("img", { src: `/versions/${v.id}/files/confusion_matrix.png`, alt: `Confusion matrix of ${v.id}` }),
+        ? h("figure", {}, h("img", { id: "confusion", alt: `Confusion matrix of ${v.id}` }),
             h("figcaption", {}, "Confusion matrix (validation)")) : null,
       (v.files || []).includes("results.csv") ? h("figure", { id: "curves" }, h("figcaption", {}, "Per-epoch curves")) : null),
     problems(lp, nd));
   box.querySelector("#detail-title").focus();
+  // Fetched with the token: another project's version files are guarded, and an <img src> cannot send it.
+  const cm = box.querySelector("#confusion");
+  if (cm) {
+    try { cm.src = await imageURL(`/versions/${v.id}/files/confusion_matrix.png`, signal); } catch (e) {
+      if (pageLeft(e)) return;
+      showError(e);
+    }
+  }
   if ((v.files || []).includes("results.csv")) {
     try {
       const csv = await (await api(`/versions/${v.id}/files/results.csv`, { raw: true, signal })).text();
