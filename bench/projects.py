@@ -70,7 +70,15 @@ def run(plan: Plan) -> dict:
         result = serve_and_measure(tmp, names, max_loaded=3 if quick else MAX_LOADED,
                                    sequence=60 if quick else SEQUENCE, concurrent=40 if quick else CONCURRENT)
     accs = [t["val_accuracy"] for t in trained.values() if t.get("val_accuracy") is not None]
-    return {**result, "projects": n, "train_seconds_mean": statistics.mean(t["seconds"] for t in trained.values()),
+    from bench import cluster
+
+    log("projects: two projects retrained at once on a cluster (S3, Redis, two replicas, two workers)")
+    try:
+        together = cluster.run()
+    except Exception as e:  # noqa: BLE001 - reported on the page; the figures above still stand
+        together = {"error": f"{type(e).__name__}: {e}"}
+    return {**result, "cluster": together, "projects": n,
+            "train_seconds_mean": statistics.mean(t["seconds"] for t in trained.values()),
             "val_accuracy_mean": statistics.mean(accs) if accs else None, "prep_seconds": round(prep, 1)}
 
 
@@ -199,7 +207,33 @@ def tables(r: dict) -> str:
                    f"{r['evictions']:.0f}, mean load {(r['load_seconds_mean'] or 0) * 1000:.0f} ms (from /metrics), "
                    f"errors {r['errors']} (c=1 and 8 concurrent clients). RSS of the replica: "
                    f"{r['rss_base_mb']} MB with the default project loaded, {r['rss_loaded_mb']} MB with "
-                   f"{r['max_loaded']} more: {(r['rss_per_model_mb'] or 0):.1f} MB per loaded version.\n")
+                   f"{r['max_loaded']} more: {(r['rss_per_model_mb'] or 0):.1f} MB per loaded version.\n"
+                   + cluster_text(r.get("cluster")))
+
+
+def cluster_text(c: dict | None) -> str:
+    if not c or "error" in c:
+        return f"\n\nTwo projects retrained at once on a cluster: {(c or {}).get('error', 'not measured')}.\n"
+    rows = [[x["project"], x.get("version"), x.get("worker"), x.get("seconds"), x.get("serve_lag_seconds"),
+             x.get("error")] for x in c["rows"]]
+    return ("\n\nTwo projects retrained at once on a cluster on loopback (moto's S3 server, Redis, two replicas, "
+            f"two `refit worker`s); trained at the same time: {'yes' if c['trained_together'] else 'no'}.\n\n"
+            + md_table(["project", "version", "worker", "job s", "both replicas serve it, s after the job ended",
+                        "error"], rows) + "\n")
+
+
+def cluster_targets(c: dict | None) -> list[list]:
+    rows = (c or {}).get("rows") or []
+    ok = bool(rows) and all("error" not in x for x in rows)
+    lags = [x["serve_lag_seconds"] for x in rows if x.get("serve_lag_seconds") is not None]
+    figure = (f"both finished, trained together: {c['trained_together']}; served by both replicas "
+              f"{max(lags):.2f} s after" if ok and lags else (c or {}).get("error", "failed"))
+    from bench.cluster import CONVERGE_SECONDS
+
+    return [target_row("projects: two projects retrained at once on two workers", figure,
+                       f"both finish, both replicas serve both ≤ {CONVERGE_SECONDS} s",
+                       None if not rows else ok and bool(lags) and max(lags) <= CONVERGE_SECONDS
+                       and c["trained_together"])]
 
 
 def targets(r: dict) -> list[list]:
@@ -214,4 +248,5 @@ def targets(r: dict) -> list[list]:
                        f"≤ {HOT_RATIO}×", ratio is not None and ratio <= HOT_RATIO),
             target_row("projects: errors", str(r["errors"]), "0", r["errors"] == 0),
             target_row("projects: RSS with 8 loaded", f"{r['rss_loaded_mb']} MB ({r['rss_per_model_mb']:.1f} MB "
-                       "per version)", f"≤ {RSS_BASE_MB} MB + 8 × per-version", r["rss_loaded_mb"] <= allowed)]
+                       "per version)", f"≤ {RSS_BASE_MB} MB + 8 × per-version", r["rss_loaded_mb"] <= allowed),
+            *cluster_targets(r.get("cluster"))]
