@@ -156,8 +156,10 @@ def one_job(a: httpx.Client, replicas, name: str, data: Path, t0: float) -> dict
     finished = _ts(job.get("finished"))
     lag = max(seen) - finished if finished else None
     log(f"cluster: {name} {version} by {job.get('worker')}; both replicas serve it {lag:.2f}s after the job ended")
-    return {"project": name, "version": version, "worker": job.get("worker"), "seconds": job.get("seconds"),
-            "started": _ts(job.get("started")), "finished": finished, "serve_lag_seconds": round(lag, 2),
+    started = _ts(job.get("started"))
+    return {"project": name, "version": version, "worker": job.get("worker"),
+            "seconds": round(finished - started, 1) if started and finished else None,
+            "started": started, "finished": finished, "serve_lag_seconds": round(lag, 2),
             "since_submit": round(time.monotonic() - t0, 1)}
 
 
