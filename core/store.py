@@ -253,13 +253,26 @@ class Store:
     def _seen_elsewhere(self) -> set[int]:
         return claims.seen_elsewhere(lambda: self.records(SERVING_RECORDS).values(), self.cached_newest())
 
-    def sweep_orphans(self) -> list[str]:
+    def sweep_orphans(self, *, every_project: bool = False) -> list[str]:
         """Remove what publishes cut short left, never what a live publish is writing: staging folders under
         this machine's `tmp/` that no process holds (each is flocked while its publish runs), and on S3 the
         files of claimed versions without a model.yaml whose claim nobody has rewritten for the grace period
         (a live publish rewrites it every heartbeat). The claim itself stays, so its number is never handed
-        out again. Best effort: a store that cannot be reached is logged, not raised. Returns what went."""
-        return self._staging.sweep() + self.commits.sweep()
+        out again. With `every_project`, the claims of every project's model (a replica or worker at start:
+        either may have been publishing into any of them). Best effort: a store that cannot be reached is
+        logged, not raised. Returns what went."""
+        removed = self._staging.sweep() + self.commits.sweep()
+        if not every_project or self.base.root:
+            return removed  # a folder store has no claims: each publish's own lock cleans up after a killed one
+        try:
+            names = projects.Registry(self.base).names()
+        except StoreError as e:
+            log.warning("the projects' orphan claims not swept: %s", e)
+            return removed
+        for name in names:
+            if name != self.project:
+                removed += self.for_project(name).commits.sweep()
+        return removed
 
     # -- small records beside the versions (what each replica serves, job state, dataset heads) ----------
     def put_record(self, rel: str, data: dict, *, if_tag: str | None = None, create_only: bool = False) -> bool:

@@ -46,7 +46,8 @@ def prepare(bento) -> None:
     log.info("replica %s, store %s", replica_id(), Store(home).describe())  # a bad REFIT_REPLICA stops here
     Jobs(home).recover()
     sweep_datasets(Store(home))
-    Store(home).sweep_orphans()  # what publishes cut short left: this machine's staging, the store's claims
+    # What publishes cut short left: this machine's staging, the store's claims, of every project's model.
+    Store(home).sweep_orphans(every_project=True)
     problem = Store(home).pointer_problem()
     if problem:
         log.error("%s; predictions answer 503 until then", problem)

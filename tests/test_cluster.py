@@ -3,11 +3,14 @@ folder), one S3 store (moto's server), Redis, and `refit worker` processes takin
 
 A retrain submitted to one replica is trained by a worker and served by both, with every prediction sent
 during the job and the swap answered. A worker killed with kill -9 mid-job leaves its job failed and
-nothing published, and another worker takes the next job.
+nothing published, and another worker takes the next job. Two projects retrained at once are trained by two
+workers together and served by both replicas within seconds, as is a promote in one project, while the other
+keeps serving its own version.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -16,6 +19,8 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
@@ -111,8 +116,9 @@ def job(srv: Server, job_id: str) -> dict:
 
 
 def published(cluster) -> list[str]:
-    """Versions visible in the bucket: a version is complete when its model.yaml is there."""
-    keys = boto3.client("s3").list_objects_v2(Bucket=cluster["bucket"], Prefix=cluster["prefix"] + "/")
+    """The default project's versions visible in the bucket: a version is complete when its model.yaml is there
+    (other projects' versions are other BentoML models, `models/refit-NAME/`)."""
+    keys = boto3.client("s3").list_objects_v2(Bucket=cluster["bucket"], Prefix=cluster["prefix"] + "/models/refit/")
     return sorted(k["Key"].split("/")[-2] for k in keys.get("Contents", []) if k["Key"].endswith("/model.yaml"))
 
 
@@ -212,7 +218,206 @@ def test_second_submit_while_a_job_holds_the_line_is_refused_on_the_other_replic
     assert wait_status(b, task) == "completed"
 
 
+# --- projects on the cluster: two projects trained at once by two workers, served by both replicas ----------
+
+PROJECTS = ("alpha", "bravo")
+SWAP_SECONDS = 5  # a version a job published, or a promote on one replica, is served everywhere within this
+STEADY = 4  # replies in a row that must carry the version: a replica's two model workers take turns
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def projects(cluster):
+    """alpha and bravo, created on replica A; alpha gets a version published before its job (so the job's is
+    v0002 and bravo's v0001: the listings tell the projects apart). Their tokens, by name."""
+    made = {}
+    for name in PROJECTS:
+        r = httpx.put(f"{cluster['a'].url}/projects/{name}", headers=AUTH, timeout=30)
+        assert r.status_code == 201, r.text
+        made[name] = r.json()["token"]
+    alpha = Store(cluster["root"] / "seeder", url=cluster["url"], project="alpha")
+    assert publish(alpha, cluster["root"], 3) == "v0001"
+    return made
+
+
+def live_workers(cluster, n: int) -> list[str]:
+    """At least `n` `refit worker`s listening (an earlier test killed one): new ones started as needed."""
+    workers = cluster["workers"]
+    while len(alive := [k for k, w in workers.items() if w.proc.poll() is None]) < n:
+        name = f"w{len(workers) + 1}"
+        workers[name] = Worker(name, cluster["root"] / name, cluster["url"], cluster["queue"])
+        workers[name].wait_listening()
+    return alive
+
+
+def project_submit(srv: Server, name: str, token: str) -> str:
+    r = httpx.post(f"{srv.url}/projects/{name}/retrain/submit", headers=bearer(token), data=FIELDS,
+                   files={"dataset": ("colours.zip", make_zip(dataset_files()))}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["task_id"]
+
+
+def project_job(srv: Server, name: str, job_id: str, token: str) -> dict:
+    r = httpx.get(f"{srv.url}/projects/{name}/jobs/{job_id}", headers=bearer(token), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def served_in(srv: Server, name: str, token: str, version: str, since: float, timeout: float = 30) -> float:
+    """Seconds from `since` until STEADY predictions in a row on the project's route of `srv` carry `version`."""
+    row = 0
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        while row < STEADY:
+            r = predict(c, RED, path=f"/projects/{name}/predict", headers=bearer(token))
+            row = row + 1 if r.status_code == 200 and r.json()[0]["version"] == version else 0
+            assert time.monotonic() - since < timeout, f"{srv.url} {name}: {r.status_code} {r.text[:300]}"
+            if row < STEADY:
+                time.sleep(0.05)
+    return time.monotonic() - since
+
+
+def train_both(cluster, tokens: dict) -> tuple[dict, dict, bool]:
+    """Both projects' jobs submitted at once on replica A and followed on B until both end; as each ends, the
+    time until each replica serves its version is measured (while the other job may still train). Returns the
+    final job records, the measured seconds by (project, replica), and whether both were seen running at once."""
+    a, b = cluster["a"], cluster["b"]
+    with ThreadPoolExecutor(2) as pool:
+        ids = dict(zip(PROJECTS, pool.map(lambda n: project_submit(a, n, tokens[n]), PROJECTS)))
+    ended, timings, both_running, pool = {}, {}, False, ThreadPoolExecutor(4)
+    deadline = time.monotonic() + 600
+    while len(ended) < len(PROJECTS):
+        states = {n: project_job(b, n, ids[n], tokens[n]) for n in PROJECTS if n not in ended}
+        both_running |= len(states) == 2 and all(s["status"] == "running" for s in states.values())
+        for name, state in states.items():
+            if state["status"] in ("queued", "running"):
+                continue
+            ended[name], t0 = state, time.monotonic()
+            assert state["status"] == "succeeded", state
+            for label, srv in (("a", a), ("b", b)):
+                timings[name, label] = pool.submit(served_in, srv, name, tokens[name], state["result"]["version"], t0)
+        assert time.monotonic() < deadline, states
+        time.sleep(0.2)
+    pool.shutdown(wait=True)
+    return ended, {k: f.result() for k, f in timings.items()}, both_running
+
+
+def test_two_projects_trained_at_once_by_two_workers_are_served_by_both_replicas(cluster, projects):
+    """A retrain in each of two projects, submitted together: two workers train them at once, both succeed,
+    and both replicas serve each project's new version within SWAP_SECONDS of its job's end. The records name
+    their project, the versions are the project's BentoML model, and each project lists its own versions only."""
+    live_workers(cluster, 2)
+    default_before = published(cluster)
+    ended, timings, both_running = train_both(cluster, projects)
+    print("seconds from a job's end to its version served by replica:",
+          {f"{n}@{r}": round(t, 2) for (n, r), t in sorted(timings.items())}, "both seen running:", both_running,
+          {n: (j["worker"], j["started"], j["finished"]) for n, j in ended.items()})
+    assert {n: j["project"] for n, j in ended.items()} == {n: n for n in PROJECTS}
+    assert {n: j["result"]["version"] for n, j in ended.items()} == {"alpha": "v0002", "bravo": "v0001"}
+    horses = {n: j["worker"] for n, j in ended.items()}
+    assert len({w.split("/")[0] for w in horses.values()}) == 2, f"one worker trained both: {horses}"
+    starts = {n: datetime.fromisoformat(j["started"]) for n, j in ended.items()}
+    ends = {n: datetime.fromisoformat(j["finished"]) for n, j in ended.items()}
+    assert both_running or (starts["alpha"] < ends["bravo"] and starts["bravo"] < ends["alpha"]), ended
+    assert all(t <= SWAP_SECONDS for t in timings.values()), timings
+    s3 = boto3.client("s3")
+    for name, job_state in ended.items():
+        s3.head_object(Bucket=cluster["bucket"],
+                       Key=f"{cluster['prefix']}/models/refit-{name}/{job_state['result']['version']}/model.yaml")
+    s3.head_object(Bucket=cluster["bucket"], Key=f"{cluster['prefix']}/projects/bravo/jobs/{ended['bravo']['id']}/job.json")
+    listed = {n: httpx.get(f"{cluster['b'].url}/projects/{n}/versions", headers=bearer(projects[n]), timeout=30).json()
+              for n in PROJECTS}
+    assert [v["id"] for v in listed["bravo"]["versions"]] == ["v0001"], listed["bravo"]
+    assert [v["id"] for v in listed["alpha"]["versions"]] == ["v0001", "v0002"], listed["alpha"]
+    assert listed["bravo"]["promoted"] == "v0001" and listed["alpha"]["promoted"] == "v0002"
+    assert published(cluster) == default_before  # the default project is untouched
+
+
+def test_promote_in_one_project_on_replica_a_is_served_by_replica_b_while_the_other_keeps_its_own(cluster, projects):
+    """Hot swap per project on every replica: a new version of alpha promoted on A is what B answers for alpha
+    within SWAP_SECONDS, while every bravo prediction on both replicas, during and after, answers with bravo's
+    v0001."""
+    a, b = cluster["a"], cluster["b"]
+    new = publish(Store(cluster["root"] / "seeder", url=cluster["url"], project="alpha"), cluster["root"], 4)
+    assert new == "v0003"
+    for srv in (a, b):  # both replicas serve alpha's v0002 first (the test before trained it)
+        served_in(srv, "alpha", projects["alpha"], "v0002", time.monotonic())
+    replies, stop = [], threading.Event()
+
+    def bravo(srv: Server) -> None:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            while not stop.is_set():
+                r = predict(c, RED, path="/projects/bravo/predict", headers=bearer(projects["bravo"]))
+                replies.append((r.status_code, r.json()[0]["version"] if r.status_code == 200 else r.text[:200]))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=bravo, args=(srv,)) for srv in (a, b)]
+    for t in threads:
+        t.start()
+    try:
+        r = httpx.post(f"{a.url}/projects/alpha/promote", json={"version": new},
+                       headers=bearer(projects["alpha"]), timeout=60)
+        assert r.status_code == 200 and r.json()["promoted"] == new, r.text
+        t0 = time.monotonic()
+        on_b = served_in(b, "alpha", projects["alpha"], new, t0)
+        on_a = served_in(a, "alpha", projects["alpha"], new, t0)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    print(f"alpha's promote on A served by B {on_b:.2f}s later (by A {on_a:.2f}s); {len(replies)} bravo replies")
+    assert on_b <= SWAP_SECONDS and on_a <= SWAP_SECONDS, (on_a, on_b)
+    assert replies and set(replies) == {(200, "v0001")}, [x for x in replies if x != (200, "v0001")][:5]
+    assert httpx.get(f"{b.url}/projects/bravo/versions", headers=AUTH, timeout=30).json()["promoted"] == "v0001"
+
+
 # --- the queue's failure cases, in process against the same real S3 and Redis servers -------------------
+
+def test_a_starting_workers_sweep_reads_each_jobs_record_in_its_project(cluster, projects, tmp_path):
+    """What `refit worker` sweeps at start, on the cluster's store: a job folder is kept or removed by its
+    record under its project's prefix (found in every project when the folder has no job.json yet), a lost
+    project job is recorded failed, and a cut-short publish of a project's model is emptied but for its claim."""
+    from core.jobs import Status, new_id, new_record
+    from core.queue import record_key
+    from core.settings import settings
+    from core.store import atomic_write_json
+    from training.orphans import ProjectRecords, sweep_worker_home
+
+    store = Store(tmp_path / "home", url=cluster["url"])
+    horse = subprocess.Popen(["sleep", "120"])  # a live process of this machine, as a running job's horse is
+    # Stale for this process (the settings' TTL) and for the replicas (the fixture's TTL) alike.
+    fresh, old = time.time(), time.time() - max(TTL, settings().job_ttl_seconds) - 30
+    jobs = {}
+    for key, project, status, beat, folder_record in (("running", "alpha", Status.RUNNING, fresh, True),
+                                                      ("lost", "bravo", Status.RUNNING, old, True),
+                                                      ("downloading", "bravo", Status.QUEUED, fresh, False)):
+        job = {**new_record(new_id(), request={}, source={}, actor="test", stamped=True, project=project),
+               "status": status, "created": stamp(beat), "heartbeat": stamp(beat), "worker": f"wx/{horse.pid}"}
+        store.for_project(project).put_record(record_key(job["id"]), job, create_only=True)
+        (store.home / "jobs" / job["id"]).mkdir(parents=True)
+        if folder_record:
+            atomic_write_json(store.home / "jobs" / job["id"] / "job.json", job)
+        jobs[key] = job
+    cut = f"{cluster['prefix']}/models/refit-alpha/v0090"
+    s3 = boto3.client("s3")
+    s3.put_object(Bucket=cluster["bucket"], Key=f"{cut}/.claim",
+                  Body=json.dumps({"at": stamp(old - 3600), "updated": stamp(old - 3600), "pid": 1, "host": "gone"}))
+    s3.put_object(Bucket=cluster["bucket"], Key=f"{cut}/model.onnx", Body=b"half a model")
+    try:
+        removed = sweep_worker_home(store, ProjectRecords(store, cluster["queue"]))
+    finally:
+        horse.kill()
+        horse.wait(10)
+    left = {p.name for p in (store.home / "jobs").iterdir()}
+    assert left == {jobs["running"]["id"], jobs["downloading"]["id"]}, (left, removed)
+    lost = httpx.get(f"{cluster['a'].url}/projects/bravo/jobs/{jobs['lost']['id']}", headers=AUTH, timeout=30).json()
+    assert lost["status"] == "failed" and "stopped" in lost["error"]["message"] and lost["project"] == "bravo", lost
+    keys = {k["Key"].rsplit("/", 1)[1] for k in s3.list_objects_v2(Bucket=cluster["bucket"], Prefix=cut + "/")["Contents"]}
+    assert keys == {".claim"} and f"{cluster['url']}/models/refit-alpha/v0090" in removed, (keys, removed)
+
 
 def test_queue_that_cannot_be_reached_answers_503_and_frees_the_line(cluster, tmp_path):
     """Redis away at submit: the client hears 503 at once, the job is recorded failed, the next may start."""
@@ -246,6 +451,11 @@ def test_queued_job_that_redis_lost_is_recorded_failed_and_frees_the_line(cluste
     state = jobs.get(job["id"])
     assert state["status"] == "failed" and "no record of this job" in state["error"]["message"], state
     assert jobs.active() is None
+
+
+def stamp(t: float) -> str:
+    """A time as the store's records carry it."""
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from core.cas import Contended, swap
 from core.jobs import ACTIVE, Status, failed, read_json
-from core.queue import LINE, QUEUE_NAME, SharedRecords, dataset_key, record_key, redis_connection
+from core.queue import LINE, QUEUE_NAME, dataset_key, record_key, redis_connection
 from core.settings import settings
 from core.store import Store, atomic_write_json, now_iso
 from training.jobrun import die_with_parent, lower_priority, run_job, warm_up
@@ -39,7 +39,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
     from redis.exceptions import ConnectionError as RedisDown
 
     from core.scratch import sweep
-    from training.orphans import sweep_worker_home
+    from training.orphans import ProjectRecords, sweep_worker_home
     from training.rqworker import QueueWorker, free_name
 
     name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -55,7 +55,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
             print(f"refit: error: {taken}", file=sys.stderr)
             return 2
         sweep(store.home)  # temp folders of runs killed on this machine
-        sweep_worker_home(store, SharedRecords(store, queue))  # a killed job's leftovers
+        sweep_worker_home(store, ProjectRecords(store, queue))  # a killed job's leftovers, in every project
         try:
             warm_up()
         except Exception as e:  # noqa: BLE001 - a failed warm-up only costs each job its start-up time
