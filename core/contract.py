@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+TASKS = ("single_label", "multi_label")  # one class per image (softmax), or any number of labels (sigmoid)
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,18 @@ class Contract:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    task: str = "single_label"
+    # Multi-label only: each label's decision threshold on its probability, in class_names order, chosen on
+    # validation when the version was trained, so serving needs nothing else to answer.
+    thresholds: tuple[float, ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is not one of {TASKS}")
+        if self.thresholds and len(self.thresholds) != len(self.class_names):
+            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.class_names)} classes")
         if self.resize_size < self.input_size:
             raise ValueError(f"resize_size {self.resize_size} is smaller than input_size {self.input_size}")
 
@@ -32,7 +41,7 @@ class Contract:
         return replace(self, input_size=size, resize_size=int(round(size * ratio)))
 
     def with_classes(self, class_names) -> "Contract":
-        return replace(self, class_names=tuple(class_names))
+        return replace(self, class_names=tuple(class_names), thresholds=())  # thresholds belong to one set of classes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -42,4 +51,9 @@ class Contract:
         d = json.loads(text)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         d["class_names"] = tuple(d.get("class_names", ()))
+        d["thresholds"] = tuple(float(t) for t in d.get("thresholds", ()))  # a file made before them has none
         return cls(**d)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi_label"
