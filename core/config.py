@@ -41,8 +41,11 @@ class TrainRequest(BaseModel):
     augment: bool = Field(True, description="Random resized crop, flip and colour jitter while fine-tuning.")
     int8: bool = Field(True, description="Also export a static INT8 model (calibrated on training images); it "
                        "is served when its validation accuracy is within 1 point of FP32.")
+    task: Optional[Literal["single_label", "multi_label"]] = Field(
+        None, description="single_label: one class per image; multi_label: any number of labels per image, or "
+        "none (a labels.csv manifest). Default: what the data says (class folders are single-label).")
     val_fraction: float = Field(0.2, gt=0, lt=0.9, description="Validation share when the data has no val/ "
-                                "folder (stratified, seeded split).")
+                                "folder or split column (stratified, seeded split).")
     cache_views: int = Field(2, ge=0, le=64, description="partial: augmented views of each training image whose "
                              "frozen-stage activations are computed once and cached, so each step runs only the "
                              "unfrozen stages (0: no cache, every step runs the whole network).")

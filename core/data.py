@@ -1,7 +1,9 @@
 """Reading a customer's image folder (or .zip): checks, split and fingerprint, before any training.
 
-Layout: one sub-folder per class, optionally under train/ and val/. Unreadable images are listed and
-skipped; non-image files are ignored; too few classes or images is an error and nothing is trained.
+Layout: one sub-folder per class, optionally under train/ and val/; or a manifest, labels.csv, at the root
+(core/manifest.py), which may give an image several labels or none (a multi-label dataset). Unreadable images
+are listed and skipped; non-image files are ignored; too few classes or images is an error and nothing is
+trained.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from core.labels import label_problem
 from core.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
@@ -35,35 +39,60 @@ class DatasetError(ValueError):
 class Dataset:
     root: Path
     classes: list[str]
-    train: list[tuple[Path, int]]
-    val: list[tuple[Path, int]]
-    split: str  # "folders" (train/ and val/ given) or "seeded" (stratified split made here)
+    # Items: (image, class index) for single-label; for multi-label (image, sorted label indices into
+    # `classes`), () for an image with none of them.
+    train: list[tuple[Path, int]] | list[tuple[Path, tuple[int, ...]]]
+    val: list[tuple[Path, int]] | list[tuple[Path, tuple[int, ...]]]
+    # "folders" (train/ and val/ given), "manifest" (labels.csv's split column) or "seeded" (split made here)
+    split: str
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     ignored: list[str] = field(default_factory=list)  # non-image files
     warnings: list[str] = field(default_factory=list)
     # Images the check already decoded (with the contract given to load_dataset), for the run to take
     # instead of decoding every file a second time: path -> core.preprocess.Prepared.
     decoded: dict = field(default_factory=dict, repr=False)
+    task: str = "single_label"  # or "multi_label"
+
+    def _indices(self, y) -> tuple[int, ...]:
+        return tuple(y) if self.task == "multi_label" else (y,)
 
     def counts(self) -> dict:
+        """Images per class and split; for multi-label, positive images per label and split."""
         def per(items):
-            c = Counter(y for _, y in items)
+            c = Counter(i for _, y in items for i in self._indices(y))
             return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return {"train": per(self.train), "val": per(self.val)}
 
+    def targets(self, split: str) -> np.ndarray:
+        """(images, classes) float32 of a split ("train" or "val"): multi-hot, one-hot for single-label."""
+        items = {"train": self.train, "val": self.val}[split]
+        out = np.zeros((len(items), len(self.classes)), np.float32)
+        for row, (_, y) in enumerate(items):
+            out[row, np.asarray(self._indices(y), dtype=np.intp)] = 1
+        return out
+
     def fingerprint(self) -> dict:
-        """What was trained on: files, classes, counts and one content hash over every used file."""
+        """What was trained on: files, classes, counts and one content hash over every used file. A
+        multi-label file records its label list (`labels`) where a single-label file has its `class`."""
+        multi = self.task == "multi_label"
         h = hashlib.sha256()
         files = []
         for split, items in (("train", self.train), ("val", self.val)):
             for p, y in sorted(items, key=lambda t: str(t[0])):
                 rel = p.relative_to(self.root).as_posix()
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                h.update(f"{split}\0{rel}\0{self.classes[y]}\0{digest}\n".encode())
-                files.append({"split": split, "path": rel, "class": self.classes[y], "sha256": digest})
-        return {"classes": self.classes, "counts": self.counts(), "num_files": len(files),
-                "content_hash": h.hexdigest(), "split": self.split, "skipped": self.skipped,
-                "ignored": len(self.ignored), "files": files}
+                if multi:
+                    names = [self.classes[i] for i in y]
+                    h.update(f"{split}\0{rel}\0{';'.join(names)}\0{digest}\n".encode())
+                    files.append({"split": split, "path": rel, "labels": names, "sha256": digest})
+                else:
+                    h.update(f"{split}\0{rel}\0{self.classes[y]}\0{digest}\n".encode())
+                    files.append({"split": split, "path": rel, "class": self.classes[y], "sha256": digest})
+        out = {"classes": self.classes, "counts": self.counts(), "num_files": len(files),
+               "content_hash": h.hexdigest(), "split": self.split, "skipped": self.skipped,
+               "ignored": len(self.ignored), "files": files}
+        # Only a multi-label dataset says so: a single-label dataset.json stays as it always was.
+        return {"task": self.task, **out} if multi else out
 
 
 # Compression methods Python's zipfile can read. Windows Explorer writes Deflate64 (9) for large archives,
@@ -160,10 +189,33 @@ def class_root(root: Path) -> Path:
             return root
 
 
+def dataset_root(root: Path) -> Path:
+    """The folder holding labels.csv when there is one at `root` or under single wrapper folders (a zip's top
+    folder), else the class folders' root (class_root)."""
+    from core.manifest import MANIFEST  # imported where used: core.manifest raises this module's DatasetError
+
+    base = root
+    while not (base / MANIFEST).is_file():
+        entries = [p for p in base.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+        if len(entries) != 1 or not entries[0].is_dir():
+            return class_root(root)
+        base = entries[0]
+    return base
+
+
 def check_layout(root: Path) -> str | None:
-    """Cheap layout check (no image is decoded): at least two class folders holding image files.
-    Returns a message naming the problem, or None. `load_dataset` does the thorough check."""
-    base = class_root(Path(root))
+    """Cheap layout check (no image is decoded): at least two class folders holding image files, or a
+    manifest whose rows and paths check out. Returns a message naming the problem, or None. `load_dataset`
+    does the thorough check."""
+    from core.manifest import MANIFEST, read_manifest
+
+    base = dataset_root(Path(root))
+    if (base / MANIFEST).is_file():
+        try:
+            read_manifest(base)
+        except DatasetError as e:
+            return str(e)
+        return None
     if (base / "train").is_dir():
         base = base / "train"
     found = [d.name for d in sorted(base.iterdir()) if d.is_dir() and not d.name.startswith((".", "__MACOSX"))
@@ -217,10 +269,15 @@ def _relative_to(path: str, root: Path) -> str:
 
 
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
-                 log_fn=log.info, contract=None) -> Dataset:
+                 log_fn=log.info, contract=None, task: str | None = None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
-    `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`."""
-    root = class_root(_unpacked(Path(data), workdir))
+    `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`.
+    `task` (single_label | multi_label) forces one; None takes what the data says: a manifest (labels.csv
+    at the root) tells, class folders are single-label."""
+    from core import manifest
+
+    manifest.check_task(task)
+    root = dataset_root(_unpacked(Path(data), workdir))
     skipped: list[dict] = []
     ignored: list[str] = []
     decoded: dict | None = {} if contract is not None else None
@@ -228,9 +285,26 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
     def usable(files):
         return _usable(files, skipped, ignored, contract, decoded)
 
-    has_split = (root / "train").is_dir() and (root / "val").is_dir()
-    tr, va, per_class = _scan_split(root, usable) if has_split else \
-        (None, None, {c: usable(f) for c, f in _scan_classes(root).items()})
+    if (root / manifest.MANIFEST).is_file():
+        m = manifest.read_manifest(root)
+        task = manifest.resolve_task(m, task)
+        good = set(usable([r.path for r in m.rows]))
+        _report(root, skipped, ignored, log_fn)
+        ds = manifest.split_dataset(m, [r for r in m.rows if r.path in good], task, val_fraction, seed)
+        manifest.note_unlisted(ds, m, log_fn)
+    else:
+        scan = _scan_folders(root, usable)
+        _report(root, skipped, ignored, log_fn)
+        ds = _split_folders(root, scan, val_fraction, seed)
+        if task == "multi_label":  # each image has its one folder's label
+            ds.train, ds.val = [(p, (y,)) for p, y in ds.train], [(p, (y,)) for p, y in ds.val]
+        ds.task = task or "single_label"
+    ds.skipped, ds.ignored, ds.decoded = skipped, ignored, decoded or {}
+    _warn_imbalance(ds, log_fn)
+    return ds
+
+
+def _report(root: Path, skipped: list[dict], ignored: list[str], log_fn) -> None:
     for s in skipped:
         log_fn(f"skipped unreadable image {s['path']}: {s['reason']}")
         # Recorded (metrics, the retrain reply) relative to the dataset, as in dataset.json: the full path
@@ -238,6 +312,19 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
         s["path"] = _relative_to(s["path"], root)
     if ignored:
         log_fn(f"ignored {len(ignored)} non-image file(s), e.g. {ignored[0]}")
+
+
+def _scan_folders(root: Path, usable) -> tuple[bool, dict | None, dict | None, dict]:
+    """Class folders scanned and their images checked: (train/ and val/ given, their files per class or
+    None, every usable file per class)."""
+    has_split = (root / "train").is_dir() and (root / "val").is_dir()
+    tr, va, per_class = _scan_split(root, usable) if has_split else \
+        (None, None, {c: usable(f) for c, f in _scan_classes(root).items()})
+    return has_split, tr, va, per_class
+
+
+def _split_folders(root: Path, scan: tuple, val_fraction: float, seed: int) -> Dataset:
+    has_split, tr, va, per_class = scan
     per_class = {c: f for c, f in per_class.items() if f or not has_split}
     _check_classes(root, per_class)
     classes = sorted(per_class)
@@ -245,14 +332,21 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
         train, val = _given_split(root, classes, tr, va)
     else:
         train, val = _seeded_split(classes, per_class, val_fraction, seed)
-    ds = Dataset(root, classes, train, val, "folders" if has_split else "seeded", skipped, ignored,
-                 decoded=decoded or {})
-    sizes = {c: len(per_class[c]) for c in classes}
-    if max(sizes.values()) > IMBALANCE_RATIO * min(sizes.values()):
+    return Dataset(root, classes, train, val, "folders" if has_split else "seeded")
+
+
+def _warn_imbalance(ds: Dataset, log_fn) -> None:
+    counts = ds.counts()
+    sizes = {c: counts["train"][c] + counts["val"][c] for c in ds.classes}
+    if not sizes or max(sizes.values()) <= IMBALANCE_RATIO * min(sizes.values()):
+        return
+    if ds.task == "multi_label":
+        ds.warnings.append(f"label imbalance: positive images per label {sizes} (largest/smallest > "
+                           f"{IMBALANCE_RATIO:g}); check each label's precision and recall, not only the mean")
+    else:
         ds.warnings.append(f"class imbalance: {sizes} (largest/smallest > {IMBALANCE_RATIO:g}); "
                            "accuracy may flatter the large class, check per-class recall")
-        log_fn(ds.warnings[-1])
-    return ds
+    log_fn(ds.warnings[-1])
 
 
 def _unpacked(data: Path, workdir: Path | None) -> Path:

@@ -118,7 +118,9 @@ def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Call
 def load_data(request: TrainRequest, data, workdir: Path, log: Callable) -> Dataset:
     """Check and split the dataset, decoding each image once with the backbone's contract."""
     ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=workdir, log_fn=log,
-                      contract=input_contract(request))
+                      contract=input_contract(request), task=request.task)
+    if ds.task == "multi_label":
+        raise DatasetError("multi-label training is not available yet")
     log(f"dataset {ds.root}: {len(ds.classes)} classes {ds.classes}, {len(ds.train)} train / {len(ds.val)} val "
         f"({ds.split} split), {len(ds.skipped)} skipped")
     return ds
