@@ -12,11 +12,23 @@ import time
 import traceback
 from datetime import datetime, timezone
 
-from bench import backbones, imbalance, inprocess, model, preprocessing, projects, report, retrain, served, transfer
+from bench import (
+    backbones,
+    imbalance,
+    inprocess,
+    model,
+    multilabel,
+    preprocessing,
+    projects,
+    report,
+    retrain,
+    served,
+    transfer,
+)
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
 SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance",
-            "projects")
+            "projects", "multilabel")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -38,6 +50,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return imbalance.run(plan)
     if name == "projects":
         return projects.run(plan)
+    if name == "multilabel":
+        return multilabel.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
