@@ -291,7 +291,8 @@ def cmd_explain(args) -> int:
     except (NotExplainable, UnknownLabel) as e:
         print(f"refit: error: {e}", file=sys.stderr)
         return 2
-    answer = ModelHolder.answer(model, found.pop("probs"), args.top_k, 0.0)
+    # A multi-label version keeps each label's own threshold; a single-label one lists its best class.
+    answer = ModelHolder.answer(model, found.pop("probs"), args.top_k, None if model.contract.multi_label else 0.0)
     png = found.pop("overlay_png")
     if args.output:
         Path(args.output).write_bytes(png)

@@ -46,6 +46,7 @@ ROOT = "datasets"
 BLOBS = f"{ROOT}/blobs"
 SPLITS = ("train", "val")
 SOURCES = ("upload", "zip", "cli", "feedback", "retrain")
+MANIFEST = "labels.csv"  # a multi-label snapshot written out to train on (core.manifest reads it)
 DEFAULT_MAX_FILE_BYTES = 50 << 20  # one image file, where the caller (the CLI) sets no limit of its own
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SNAPSHOT_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -62,11 +63,32 @@ _SUFFIX = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "BMP": ".bmp", "GIF": "
            "TIFF": ".tif"}
 
 
+def entry_labels(entry: dict) -> tuple[str, ...]:
+    """An entry's labels: a multi-label entry's `labels` (sorted; empty: none of them), else its one `label`."""
+    return tuple(entry["labels"]) if "labels" in entry else (entry["label"],)
+
+
+def _labelled(entry: dict, label) -> dict:
+    """`entry` with `label` (a string: one class) or `labels` (a list: a multi-label entry), the other dropped."""
+    out = {k: v for k, v in entry.items() if k not in ("label", "labels")}
+    return {**out, "label": label} if isinstance(label, str) else {**out, "labels": list(label)}
+
+
+def _label_of(entry: dict):
+    """What `_labelled` takes back: the entry's one label, or its list of labels."""
+    return list(entry["labels"]) if "labels" in entry else entry["label"]
+
+
+def _shown(entry: dict) -> str:
+    labels = entry_labels(entry)
+    return ("labelled " + ", ".join(map(repr, labels))) if labels else "with none of the labels"
+
+
 def _stored_spellings(entries: list[dict]) -> dict[str, str]:
     """{NFC spelling: stored spelling} of the classes stored before labels were NFC (`cafe` + U+0301 from a
     macOS zip): a label given in NFC joins that class as it is spelt, so the dataset keeps one class. Stored
     labels are never rewritten: that would change the ids of the snapshots that hold them."""
-    labels = {e["label"] for e in entries}
+    labels = {label for e in entries for label in entry_labels(e)}
     spelt = {unicodedata.normalize("NFC", label): label for label in labels}
     return {nfc: label for nfc, label in spelt.items() if nfc not in labels}  # an NFC class is itself
 
@@ -88,6 +110,26 @@ def check_label(label) -> str:
     if problem:
         raise DatasetError(problem)
     return label
+
+
+def check_labels(labels) -> list[str]:
+    """A multi-label entry's labels as stored: each by the label rule (core.labels) and without ';' (which
+    joins labels in a manifest, labels.csv), each once, sorted. An empty list: none of the labels."""
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise DatasetError("labels: send a list of labels (an empty list: none of them)")
+    out = set()
+    for label in labels:
+        label = check_label(label)
+        if ";" in label:
+            raise DatasetError(f"label {label[:80]!r} is not allowed with several labels: ';' joins labels in "
+                               "labels.csv")
+        out.add(label)
+    return sorted(out)
+
+
+def checked(label):
+    """One label (a string) or several (a list), as stored; DatasetError when one is not allowed."""
+    return check_label(label) if isinstance(label, str) else check_labels(label)
 
 
 def check_snapshot(snapshot) -> str:
@@ -172,10 +214,13 @@ class Datasets:
         if not head:
             self.resolve(name)  # raises UnknownDataset with the known names
         doc = self.manifest(name, head["snapshot"])
-        classes = Counter(e["label"] for e in doc["entries"])
+        classes = Counter(label for e in doc["entries"] for label in entry_labels(e))
         splits = Counter(e.get("split") or "none" for e in doc["entries"])
+        # A multi-label dataset (an image with none or several labels): its classes count positives.
+        several = {"task": "multi_label", "negatives": sum(not entry_labels(e) for e in doc["entries"])} if any(
+            len(entry_labels(e)) != 1 for e in doc["entries"]) else {}
         return {"dataset": name, "snapshot": head["snapshot"], "images": len(doc["entries"]),
-                "classes": dict(sorted(classes.items())), "splits": dict(sorted(splits.items())),
+                "classes": dict(sorted(classes.items())), "splits": dict(sorted(splits.items())), **several,
                 "snapshots": list(reversed(head.get("history", [])))}
 
     # -- changing ----------------------------------------------------------------------------------
@@ -208,7 +253,7 @@ class Datasets:
             return {"dataset": name, "snapshot": parent, "parent": parent, "changed": False, **facts}
         sid = snapshot_id(new)
         record, full = snapshots.make(self.store, name, sid, tip, new, now_iso())
-        labels = Counter(e["label"] for e in new)
+        labels = {label for e in new for label in entry_labels(e)}
         event = {"snapshot": sid, "parent": parent, "action": action, "at": record["created"],
                  "images": len(new), "classes": len(labels),
                  **{k: len(v) if isinstance(v, list) else v for k, v in facts.items()}}
@@ -229,11 +274,13 @@ class Datasets:
     def add(self, name: str, items: Iterable[tuple], *, source: str, replace: bool = False,
             max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> dict:
         """Add images to a dataset (created by its first add). `items` are (filename, bytes, label) or
-        (filename, bytes, label, split) with split "train", "val" or None. Each image is decoded first; what
-        is not an image, is corrupt or is over a limit is refused by name, and an image the dataset already
-        holds (same bytes) is skipped. With `replace` the new snapshot holds only these images (a retrain
-        upload: what it trains on is exactly what was sent). Returns {"dataset", "snapshot", "added",
-        "skipped", "refused"}; "snapshot" is the unchanged newest one when nothing was added."""
+        (filename, bytes, label, split) with split "train", "val" or None; a label is a class name, or a list
+        of them for an image with several labels (an empty list: none of them; a multi-label entry). Each
+        image is decoded first; what is not an image, is corrupt or is over a limit is refused by name, and
+        an image the dataset already holds (same bytes) is skipped. With `replace` the new snapshot holds
+        only these images (a retrain upload: what it trains on is exactly what was sent). Returns {"dataset",
+        "snapshot", "added", "skipped", "refused"}; "snapshot" is the unchanged newest one when nothing was
+        added."""
         check_name(name)
         if source not in SOURCES:
             raise DatasetError(f"source {source!r} is not one of {', '.join(SOURCES)}")
@@ -246,8 +293,8 @@ class Datasets:
                 refused.append({"name": filename, "error": problem})
                 continue
             sha = self.put_blob(data)
-            accepted.append({"name": filename, "sha256": sha, "label": check_label(label), "split": split,
-                             "format": fmt})
+            accepted.append(_labelled({"name": filename, "sha256": sha, "split": split, "format": fmt},
+                                      checked(label)))
         stamp = now_iso()
 
         def change(entries: list[dict]):
@@ -255,21 +302,21 @@ class Datasets:
             added, skipped, new = [], [], [] if replace else list(entries)
             spelled = {} if replace else _stored_spellings(entries)
             for a in accepted:
-                a = {**a, "label": spelled.get(a["label"], a["label"])}
+                a = _labelled(a, _respelt(_label_of(a), spelled))
                 if a["sha256"] in have:
                     was = have[a["sha256"]]
-                    why = (f"duplicate of {was['name']!r} already in {name!r}, labelled {was['label']!r}"
-                           + ("" if was["label"] == a["label"] else "; relabel it to change its label"))
+                    why = (f"duplicate of {was['name']!r} already in {name!r}, {_shown(was)}"
+                           + ("" if entry_labels(was) == entry_labels(a) else "; relabel it to change its label"))
                     skipped.append({"name": a["name"], "sha256": a["sha256"], "reason": why})
                     continue
-                entry = {"sha256": a["sha256"], "label": a["label"], "split": a["split"], "source": source,
-                         "added_at": stamp, "name": PurePosixPath(a["name"]).name, "format": a["format"]}
+                entry = _labelled({"sha256": a["sha256"], "split": a["split"], "source": source, "added_at": stamp,
+                                   "name": PurePosixPath(a["name"]).name, "format": a["format"]}, _label_of(a))
                 if replace:  # an image that was in the dataset keeps its first record
-                    entry = next((e for e in entries if e["sha256"] == a["sha256"]), entry) | {
-                        "label": a["label"], "split": a["split"]}
+                    entry = _labelled(next((e for e in entries if e["sha256"] == a["sha256"]), entry),
+                                      _label_of(a)) | {"split": a["split"]}
                 have[a["sha256"]] = entry
                 new.append(entry)
-                added.append({"name": a["name"], "sha256": a["sha256"], "label": a["label"]})
+                added.append(_labelled({"name": a["name"], "sha256": a["sha256"]}, _label_of(a)))
             return (new if added or replace else None), {"added": added, "skipped": skipped,
                                                           "refused": refused, "source": source}
 
@@ -310,17 +357,20 @@ class Datasets:
         return self.add(name, items, source=source, replace=replace, max_file_bytes=max_file_bytes,
                         max_pixels=max_pixels)
 
-    def relabel(self, name: str, sha256: str, label: str) -> dict:
-        """A new snapshot in which the image has `label`; the old snapshot stays as it was."""
-        label = check_label(label)
+    def relabel(self, name: str, sha256: str, label) -> dict:
+        """A new snapshot in which the image has `label` (a list: these labels, a multi-label entry); the old
+        snapshot stays as it was."""
+        label = checked(label)
 
         def change(entries):
             i = _find(name, entries, sha256)
-            old = entries[i]["label"]
-            as_stored = _stored_spellings(entries[:i] + entries[i + 1:]).get(label, label)
+            old = _label_of(entries[i])
+            as_stored = _respelt(label, _stored_spellings(entries[:i] + entries[i + 1:]))
             new = list(entries)
-            new[i] = {**entries[i], "label": as_stored}
-            return new, {"sha256": sha256, "label": as_stored, "previous_label": old}
+            new[i] = _labelled(entries[i], as_stored)
+            key, was = ("label" if isinstance(as_stored, str) else "labels"), (
+                "previous_label" if isinstance(old, str) else "previous_labels")
+            return new, {"sha256": sha256, key: as_stored, was: old}
 
         return self._change(name, change, action="relabel")
 
@@ -329,7 +379,7 @@ class Datasets:
 
         def change(entries):
             i = _find(name, entries, sha256)
-            return entries[:i] + entries[i + 1:], {"sha256": sha256, "removed": entries[i]["label"]}
+            return entries[:i] + entries[i + 1:], {"sha256": sha256, "removed": _label_of(entries[i])}
 
         return self._change(name, change, action="remove")
 
@@ -337,25 +387,31 @@ class Datasets:
     def materialize(self, name: str, snapshot: str | None, dest: Path) -> Path:
         """Write the snapshot as a dataset folder for `training.pipeline.train`: class folders, under train/
         and val/ when the split hints give every class images in both (images without a hint go to train/);
-        otherwise flat class folders, split by the training request's seed. Files are named by their hash."""
+        otherwise flat class folders, split by the training request's seed. A snapshot with a multi-label
+        entry is written as a manifest instead (`labels.csv` beside the images, core.manifest's layout).
+        Files are named by their hash."""
         doc = self.manifest(name, snapshot)
         entries = doc["entries"]
         if not entries:
             raise DatasetError(f"dataset {name!r} snapshot {doc['id']} holds no images")
-        labels = {e["label"] for e in entries}
+        labels = {label for e in entries for label in entry_labels(e)}
         for label in sorted(labels):  # a label stored before the rule (core.labels) was what it is now
             problem, _ = label_problem(label)
             if problem:
                 raise DatasetError(f"dataset {name!r} snapshot {doc['id']} cannot be trained on: {problem}; "
                                    f"relabel its images (POST /datasets/{name}/images/SHA256)")
-        val = {e["label"] for e in entries if e.get("split") == "val"}
-        train = {e["label"] for e in entries if e.get("split") != "val"}
+        val = {label for e in entries if e.get("split") == "val" for label in entry_labels(e)}
+        train = {label for e in entries if e.get("split") != "val" for label in entry_labels(e)}
         use_split = bool(val) and val == labels and train == labels
         dest = Path(dest)
+        several = any("labels" in e for e in entries)
 
         def target(e: dict) -> Path:
+            file = f"{e['sha256'][:20]}{_SUFFIX.get(e.get('format'), '.jpg')}"
+            if several:
+                return dest / "images" / file
             part = ("val" if e.get("split") == "val" else "train") if use_split else ""
-            return dest / part / e["label"] / f"{e['sha256'][:20]}{_SUFFIX.get(e.get('format'), '.jpg')}"
+            return dest / part / e["label"] / file
 
         jobs = [(blob_key(e["sha256"]), target(e)) for e in entries]
         for _, path in jobs:
@@ -365,14 +421,30 @@ class Datasets:
         except FileNotFoundError as e:
             sha = str(e.args[0] if e.args else e).rsplit("/", 1)[-1]
             raise StoreError(f"dataset {name!r}: image {sha} is missing from {self.store.describe()}") from None
+        if several:
+            # The hints are the split only when every image has one and every label is in both parts.
+            hinted = use_split and all(e.get("split") in SPLITS for e in entries)
+            _write_manifest(dest, [(path.relative_to(dest).as_posix(), entry_labels(e), e.get("split"))
+                                   for e, (_, path) in zip(entries, jobs, strict=True)], hinted)
         return dest
+
+
+def _write_manifest(dest: Path, rows: list[tuple[str, tuple[str, ...], str | None]], with_split: bool) -> None:
+    """`labels.csv` at `dest`: image, its labels joined by ';' (empty: none of them), and the split when given."""
+    import csv
+
+    with open(dest / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "labels", "split"] if with_split else ["image", "labels"])
+        for image, labels, split in rows:
+            w.writerow([image, ";".join(labels), split] if with_split else [image, ";".join(labels)])
 
 
 def _problem(filename: str, data: bytes, label, split, max_bytes: int, max_pixels: int
              ) -> tuple[str | None, str | None]:
     """(why this item cannot be added, None), or (None, the image format Pillow detected)."""
     try:
-        check_label(label)
+        checked(label)
     except DatasetError as e:
         return str(e), None
     if split not in (None, *SPLITS):
@@ -388,6 +460,13 @@ def _problem(filename: str, data: bytes, label, split, max_bytes: int, max_pixel
     from PIL import Image
 
     return None, Image.open(io.BytesIO(data)).format
+
+
+def _respelt(label, spelled: dict[str, str]):
+    """A label, or a list of them, as the dataset already spells each (`_stored_spellings`)."""
+    if isinstance(label, str):
+        return spelled.get(label, label)
+    return sorted(spelled.get(x, x) for x in label)
 
 
 def _find(name: str, entries: list[dict], sha256: str) -> int:

@@ -4,7 +4,8 @@ images most worth labelling (`GET /datasets/{name}/suggest`).
 
 Layout in the store (a folder or S3, shared by every replica, so feedback can reach any worker):
     captures/<id>.img    the uploaded bytes, as sent
-    captures/<id>.json   {id, at, name, version, label, score, margin, top_k, sha256, feedback}
+    captures/<id>.json   {id, at, name, version, label, score, margin, top_k, sha256, feedback}, and `labels`
+                         for an answer of a multi-label version
 The record is written after the image, so a record always has its image. An id starts with the capture time
 in milliseconds (hex), so age and order come from the key alone: pruning lists keys and reads no record.
 
@@ -70,6 +71,15 @@ def top_margin(probs) -> float:
         return 1.0
     second, first = np.partition(np.asarray(probs), -2)[-2:]
     return float(first - second)
+
+
+def doubt(model, probs) -> float:
+    """How unsure `model` (service.model.Loaded) was, smaller is less sure: the top margin for a single-label
+    version; for a multi-label one, how near the label nearest its threshold came to it (the one a person's
+    answer would most likely change)."""
+    if getattr(model, "cuts", None) is None:
+        return top_margin(probs)
+    return float(np.min(np.abs(np.asarray(probs) - model.cuts)))
 
 
 class Captures:
@@ -153,6 +163,8 @@ class Captures:
                   "label": result["label"], "score": result["score"], "top_k": result["top_k"],
                   "margin": result["margin"], "sha256": hashlib.sha256(data).hexdigest(),
                   "bytes": len(data), "feedback": None}
+        if result.get("labels") is not None:  # a multi-label version's answer: the labels it gave
+            record["labels"] = result["labels"]
         self.store.put_record(f"{PREFIX}{capture_id}.json", record)
         self._used = (self._used or 0) + size
 

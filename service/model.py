@@ -30,6 +30,7 @@ log = logging.getLogger("refit.model")
 
 CONTRACT_KEY = "refit.contract"  # written by training.export; read here without importing onnx or torch
 VERSION_KEY = "refit.version"
+DEFAULT_LABEL_THRESHOLD = 0.5  # a multi-label file whose contract carries no thresholds: the sigmoid's middle
 
 
 class ModelUnavailable(RuntimeError):
@@ -47,6 +48,9 @@ class Loaded:
     drift_note: str | None = None
     folder: Path | None = None  # the version's files (cam.npz for explanations, read when first asked for)
     sha256: str | None = None  # the served file's checksum, as the store recorded it: which model, not only which id
+    # Multi-label: each label's threshold as one array, made once per version so an answer compares all
+    # labels in one vectorised step. None for a single-label version.
+    cuts: np.ndarray | None = None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probs"], {"input": batch})[0]
@@ -92,7 +96,18 @@ def open_version(store: Store, version: str, threads: int) -> Loaded:
     session.run(["probs"], {"input": np.zeros((1, 3, contract.input_size, contract.input_size), np.float32)})
     drift, note = reference_for(session, path.parent)
     sha256 = store.info(version).get("serving_sha256")
-    return Loaded(version, session, contract, labels, now_iso(), drift, note, path.parent, sha256)
+    return Loaded(version, session, contract, labels, now_iso(), drift, note, path.parent, sha256,
+                  label_cuts(contract))
+
+
+def label_cuts(contract: Contract) -> np.ndarray | None:
+    """A multi-label version's per-label thresholds (its contract's; 0.5 each for a file without them), in
+    class order; None for a single-label version."""
+    if not contract.multi_label:
+        return None
+    if contract.thresholds:
+        return np.asarray(contract.thresholds, np.float32)
+    return np.full(len(contract.class_names), DEFAULT_LABEL_THRESHOLD, np.float32)
 
 
 class ModelHolder:
@@ -282,15 +297,29 @@ class ModelHolder:
         return out
 
     @staticmethod
-    def answer(model: Loaded, p: np.ndarray, top_k: int, threshold: float) -> dict:
+    def answer(model: Loaded, p: np.ndarray, top_k: int, threshold: float | None = None) -> dict:
+        """One image's reply from its probabilities. `threshold`: the request's (None: not given). A
+        single-label version answers its best class, or "unknown" under the threshold (REFIT_THRESHOLD when
+        not given). A multi-label version also lists `labels`, every label at or over its own threshold (or
+        over the request's, which then holds for every label), best first; `label` is the first of them."""
         k = max(1, min(int(top_k), len(p)))
         top = np.argpartition(-p, k - 1)[:k]
         top = top[np.argsort(-p[top], kind="stable")]
-        names = model.labels
-        ranked = [{"label": names[i] if i < len(names) else f"class_{i}", "score": float(p[i])} for i in top]
+        names, n = model.labels, len(model.labels)
+        # tolist(): Python floats and ints in one call each, cheaper than a numpy scalar per class listed
+        ranked = [{"label": names[i] if i < n else f"class_{i}", "score": score}
+                  for i, score in zip(top.tolist(), p[top].tolist(), strict=True)]
         best = ranked[0]
-        label = best["label"] if best["score"] >= threshold else "unknown"
-        return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
+        if model.cuts is None:
+            cut = settings().threshold if threshold is None else threshold
+            label = best["label"] if best["score"] >= cut else "unknown"
+            return {"label": label, "score": best["score"], "top_k": ranked, "version": model.version}
+        # One comparison of every label with its threshold; what loops is only the labels over it, usually few.
+        over = (p >= (model.cuts if threshold is None else threshold)).nonzero()[0]
+        pairs = sorted(zip((-p[over]).tolist(), over.tolist(), strict=True))  # best first; a tie in class order
+        labels = [{"label": names[i], "score": -score} for score, i in pairs]
+        first = labels[0] if labels else {"label": "unknown", "score": best["score"]}
+        return {**first, "top_k": ranked, "version": model.version, "labels": labels}
 
 
 def unavailable(store: Store, holder: ModelHolder) -> str:

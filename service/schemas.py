@@ -6,10 +6,19 @@ import binascii
 import json
 import re
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
 import bentoml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -51,10 +60,23 @@ class ScoredLabel(BaseModel):
 class Answer(BaseModel):
     """What the model said about one image: the fields /predict and /explain share."""
 
-    label: str = Field(description='Best class, or "unknown" when its score is under the threshold.')
-    score: float = Field(description="Probability of the best class.")
+    label: str = Field(description='Best class, or "unknown" when its score is under the threshold. A '
+                       "multi-label version: the first of `labels`, or \"unknown\" when `labels` is empty.")
+    score: float = Field(description="Probability of the best class (of `label` when it is not \"unknown\").")
     top_k: list[ScoredLabel] = Field(description="The k most probable classes, best first.")
     version: str = Field(description="The model version that answered.")
+    labels: Optional[list[ScoredLabel]] = Field(None, description="Multi-label versions only (absent for a "
+                                                "single-label one): every label whose probability is at or over "
+                                                "its threshold (the version's own, one per label, or the "
+                                                "request's `threshold` for all), best first; empty: none of them.")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_labels(self, handler):
+        # A single-label version's reply keeps the shape it always had: no `labels` key at all.
+        out = handler(self)
+        if out.get("labels", ()) is None:
+            del out["labels"]
+        return out
 
 
 class Prediction(Answer):
@@ -63,14 +85,21 @@ class Prediction(Answer):
                                "REFIT_CAPTURE=1).")
 
 
+# A number when sent; absent (None) is "not given". Stated as a number on the OpenAPI page: null is never sent.
+Threshold = Annotated[Optional[float], WithJsonSchema({"type": "number", "minimum": 0.0, "maximum": 1.0})]
+
+
 class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # The defaults are part of the OpenAPI schema, so they are read when the class is made (a server's
     # REFIT_TOP_K and REFIT_THRESHOLD are set before it starts).
     top_k: int = Field(settings().top_k, ge=1, le=1000, description="How many classes to list per image.")
-    threshold: float = Field(settings().threshold, ge=0.0, le=1.0, description='Best score under this '
-                             'answers "unknown".')
+    # None: the request gave none, which a multi-label version must know (each label keeps its own threshold).
+    threshold: Threshold = Field(None, ge=0.0, le=1.0, description='Best score under this answers '
+                                       f'"unknown"; default REFIT_THRESHOLD ({settings().threshold:g}). A '
+                                       "multi-label version: the threshold of every label, instead of each "
+                                       "label's own (chosen on validation, in the model file).")
 
 
 class Upload(BaseModel):
@@ -142,7 +171,7 @@ class PredictInput(SelfParsed):
 
     images: list[Path] = Field(description="One or more image files (JPEG, PNG, WebP, BMP, GIF, TIFF).")
     top_k: int = PredictOptions.model_fields["top_k"]
-    threshold: float = PredictOptions.model_fields["threshold"]
+    threshold: Threshold = PredictOptions.model_fields["threshold"]
 
     @classmethod
     async def _parse(cls, request):
@@ -196,7 +225,7 @@ class PredictBase64Input(SelfParsed):
 
     images: list[Base64Image] = Base64Request.model_fields["images"]
     top_k: int = PredictOptions.model_fields["top_k"]
-    threshold: float = PredictOptions.model_fields["threshold"]
+    threshold: Threshold = PredictOptions.model_fields["threshold"]
 
     @classmethod
     async def _parse(cls, request):
@@ -243,7 +272,7 @@ class ExplainInput(SelfParsed):
     image: Path = Field(description="One image file (JPEG, PNG, WebP, BMP, GIF, TIFF).")
     label: Optional[str] = Field(None, description="The class to explain; default: the most probable one.")
     top_k: int = PredictOptions.model_fields["top_k"]
-    threshold: float = PredictOptions.model_fields["threshold"]
+    threshold: Threshold = PredictOptions.model_fields["threshold"]
 
     @classmethod
     async def _parse(cls, request):
@@ -392,8 +421,11 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prediction_id: str = Field(max_length=64, description="The id a /predict answer carried.")
-    label: str = Field(min_length=1, max_length=200, description="The right label for that image (a correction, "
-                       "or the predicted one to confirm it).")
+    label: Optional[str] = Field(None, min_length=1, max_length=200, description="The right label for that image "
+                                 "(a correction, or the predicted one to confirm it): a single-label version's "
+                                 "answer.")
+    labels: Optional[list[str]] = Field(None, max_length=1000, description="A multi-label version's answer: every "
+                                        "label the image has (an empty list: none of them), instead of `label`.")
     dataset: Optional[str] = Field(None, max_length=200, description="The dataset to add the image to; default: "
                                    "the dataset the answering version was trained on.")
     create: bool = Field(False, description="Start the dataset with this image when it does not exist yet; "
@@ -401,8 +433,30 @@ class FeedbackRequest(BaseModel):
 
     @field_validator("label")
     @classmethod
-    def _label_rule(cls, value: str) -> str:
+    def _label_rule(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         problem, label = label_problem(value)  # the one label rule: stored trimmed and in NFC
         if problem:
             raise ValueError(problem)
         return label
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_rule(cls, values: list[str] | None) -> list[str] | None:
+        if values is None:
+            return None
+        out = []
+        for value in values:
+            problem, label = label_problem(value)
+            if problem:
+                raise ValueError(problem)
+            out.append(label)
+        return sorted(set(out))  # a set of labels: each once, in one order
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.label is None) == (self.labels is None):
+            raise ValueError('send either "label" (a single-label version\'s prediction) or "labels" (a list, '
+                             "for a multi-label version's)")
+        return self

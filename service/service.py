@@ -30,7 +30,7 @@ from core.store import Store
 from service import bootstrap, budget, compat, console, metrics
 from service.api import create_app
 from service.batcher import Batcher, Overloaded
-from service.capture import Captures, top_margin
+from service.capture import Captures, doubt
 from service.capture import new_id as new_capture_id
 from service.drift import DriftMonitor
 from service.errors import ApiError, answered
@@ -152,17 +152,17 @@ class Refit:
     # -- predict ---------------------------------------------------------------------------------
     @bentoml.api(route="/predict", input_spec=PredictInput)
     @answered
-    async def predict(self, images: list, top_k: int, threshold: float) -> JsonReply[list[Prediction]]:
+    async def predict(self, images: list, top_k: int, threshold: float | None) -> JsonReply[list[Prediction]]:
         """Classify one or more images uploaded as multipart/form-data in the field `images`."""
         return await self._classify([(u.name, u.data) for u in images], top_k, threshold)
 
     @bentoml.api(route="/predict_base64", input_spec=PredictBase64Input)
     @answered
-    async def predict_base64(self, images: list, top_k: int, threshold: float) -> JsonReply[list[Prediction]]:
+    async def predict_base64(self, images: list, top_k: int, threshold: float | None) -> JsonReply[list[Prediction]]:
         """The same as /predict for clients that cannot send multipart: JSON with base64-encoded images."""
         return await self._classify([(u.name, u.data) for u in images], top_k, threshold)
 
-    async def _classify(self, files: list[tuple[str, bytes]], top_k: int, threshold: float):
+    async def _classify(self, files: list[tuple[str, bytes]], top_k: int, threshold: float | None):
         limit = settings().max_images
         if len(files) > limit:
             raise ApiError(400, f"{len(files)} images is over the limit of {limit} per request")
@@ -181,13 +181,16 @@ class Refit:
             raise ApiError(503, str(e)) from None
         except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
             raise ApiError(503, f"the model failed on this batch ({type(e).__name__}); try again") from None
-        capture = settings().capture
+        s = settings()  # read once per request: it looks at the environment each time
+        capture = s.capture
+        if threshold is None and model.cuts is None:  # single-label: REFIT_THRESHOLD when none is given
+            threshold = s.threshold
         replies = []
         for (name, data), p in zip(files, probs, strict=True):
             r = ModelHolder.answer(model, p, top_k, threshold)
             self.metrics.predicted(space.project, r["version"], r["label"])
             r["prediction_id"] = new_capture_id()
-            if capture and not space.captures.keep(r["prediction_id"], name, data, {**r, "margin": top_margin(p)},
+            if capture and not space.captures.keep(r["prediction_id"], name, data, {**r, "margin": doubt(model, p)},
                                                   contract=model.contract):
                 self.metrics.capture_dropped.inc()
             replies.append(Prediction(**r))
@@ -196,7 +199,7 @@ class Refit:
     # -- explain ---------------------------------------------------------------------------------
     @bentoml.api(route="/explain", input_spec=ExplainInput)
     @answered
-    async def explain(self, image, label: str | None, top_k: int, threshold: float) -> Explanation:
+    async def explain(self, image, label: str | None, top_k: int, threshold: float | None) -> Explanation:
         """Classify one image (multipart field `image`) and show why: a class activation map for `label`
         (default: the top class) as a PNG overlay and as a small array. 409 for a version exported without
         the feature map, 422 for a label that is not one of its classes."""

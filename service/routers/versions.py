@@ -70,11 +70,32 @@ def version_detail(svc: RefitDep, version: str, request: Request):
     detail = {k: metrics[k] for k in ("per_class", "confusion_matrix", "int8", "parity") if k in metrics}
     # `why`: the one line saying which strategy won and why (older versions: their metrics' auto summary).
     why = info.get("why") or (metrics.get("auto") or {}).get("summary")
+    detail.update(_labels_of(svc, info, metrics))
     return {**version_row(info), **detail, "precision": info.get("precision"), "why": why,
             "balanced_accuracy": metrics.get("balanced_accuracy"), "balance": metrics.get("balance"),
             "files": [n for n in console.VERSION_FILES if svc.store.version_file(version, n) is not None],
             **_image_lists({"label_problems": metrics.get("label_problems", none),
                             "near_duplicates": metrics.get("near_duplicates", none)}, authorized(request.scope))}
+
+
+def _labels_of(svc, info: dict, metrics: dict) -> dict:
+    """A multi-label version's task, thresholds and figures: `task`, `thresholds` ({label: threshold}: the
+    served contract's when this worker serves the version, else the ones training recorded) and, as training
+    wrote them, `per_label`, `map`, `micro_f1`, `macro_f1`, `subset_accuracy`. Nothing for a single-label one."""
+    model = svc.holder.current
+    served = model is not None and model.version == info["version"]
+    per_label = metrics.get("per_label") if isinstance(metrics.get("per_label"), dict) else None
+    multi = (model.contract.multi_label if served else None) or info.get("task") == "multi_label" or bool(per_label)
+    if not multi:
+        return {}
+    if served and model.cuts is not None:
+        thresholds = {label: round(float(t), 6) for label, t in zip(model.labels, model.cuts, strict=True)}
+    else:
+        thresholds = {label: m["threshold"] for label, m in (per_label or {}).items()
+                      if isinstance(m, dict) and isinstance(m.get("threshold"), (int, float))}
+    figures = {k: metrics[k] for k in ("map", "micro_f1", "macro_f1", "subset_accuracy") if k in metrics}
+    return {"task": "multi_label", "thresholds": thresholds, **figures,
+            **({"per_label": per_label} if per_label is not None else {})}
 
 
 @router.get("/versions/{version}/files/{name}")
@@ -130,7 +151,7 @@ def version_row(info: dict) -> dict:
     """A version as /versions lists it: its figures summed up, the counts of its label problems."""
     metrics = info.get("metrics") or {}
     summary = {k: metrics[k] for k in ("val_accuracy", "train_accuracy", "macro_f1", "val_loss", "train_val_gap",
-                                       "train_seconds") if k in metrics}
+                                       "train_seconds", "map", "micro_f1") if k in metrics}
     for k in ("label_problems", "near_duplicates"):  # the counts; GET /versions/{id} lists them
         if isinstance(metrics.get(k), dict) and "count" in metrics[k]:
             summary[k] = metrics[k]["count"]

@@ -17,7 +17,8 @@ async function dataset(name, signal) {
   const d = await api(`/datasets/${encodeURIComponent(name)}`, { signal });
   const sec = h("section", { class: "dataset", "data-dataset": name }, h("h3", {}, `${name}: ${d.images} images`),
     h("p", { class: "muted" }, `Snapshot ${d.snapshot}; split hints: `,
-      Object.entries(d.splits || {}).map(([k, v]) => `${k} ${v}`).join(", ")));
+      Object.entries(d.splits || {}).map(([k, v]) => `${k} ${v}`).join(", "),
+      d.task === "multi_label" ? `; multi-label: images per label, ${d.negatives} with none of them` : ""));
   const thumbs = h("div", {});
   sec.append(h("table", {}, h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Class"), h("th", { scope: "col" }, "Images"))),
     h("tbody", {}, Object.entries(d.classes).map(([c, n]) => h("tr", {}, h("th", { scope: "row" }, c), h("td", { class: "num" }, n))))),
@@ -35,7 +36,12 @@ async function thumbnails(name, snapshot, box, signal) {
   try {
     const m = await api(`/datasets/${encodeURIComponent(name)}/snapshots/${snapshot}`, { signal });
     const byClass = {};
-    for (const e of m.entries) (byClass[e.label] ||= []).length < THUMBS_PER_CLASS && byClass[e.label].push(e);
+    // A multi-label entry shows under each of its labels, or under "none of the labels" for a negative.
+    const NONE = "(none of the labels)";
+    for (const e of m.entries) {
+      const labels = Array.isArray(e.labels) ? (e.labels.length ? e.labels : [NONE]) : [e.label];
+      for (const l of labels) (byClass[l] ||= []).length < THUMBS_PER_CLASS && byClass[l].push(e);
+    }
     for (const [label, entries] of Object.entries(byClass)) {
       const row = h("div", { class: "thumbs", "aria-label": `Images of ${label}`, role: "group" });
       box.append(h("p", {}, label), row);
@@ -67,6 +73,7 @@ async function suggest(name, classes, box, signal) {
       if (pageLeft(e)) return;
       card.append(h("p", { class: "bad" }, e.message));
     }
+    if (Array.isArray(s.labels)) { card.append(severalLabels(name, s, classes, card)); continue; }
     card.append(h("div", { class: "row", role: "group", "aria-label": `Label ${s.name}` }, classes.map((c) =>
       h("button", { type: "button", onclick: async () => {
         try {
@@ -75,6 +82,29 @@ async function suggest(name, classes, box, signal) {
         } catch (e) { showError(e); }
       } }, `${c}`))));
   }
+}
+
+// A multi-label version's capture: a checkbox per label (the ones it answered ticked) and one send; none
+// ticked says the image has none of them.
+function severalLabels(name, s, classes, card) {
+  const given = new Set(s.labels.map((x) => x.label));
+  const all = [...new Set([...classes, ...s.top_k.map((t) => t.label), ...given])];
+  const boxes = all.map((c, i) => {
+    const id = `fb-${s.prediction_id}-${i}`;
+    return h("label", { for: id }, h("input", { type: "checkbox", id, value: c, checked: given.has(c) }), ` ${c}`);
+  });
+  const send = h("button", { type: "button", class: "primary", onclick: async () => {
+    const labels = boxes.map((b) => b.querySelector("input")).filter((x) => x.checked).map((x) => x.value);
+    try {
+      const f = await api("/feedback", { json: { prediction_id: s.prediction_id, labels, dataset: name } });
+      card.replaceChildren(h("p", { class: "ok", role: "status" },
+        `${s.name} labelled ${f.labels.join(", ") || "none of the labels"}: snapshot ${f.snapshot}${f.relabelled ? " (relabelled)" : ""}.`));
+    } catch (e) {
+      showError(e);
+    }
+  } }, "Send labels");
+  return h("fieldset", { class: "row", "aria-label": `Labels of ${s.name}` },
+    h("legend", {}, "Every label it has (none ticked: none of them)"), boxes, send);
 }
 
 async function drift(signal) {

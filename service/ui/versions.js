@@ -89,7 +89,7 @@ async function showDetail(id, box, signal) {
     v.balanced_accuracy != null ? h("p", { id: "balanced-accuracy" },
       `Validation accuracy ${fixed(v.metrics && v.metrics.val_accuracy)}, balanced accuracy (mean recall per class) `,
       `${fixed(v.balanced_accuracy)}`, v.balance ? `; class balancing ${v.balance.on ? "on" : "off"} (${v.balance.why})` : "", ".") : null,
-    Object.keys(per).length ? h("table", {}, h("caption", {}, "Per class (validation)"),
+    v.task === "multi_label" ? multiLabel(v) : Object.keys(per).length ? h("table", {}, h("caption", {}, "Per class (validation)"),
       h("thead", {}, h("tr", {}, ["Class", "Precision", "Recall", "F1", "Images"].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, Object.entries(per).map(([c, m]) => h("tr", {}, h("th", { scope: "row" }, c),
         h("td", { class: "num" }, fixed(m.precision)), h("td", { class: "num" }, fixed(m.recall)),
@@ -116,6 +116,27 @@ async function showDetail(id, box, signal) {
       box.querySelector("#curves").prepend(curves(csv));
     } catch (e) { showError(e); }
   }
+}
+
+// A multi-label version's figures, as training wrote them (any of them may be missing: read defensively).
+function multiLabel(v) {
+  const per = v.per_label && typeof v.per_label === "object" ? v.per_label : {};
+  const th = v.thresholds || {};
+  const summary = [["mAP", v.map], ["micro F1", v.micro_f1], ["macro F1", v.macro_f1],
+                   ["subset accuracy", v.subset_accuracy]].filter(([, x]) => typeof x === "number");
+  const names = Object.keys(per).length ? Object.keys(per) : Object.keys(th);
+  const num = (x) => h("td", { class: "num" }, typeof x === "number" ? fixed(x) : "–");
+  return h("section", {},
+    h("p", { id: "multi-label-summary" }, "Multi-label version",
+      summary.length ? `: ${summary.map(([k, x]) => `${k} ${fixed(x)}`).join(", ")}.` : "."),
+    names.length ? h("table", { id: "per-label" }, h("caption", {}, "Per label (validation, each at its threshold)"),
+      h("thead", {}, h("tr", {}, ["Label", "AP", "Precision", "Recall", "F1", "Threshold", "Positives"].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, names.map((c) => {
+        const m = per[c] && typeof per[c] === "object" ? per[c] : {};
+        return h("tr", {}, h("th", { scope: "row" }, c), num(m.ap), num(m.precision), num(m.recall), num(m.f1),
+          num(typeof m.threshold === "number" ? m.threshold : th[c]), h("td", { class: "num" }, m.support ?? "–"));
+      })))
+      : h("p", { class: "muted" }, "No per-label figures for this version."));
 }
 
 function problems(lp, nd) {
