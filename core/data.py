@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from core.labels import label_problem
 from core.preprocess import IMAGE_SUFFIXES, ImageError, load_image, prepare
 
@@ -35,35 +37,60 @@ class DatasetError(ValueError):
 class Dataset:
     root: Path
     classes: list[str]
-    train: list[tuple[Path, int]]
-    val: list[tuple[Path, int]]
-    split: str  # "folders" (train/ and val/ given) or "seeded" (stratified split made here)
+    # Items: (image, class index) for single-label; for multi-label (image, sorted label indices into
+    # `classes`), () for an image with none of them.
+    train: list[tuple[Path, int]] | list[tuple[Path, tuple[int, ...]]]
+    val: list[tuple[Path, int]] | list[tuple[Path, tuple[int, ...]]]
+    # "folders" (train/ and val/ given), "manifest" (labels.csv's split column) or "seeded" (split made here)
+    split: str
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}
     ignored: list[str] = field(default_factory=list)  # non-image files
     warnings: list[str] = field(default_factory=list)
     # Images the check already decoded (with the contract given to load_dataset), for the run to take
     # instead of decoding every file a second time: path -> core.preprocess.Prepared.
     decoded: dict = field(default_factory=dict, repr=False)
+    task: str = "single_label"  # or "multi_label"
+
+    def _indices(self, y) -> tuple[int, ...]:
+        return tuple(y) if self.task == "multi_label" else (y,)
 
     def counts(self) -> dict:
+        """Images per class and split; for multi-label, positive images per label and split."""
         def per(items):
-            c = Counter(y for _, y in items)
+            c = Counter(i for _, y in items for i in self._indices(y))
             return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
         return {"train": per(self.train), "val": per(self.val)}
 
+    def targets(self, split: str) -> np.ndarray:
+        """(images, classes) float32 of a split ("train" or "val"): multi-hot, one-hot for single-label."""
+        items = {"train": self.train, "val": self.val}[split]
+        out = np.zeros((len(items), len(self.classes)), np.float32)
+        for row, (_, y) in enumerate(items):
+            out[row, np.asarray(self._indices(y), dtype=np.intp)] = 1
+        return out
+
     def fingerprint(self) -> dict:
-        """What was trained on: files, classes, counts and one content hash over every used file."""
+        """What was trained on: files, classes, counts and one content hash over every used file. A
+        multi-label file records its label list (`labels`) where a single-label file has its `class`."""
+        multi = self.task == "multi_label"
         h = hashlib.sha256()
         files = []
         for split, items in (("train", self.train), ("val", self.val)):
             for p, y in sorted(items, key=lambda t: str(t[0])):
                 rel = p.relative_to(self.root).as_posix()
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                h.update(f"{split}\0{rel}\0{self.classes[y]}\0{digest}\n".encode())
-                files.append({"split": split, "path": rel, "class": self.classes[y], "sha256": digest})
-        return {"classes": self.classes, "counts": self.counts(), "num_files": len(files),
-                "content_hash": h.hexdigest(), "split": self.split, "skipped": self.skipped,
-                "ignored": len(self.ignored), "files": files}
+                if multi:
+                    names = [self.classes[i] for i in y]
+                    h.update(f"{split}\0{rel}\0{';'.join(names)}\0{digest}\n".encode())
+                    files.append({"split": split, "path": rel, "labels": names, "sha256": digest})
+                else:
+                    h.update(f"{split}\0{rel}\0{self.classes[y]}\0{digest}\n".encode())
+                    files.append({"split": split, "path": rel, "class": self.classes[y], "sha256": digest})
+        out = {"classes": self.classes, "counts": self.counts(), "num_files": len(files),
+               "content_hash": h.hexdigest(), "split": self.split, "skipped": self.skipped,
+               "ignored": len(self.ignored), "files": files}
+        # Only a multi-label dataset says so: a single-label dataset.json stays as it always was.
+        return {"task": self.task, **out} if multi else out
 
 
 # Compression methods Python's zipfile can read. Windows Explorer writes Deflate64 (9) for large archives,
