@@ -38,7 +38,7 @@ _publish = publish_version
 __all__ = ["train", "Run", "input_contract", "bootstrap_imagenet", "_publish"]
 
 
-def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
+def train(request: TrainRequest, data: str | Path | Dataset | None = None, *, store: Store | None = None,
           actor: str = "cli", log: Callable = print, progress: Callable[[dict], None] | None = None,
           job_id: str | None = None) -> dict:
     """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
@@ -116,7 +116,10 @@ def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Call
 
 
 def load_data(request: TrainRequest, data, workdir: Path, log: Callable) -> Dataset:
-    """Check and split the dataset, decoding each image once with the backbone's contract."""
+    """Check and split the dataset, decoding each image once with the backbone's contract. A `Dataset` already
+    checked and split (a caller that made one in process) is trained on as it is."""
+    if isinstance(data, Dataset):
+        return data
     ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=workdir, log_fn=log,
                       contract=input_contract(request))
     log(f"dataset {ds.root}: {len(ds.classes)} classes {ds.classes}, {len(ds.train)} train / {len(ds.val)} val "
