@@ -39,14 +39,21 @@ def metrics_record(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, l
     metrics = {
         "val_accuracy": report["accuracy"], "train_accuracy": checked.train_acc,
         "train_val_gap": checked.train_acc - report["accuracy"], "val_loss": checked.val_loss,
-        "balanced_accuracy": report["balanced_accuracy"], "balance": run.balance,
-        "per_class": report["per_class"], "macro_f1": report["macro_f1"],
-        "confusion_matrix": report["confusion_matrix"], "classes": ds.classes,
+        "balanced_accuracy": report.get("balanced_accuracy"), "balance": run.balance,
+        "per_class": report.get("per_class"), "macro_f1": report["macro_f1"],
+        "confusion_matrix": report.get("confusion_matrix"), "classes": ds.classes,
         "strategy": fitted.strategy, "auto": fitted.auto, "parity": checked.parity,
         "train_seconds": round(fitted.seconds, 2), "history": fitted.history, "counts": ds.counts(),
         "skipped": ds.skipped, "warnings": ds.warnings, "promotion": ev.decision, "int8": ev.int8,
         "lineage": lineage, "label_problems": ev.problems, "near_duplicates": ev.duplicates, "drift": ev.drift,
     }
+    if run.multi_label:
+        # The per-label figures in place of the single-label ones (there is no confusion matrix of labels).
+        for k in ("balanced_accuracy", "per_class", "confusion_matrix"):
+            metrics.pop(k)
+        metrics.update(task="multi_label", val_map=report["map"], val_micro_f1=report["micro_f1"],
+                       subset_accuracy=report["subset_accuracy"], per_label=report["per_label"],
+                       thresholds=dict(zip(ds.classes, run.contract.thresholds, strict=True)))
     metrics["software"] = software()
     return metrics
 
@@ -66,8 +73,9 @@ def write_artifacts(folder: Path, run: Run, fitted: Fitted, checked: Checked, ev
         (folder / name).write_text(json.dumps(obj, indent=2, default=str))
     save_results_csv(fitted.history, folder / "results.csv")
     report = checked.report
-    save_confusion_png(report["confusion_matrix"], run.ds.classes, folder / "confusion_matrix.png",
-                       f"{fitted.strategy}: val acc {report['accuracy']:.3f}")
+    if not run.multi_label:
+        save_confusion_png(report["confusion_matrix"], run.ds.classes, folder / "confusion_matrix.png",
+                           f"{fitted.strategy}: val acc {report['accuracy']:.3f}")
     return {n: folder / n for n in VERSION_FILES if (folder / n).is_file()}, metrics
 
 
@@ -80,7 +88,8 @@ def version_meta(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, *, 
             "parity_max_abs_diff": checked.parity["max_abs_prob_diff"], "promotion": ev.decision, "actor": actor,
             "dataset_hash": ev.fingerprint["content_hash"], "note": request.note or "",
             "precision": "int8" if ev.int8 and ev.int8["chosen"] else "fp32", "lineage": lineage,
-            "job": job_id, "why": fitted.auto.get("summary", "")}
+            "job": job_id, "why": fitted.auto.get("summary", ""),
+            **({"task": "multi_label", "val_map": checked.report["map"]} if run.multi_label else {})}
 
 
 def publish_version(store: Store, files: dict[str, Path], contract: Contract, meta: dict) -> str:

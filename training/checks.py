@@ -3,15 +3,15 @@ validation figures measured on the file's own outputs, and the INT8 file, served
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from training.export import export_onnx, run_onnx, session, verify_parity
-from training.finetune import evaluate
-from training.metrics import classification_report
+from training.export import CONTRACT_KEY, export_onnx, run_onnx, session, set_metadata, verify_parity
+from training.finetune import evaluate, score_key
+from training.metrics import best_f1_threshold, classification_report, mean_average_precision, multilabel_report
 from training.quantize import MAX_ACCURACY_DROP, calibration_sample, has_vnni, quantize_int8
 from training.registry import Backbone
 from training.run import Run
@@ -22,7 +22,8 @@ class Checked:
     """The exported file and what was measured on it."""
     path: Path
     parity: dict
-    report: dict  # classification_report of the validation split: accuracy, per_class, macro_f1, confusion
+    report: dict  # classification_report of the validation split: accuracy, per_class, macro_f1, confusion;
+    # multi-label: multilabel_report (map, micro_f1, macro_f1, subset_accuracy = accuracy, per_label)
     val_loss: float
     train_acc: float  # at the kept epoch, as training measured it
 
@@ -34,12 +35,34 @@ def export_and_check(run: Run, bb: Backbone, strategy: str, history: list[dict],
     parity, val_probs = _parity(run, bb, strategy, onnx_path)
     log(f"onnx parity: top-1 agrees on {parity['top1_agree']}/{parity['images']}, "
         f"max |Δprob| {parity['max_abs_prob_diff']:.2e}")
+    if run.multi_label:
+        report, val_loss = _multilabel_figures(run, val_probs, onnx_path, log)
+        kept = max((r for r in history if "train_acc" in r), key=score_key)
+        return Checked(onnx_path, parity, report, val_loss, float(kept["train_acc"]))
     val_loss = float(-np.log(np.clip(val_probs[np.arange(len(val_probs)), run.val_labels], 1e-12, 1)).mean())
     report = classification_report(run.val_labels, val_probs.argmax(1), run.ds.classes)
     # Train accuracy at the kept epoch, as training measured it (on cached features for the head,
     # on the augmented stream while fine-tuning): another full pass would double the export time.
     kept = max((r for r in history if "train_acc" in r), key=lambda r: (r["val_acc"], -r["val_loss"]))
     return Checked(onnx_path, parity, report, val_loss, float(kept["train_acc"]))
+
+
+def _multilabel_figures(run: Run, val_probs: np.ndarray, onnx_path: Path, log: Callable) -> tuple[dict, float]:
+    """Each label's threshold chosen on validation (best F1), written into the run's contract and the file's;
+    then the multi-label report at those thresholds and the validation BCE."""
+    y = run.val_labels
+    thresholds = tuple(best_f1_threshold(val_probs[:, j], y[:, j]) for j in range(y.shape[1]))
+    run.contract = replace(run.contract, thresholds=thresholds)
+    set_metadata(onnx_path, {CONTRACT_KEY: run.contract.to_json()})
+    report = multilabel_report(y, val_probs, thresholds, run.ds.classes)
+    p = np.clip(val_probs, 1e-7, 1 - 1e-7)
+    val_loss = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    for name, v in report["per_label"].items():
+        log(f"  {name:>20}: AP {v['ap'] if v['ap'] is not None else float('nan'):.3f}  threshold {v['threshold']:.3f}  "
+            f"P {v['precision']:.3f} R {v['recall']:.3f} F1 {v['f1']:.3f}  ({v['support']} positives)")
+    log(f"multi-label: val mAP {report['map']:.4f}, micro F1 {report['micro_f1']:.4f}, macro F1 "
+        f"{report['macro_f1']:.4f}, subset accuracy {report['subset_accuracy']:.4f}")
+    return report, val_loss
 
 
 def _parity(run: Run, bb: Backbone, strategy: str, onnx_path: Path) -> tuple[dict, np.ndarray]:
@@ -62,7 +85,8 @@ def _parity(run: Run, bb: Backbone, strategy: str, onnx_path: Path) -> tuple[dic
 
 
 def try_int8(fp32_path: Path, out: Path, run: Run, fp32_acc: float, log: Callable) -> dict:
-    """Quantize, measure on validation, and choose INT8 for serving only within 1 point of FP32."""
+    """Quantize, measure on validation, and choose INT8 for serving only within 1 point of FP32 (of mAP for
+    a multi-label version: `fp32_acc` is then its mAP)."""
     t0 = time.time()
     reduce_range = not has_vnni()
     try:
@@ -71,10 +95,18 @@ def try_int8(fp32_path: Path, out: Path, run: Run, fp32_acc: float, log: Callabl
         log(f"int8: quantization failed ({e}); serving FP32")
         out.unlink(missing_ok=True)
         return {"chosen": False, "reason": f"quantization failed: {e}"}
-    acc = float((run_onnx(session(out), run.val_arrays).argmax(1) == run.val_labels).mean())
+    probs = run_onnx(session(out), run.val_arrays)
+    if run.multi_label:
+        acc = mean_average_precision(run.val_labels, probs)
+    else:
+        acc = float((probs.argmax(1) == run.val_labels).mean())
     chosen = fp32_acc - acc <= MAX_ACCURACY_DROP
-    reason = (f"int8 val_acc {acc:.4f} vs fp32 {fp32_acc:.4f}: "
+    metric = "val_map" if run.multi_label else "val_acc"
+    reason = (f"int8 {metric} {acc:.4f} vs fp32 {fp32_acc:.4f}: "
               + ("within 1 point, serving int8" if chosen else "more than 1 point lower, serving fp32"))
     log(f"int8: {reason} ({time.time() - t0:.1f}s)")
+    if run.multi_label:
+        return {"chosen": chosen, "metric": "map", "val_map": acc, "fp32_val_map": fp32_acc, "reason": reason,
+                "reduce_range": reduce_range, "seconds": round(time.time() - t0, 2)}
     return {"chosen": chosen, "val_accuracy": acc, "fp32_val_accuracy": fp32_acc, "reason": reason,
             "reduce_range": reduce_range, "seconds": round(time.time() - t0, 2)}

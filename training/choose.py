@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from training.finetune import score_key
 from training.registry import Backbone
 from training.run import Run
 
@@ -41,12 +42,12 @@ class Trial:
     last_look: int = 6
 
     def __call__(self, history: list[dict]) -> str | None:
-        acc, loss = self.head
-        if any((r["val_acc"], -r["val_loss"]) > (acc, -loss) for r in history):
+        acc, loss = self.head  # multi-label: the head's mAP, and every row's mAP (score_key)
+        if any(score_key(r) > (acc, -loss) for r in history):
             return None
-        n, best = len(history), max(r["val_acc"] for r in history)
+        n, best = len(history), max(score_key(r)[0] for r in history)
         if n == self.epochs:
-            reached = trend([r["val_acc"] for r in history], n + self.reach)
+            reached = trend([score_key(r)[0] for r in history], n + self.reach)
             if reached < acc:
                 return (f"{n} epochs without beating the head's {acc:.4f} (best {best:.4f}), and their trend "
                         f"reaches {reached:.4f} by epoch {n + self.reach}")
@@ -99,12 +100,14 @@ def _auto(run: Run, log: Callable) -> tuple[Backbone, str, list[dict], dict]:
     n = len(run.ds.train)
     bb, hist, summary = run.run("feature_extraction")
     fe = run.head_eval(bb)
-    head_row = max(hist, key=lambda h: (h["val_acc"], -h["val_loss"]))
+    head_row = max(hist, key=score_key)
+    # Multi-label: judged by mAP (train mAP for the gap), which score_key and `_score` read first.
+    score, train_score = score_key(fe)[0], head_row.get("train_map", head_row["train_acc"])
     signals = {"train_images": n, "head_val_acc": round(fe["val_acc"], 4),
                "head_train_acc": round(head_row["train_acc"], 4),
-               "head_gap": round(head_row["train_acc"] - fe["val_acc"], 4), "time_budget": r.time_budget}
-    candidates = {"feature_extraction": {"val_acc": fe["val_acc"], "val_loss": fe["val_loss"],
-                                         "seconds": summary["seconds"]}}
+               "head_gap": round(train_score - score, 4), "time_budget": r.time_budget}
+    candidates = {"feature_extraction": {k: fe[k] for k in ("val_acc", "val_map", "val_loss") if k in fe}
+                  | {"seconds": summary["seconds"]}}
     best = ("feature_extraction", bb, hist, fe)
     reason, line = _head_only(run, fe, signals, left=r.time_budget - (time.time() - t0))
     if reason is None:
@@ -114,7 +117,7 @@ def _auto(run: Run, log: Callable) -> tuple[Backbone, str, list[dict], dict]:
         line = _tried_line(best[0], candidates)
     signals["fit_seconds"] = round(time.time() - t0, 2)
     log(f"auto: {reason}")
-    run.progress.best(best[3]["val_acc"])
+    run.progress.best(score_key(best[3])[0])
     return best[1], best[0], best[2], {"strategy": best[0], "reason": reason, "summary": line,
                                        "candidates": candidates, "signals": signals}
 
@@ -129,21 +132,21 @@ def _head_only(run: Run, fe: dict, signals: dict, *, left: float) -> tuple[str |
     if left <= 0:
         return (f"the time budget ({budget:g}s) was spent on the head; head only",
                 f"kept the head: the {budget:g}s time budget was spent fitting it")
-    if fe["val_acc"] >= AUTO_HEAD_ENOUGH_ACC and signals["head_gap"] <= AUTO_HEAD_ENOUGH_GAP:
-        return (f"the head alone reaches {fe['val_acc']:.4f} with a train/val gap of {signals['head_gap']:.3f}: "
+    if score_key(fe)[0] >= AUTO_HEAD_ENOUGH_ACC and signals["head_gap"] <= AUTO_HEAD_ENOUGH_GAP:
+        return (f"the head alone reaches {score_key(fe)[0]:.4f} with a train/val gap of {signals['head_gap']:.3f}: "
                 "nothing left for fine-tuning to show; head only",
-                f"kept the head: it reaches {fe['val_acc']:.1%} with no train/val gap left to close")
+                f"kept the head: it reaches {score_key(fe)[0]:.1%} with no train/val gap left to close")
     return None, None
 
 
 def _tried_line(kept: str, candidates: dict) -> str:
     """One line a data scientist reads: what was kept and by how much, or why fine-tuning was not."""
-    head = candidates["feature_extraction"]["val_acc"]
+    head = _score(candidates["feature_extraction"])
     tuned = {k: v for k, v in candidates.items() if k != "feature_extraction"}
     if kept != "feature_extraction":
         c = candidates[kept]
-        return (f"kept {kept}: {100 * (c['val_acc'] - head):+.1f} points over the head "
-                f"({head:.1%} -> {c['val_acc']:.1%}) at epoch {c['best_epoch']} of {c['epochs_run']}")
+        return (f"kept {kept}: {100 * (_score(c) - head):+.1f} points over the head "
+                f"({head:.1%} -> {_score(c):.1%}) at epoch {c['best_epoch']} of {c['epochs_run']}")
     parts = []
     for name, c in tuned.items():
         gap = 100 * (c["tuned_val_acc"] - head)
@@ -154,10 +157,15 @@ def _tried_line(kept: str, candidates: dict) -> str:
     return f"kept the head ({head:.1%}): " + ("; ".join(parts) or "no time was left in the budget to fine-tune")
 
 
+def _score(figures: dict) -> float:
+    return score_key(figures)[0]
+
+
 def _requested_line(strategy: str, history: list[dict]) -> str:
-    best = max((h for h in history if h["phase"] != "head"), default=None, key=lambda h: h["val_acc"])
-    best = best or max(history, key=lambda h: h["val_acc"])
-    return f"trained {strategy} as requested: best validation accuracy {best['val_acc']:.1%} at epoch {best['epoch']}"
+    best = max((h for h in history if h["phase"] != "head"), default=None, key=score_key)
+    best = best or max(history, key=score_key)
+    what = "mAP" if "val_map" in best else "accuracy"
+    return f"trained {strategy} as requested: best validation {what} {score_key(best)[0]:.1%} at epoch {best['epoch']}"
 
 
 def _try_fine_tuning(run: Run, best: tuple, signals: dict, candidates: dict, t0: float,
@@ -176,15 +184,15 @@ def _try_fine_tuning(run: Run, best: tuple, signals: dict, candidates: dict, t0:
         log(f"auto: {n} training images, head val_acc {fe['val_acc']:.4f} (train/val gap "
             f"{signals['head_gap']:.3f}); trying {name} fine-tuning for at most {left:.1f}s of the "
             f"{r.time_budget:g}s budget")
-        bb2, hist2, s2 = run.run(name, start=bb, budget=left, trial=Trial((fe["val_acc"], fe["val_loss"])))
+        bb2, hist2, s2 = run.run(name, start=bb, budget=left, trial=Trial((_score(fe), fe["val_loss"])))
         kept = s2["kept"]
-        ev = {"val_acc": kept["val_acc"], "val_loss": kept["val_loss"]}
+        ev = {k: kept[k] for k in ("val_acc", "val_map", "val_loss") if k in kept}
         candidates[name] = {**ev, "seconds": s2["seconds"], "epochs_run": kept["epochs_run"],
                             "stopped": kept["stopped"], "best_epoch": kept["epoch"],
                             "tuned_val_acc": kept["tuned_val_acc"], "trial": kept.get("trial")}
         if "activation_cache" in s2:
             candidates[name]["activation_cache"] = s2["activation_cache"]
         notes.append(f"{name} stopped by {kept['stopped']} after {kept['epochs_run']} epoch(s)")
-        if kept["epoch"] > 0 and (ev["val_acc"], -ev["val_loss"]) > (best[3]["val_acc"], -best[3]["val_loss"]):
+        if kept["epoch"] > 0 and score_key(ev) > score_key(best[3]):
             best = (name, bb2, hist + hist2, ev)
     return best, notes

@@ -14,6 +14,8 @@ from torch import nn
 
 from core.contract import Contract
 from training.errors import ExportError
+from training.heads import RegionHead, RegionPool
+from training.heads import pooled as pooled_features
 
 CONTRACT_KEY = "refit.contract"
 VERSION_KEY = "refit.version"
@@ -27,30 +29,38 @@ class WithSoftmax(nn.Module):
     features, which the service's drift monitor compares with the training features without torch and
     without a second model run. With `features` as well, it returns the last feature map before the global
     average pooling (N x C x h x w), from which the service computes class activation maps in numpy
-    (`service/explain.py`)."""
+    (`service/explain.py`). A multi-label model (`multi_label`) returns sigmoid probabilities, one per label, and
+    with a RegionHead (training/heads.py) its `embedding` is the mean of the region features and `features`
+    the map RegionPool pooled."""
 
-    def __init__(self, model: nn.Module, classifier: str | None = None, features: bool = False):
+    def __init__(self, model: nn.Module, classifier: str | None = None, features: bool = False,
+                 multi_label: bool = False):
         super().__init__()
         self.model = model
         self.classifier = classifier
         self.features = features
+        self.multi_label = multi_label
+
+    def probs(self, logits):
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
     def forward(self, x):
         if self.classifier is None:
-            return torch.softmax(self.model(x), dim=1)
+            return self.probs(self.model(x))
         seen, pooled = [], []
         hooks = [self.model.get_submodule(self.classifier).register_forward_pre_hook(
             lambda _module, args: seen.append(args[0]))]
         if self.features:
             # Squeeze-and-excitation blocks pool too; the global pooling is the last one the forward pass runs.
             hooks += [m.register_forward_pre_hook(lambda _module, args: pooled.append(args[0]))
-                      for m in self.model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+                      for m in self.model.modules() if isinstance(m, (nn.AdaptiveAvgPool2d, RegionPool))]
         try:
             logits = self.model(x)
         finally:
             for hook in hooks:
                 hook.remove()
-        out = (torch.softmax(logits, dim=1), torch.flatten(seen[0], 1))
+        head = self.model.get_submodule(self.classifier)
+        out = (self.probs(logits), pooled_features(head, torch.flatten(seen[0], 1)))
         return out + (pooled[-1],) if self.features else out
 
 
@@ -60,7 +70,8 @@ def cam_head(model: nn.Module, classifier: str, input_size: int) -> tuple[np.nda
     at each position. Checked on an input, not assumed from the architecture: a head with layers of its own
     between the pooling and the last linear layer (MobileNetV3's, ConvNeXt's normalisation) returns None."""
     head = model.get_submodule(classifier)
-    if not isinstance(head, nn.Linear):
+    linear = head.fc if isinstance(head, RegionHead) else head  # a RegionHead's regions share its linear layer
+    if not isinstance(linear, nn.Linear):
         return None
     wrapper = WithSoftmax(model, classifier, features=True).eval()
     x = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
@@ -71,11 +82,11 @@ def cam_head(model: nn.Module, classifier: str, input_size: int) -> tuple[np.nda
         return None
     if fmap.dim() != 4 or fmap.shape[1] != embedding.shape[1]:
         return None
-    if not torch.allclose(fmap.mean((2, 3)), embedding, rtol=1e-4, atol=1e-5):
+    if not isinstance(head, RegionHead) and not torch.allclose(fmap.mean((2, 3)), embedding, rtol=1e-4, atol=1e-5):
         return None
-    return (head.weight.detach().cpu().numpy().astype(np.float32),
-            head.bias.detach().cpu().numpy().astype(np.float32) if head.bias is not None
-            else np.zeros(head.out_features, np.float32))
+    return (linear.weight.detach().cpu().numpy().astype(np.float32),
+            linear.bias.detach().cpu().numpy().astype(np.float32) if linear.bias is not None
+            else np.zeros(linear.out_features, np.float32))
 
 
 def save_cam_head(weight: np.ndarray, bias: np.ndarray, path: Path | str) -> Path:
@@ -101,7 +112,8 @@ def export_onnx(model: nn.Module, contract: Contract, path: Path | str, *, class
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: mature for CNNs, gives a single self-contained file with a dynamic batch.
-        torch.onnx.export(WithSoftmax(model, classifier, features=head is not None).eval(), dummy, str(path),
+        torch.onnx.export(WithSoftmax(model, classifier, features=head is not None,
+                                      multi_label=contract.multi_label).eval(), dummy, str(path),
                           input_names=["input"], output_names=outputs,
                           dynamic_axes={n: {0: "batch"} for n in ["input", *outputs]},
                           opset_version=opset, dynamo=False)
@@ -119,7 +131,9 @@ def feature_session(bb, input_size: int, cache_dir: Path):
         if not k.startswith(bb.classifier + "."):
             state_hash.update(k.encode())
             state_hash.update(v.detach().cpu().numpy().tobytes()[:4096])
-    path = Path(cache_dir) / f"features-{bb.name}-{input_size}-{state_hash.hexdigest()[:12]}.onnx"
+    # A RegionPool (multi-label) gives region features, not the pooled ones: another file.
+    regions = "-regions" if any(isinstance(m, RegionPool) for m in bb.model.modules()) else ""
+    path = Path(cache_dir) / f"features-{bb.name}{regions}-{input_size}-{state_hash.hexdigest()[:12]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         body = copy.deepcopy(bb.model).eval()
@@ -177,7 +191,7 @@ def verify_parity(path: Path | str, torch_probs: np.ndarray, arrays: np.ndarray,
     if ort_probs is None:
         ort_probs = run_onnx(session(path), arrays)
     diff = float(np.abs(ort_probs - torch_probs).max()) if len(arrays) else 0.0
-    same = int((ort_probs.argmax(1) == torch_probs.argmax(1)).sum())
+    same = int((ort_probs.argmax(1) == torch_probs.argmax(1)).sum())  # multi-label: the top label
     result = {"images": int(len(arrays)), "max_abs_prob_diff": diff, "top1_agree": same,
               "tolerance": tolerance, "passed": same == len(arrays) and diff <= tolerance}
     if not result["passed"]:

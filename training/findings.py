@@ -9,15 +9,18 @@ import numpy as np
 
 from core.drift import REFERENCE_SIZE, build_reference, save_reference
 from training.export import session
-from training.quality import label_problems, near_duplicates, summary_lines
-from training.registry import Backbone
+from training.heads import pooled
+from training.quality import label_problems, multilabel_problems, near_duplicates, summary_lines
+from training.registry import Backbone, get_module
 from training.run import Run
 
 
 def label_findings(run: Run, bb: Backbone, fingerprint: dict, log: Callable) -> tuple[dict, dict]:
     """Likely label errors and train/val near-duplicates, from the frozen pretrained features (cached by
     every strategy but `scratch`, whose random backbone says nothing about the images: it extracts them)."""
-    tr, ty, va, vy = run.features(bb if run.has_features else run.backbone(pretrained=True))
+    source = bb if run.has_features else run.backbone(pretrained=True)
+    tr, ty, va, vy = run.features(source)
+    tr, va = pooled_features(source, tr), pooled_features(source, va)
     sha = {(f["split"], f["path"]): f["sha256"] for f in fingerprint["files"]}
 
     def files(items, split):
@@ -25,12 +28,18 @@ def label_findings(run: Run, bb: Backbone, fingerprint: dict, log: Callable) -> 
         return [{"path": r, "sha256": sha.get((split, r)), "split": split} for r in rels]
 
     train_files, val_files = files(run.ds.train, "train"), files(run.ds.val, "val")
-    problems = label_problems(np.concatenate([tr.numpy(), va.numpy()]), np.concatenate([ty.numpy(), vy.numpy()]),
-                              run.ds.classes, train_files + val_files, seed=run.request.seed)
+    find = multilabel_problems if run.multi_label else label_problems
+    problems = find(np.concatenate([tr.numpy(), va.numpy()]), np.concatenate([ty.numpy(), vy.numpy()]),
+                    run.ds.classes, train_files + val_files, seed=run.request.seed)
     duplicates = near_duplicates(tr.numpy(), va.numpy(), train_files, val_files)
     for line in summary_lines(problems, duplicates):
         log(line)
     return problems, duplicates
+
+
+def pooled_features(bb: Backbone, x):
+    """The pooled features (N, C) of cached head inputs (a multi-label RegionHead's are per region)."""
+    return pooled(get_module(bb.model, bb.classifier), x)
 
 
 def drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out: Path) -> dict:
@@ -39,7 +48,7 @@ def drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out:
     the validation images and a sample of the training images."""
     if strategy == "feature_extraction":
         tr, _, va, _ = run.features(bb)
-        train_emb, val_emb = tr.numpy(), va.numpy()
+        train_emb, val_emb = pooled_features(bb, tr).numpy(), pooled_features(bb, va).numpy()
     else:
         sess = session(onnx_path)
         pick = np.sort(np.random.default_rng(run.request.seed).permutation(len(run.train_arrays))[:REFERENCE_SIZE])
@@ -49,7 +58,9 @@ def drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out:
                                    for i in range(0, len(arrays), 32)])
 
         train_emb, val_emb = emb(run.train_arrays[pick]), emb(run.val_arrays)
-    ref = build_reference(train_emb, val_emb, run.val_labels, run.ds.classes, seed=run.request.seed)
+    # Multi-label: the reference's label shares are each label's share of the validation positives.
+    labels = np.nonzero(run.val_labels)[1] if run.multi_label else run.val_labels
+    ref = build_reference(train_emb, val_emb, labels, run.ds.classes, seed=run.request.seed)
     save_reference(ref, out)
     return {"file": out.name, "reference_embeddings": int(len(ref.embeddings)),
             "val_mean_distance": round(float(ref.val_distances.mean()), 4),

@@ -38,6 +38,8 @@ def balanced_accuracy(cm) -> float:
 def save_results_csv(history: list[dict], path: Path) -> None:
     """One row per epoch (Ultralytics' results.csv): epoch, phase, time, then the metrics."""
     cols = ["epoch", "phase", "time", "train_loss", "train_acc", "val_loss", "val_acc"]
+    if any("val_map" in row for row in history):  # multi-label: val_acc is the subset accuracy, mAP beside it
+        cols.append("val_map")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -68,3 +70,67 @@ def save_confusion_png(cm: list[list[int]], classes: list[str], path: Path, titl
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The area under the precision-recall curve as scikit-learn's average_precision_score computes it: the
+    precision at each threshold weighted by the recall it adds (tied scores are one threshold). NaN without
+    a positive."""
+    positive = np.asarray(positive) > 0.5
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    s, y = np.asarray(scores, np.float64)[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the end of each run of tied scores
+    tp = np.cumsum(y)[last]
+    precision, recall = tp / (last + 1), tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def best_f1_threshold(scores: np.ndarray, positive: np.ndarray) -> float:
+    """The probability threshold (predict the label when score >= it) with the best F1 on these images; of
+    equal F1s the lower threshold. 0.5 for a label without a positive here (nothing to choose it on)."""
+    positive = np.asarray(positive) > 0.5
+    if not positive.any():
+        return 0.5
+    candidates = np.unique(np.asarray(scores, np.float64))  # ascending: argmax keeps the first, the lowest
+    pred = np.asarray(scores, np.float64)[None, :] >= candidates[:, None]
+    tp = (pred & positive).sum(1)
+    f1 = 2 * tp / (pred.sum(1) + positive.sum())
+    return float(candidates[int(np.argmax(f1))])
+
+
+def multilabel_report(targets: np.ndarray, probs: np.ndarray, thresholds, classes: list[str]) -> dict:
+    """Per label: AP, and precision, recall and F1 at its threshold (with the threshold and the positives);
+    then mAP (over the labels with a positive), micro and macro F1, and subset accuracy (every label right).
+    `accuracy` is the subset accuracy, the figure a multi-label version's val_accuracy carries."""
+    y = np.asarray(targets) > 0.5
+    pred = np.asarray(probs) >= np.asarray(thresholds, np.float64)[None, :]
+    per_label, aps = {}, []
+    for j, c in enumerate(classes):
+        p, t = pred[:, j], y[:, j]
+        tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+        ap = average_precision(probs[:, j], y[:, j])
+        if not np.isnan(ap):
+            aps.append(ap)
+        per_label[c] = {"ap": None if np.isnan(ap) else round(ap, 4), **_prf(tp, fp, fn),
+                        "threshold": round(float(thresholds[j]), 4), "support": int(y[:, j].sum())}
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    subset = float((pred == y).all(1).mean()) if len(y) else 0.0
+    return {"map": float(np.mean(aps)) if aps else 0.0, "micro_f1": _prf(tp, fp, fn)["f1"],
+            "macro_f1": round(float(np.mean([v["f1"] for v in per_label.values()])), 4),
+            "subset_accuracy": subset, "accuracy": subset, "per_label": per_label}
+
+
+def _prf(tp: int, fp: int, fn: int) -> dict:
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return {"precision": round(prec, 4), "recall": round(rec, 4), "f1": round(f1, 4)}
+
+
+def mean_average_precision(targets: np.ndarray, probs: np.ndarray) -> float:
+    """mAP over the labels with a positive among these images."""
+    aps = [average_precision(probs[:, j], targets[:, j]) for j in range(targets.shape[1])]
+    aps = [a for a in aps if not np.isnan(a)]
+    return float(np.mean(aps)) if aps else 0.0

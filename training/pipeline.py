@@ -38,7 +38,7 @@ _publish = publish_version
 __all__ = ["train", "Run", "input_contract", "bootstrap_imagenet", "_publish"]
 
 
-def train(request: TrainRequest, data: str | Path | None = None, *, store: Store | None = None,
+def train(request: TrainRequest, data: str | Path | Dataset | None = None, *, store: Store | None = None,
           actor: str = "cli", log: Callable = print, progress: Callable[[dict], None] | None = None,
           job_id: str | None = None) -> dict:
     """Train on `data` (a folder or .zip), or on the dataset of the store that `request.dataset` names (its
@@ -65,7 +65,7 @@ def train(request: TrainRequest, data: str | Path | None = None, *, store: Store
         version = publish_version(store, files, run.contract, version_meta(
             run, fitted, checked, evaluation, parent=parent, actor=actor, lineage=lineage, job_id=job_id))
     log(f"published {version}: {fitted.strategy}, val_accuracy {checked.report['accuracy']:.4f}, "
-        f"train {fitted.seconds:.1f}s")
+        + (f"val_map {checked.report['map']:.4f}, " if run.multi_label else "") + f"train {fitted.seconds:.1f}s")
     log(f"strategy: {fitted.auto['summary']}")
     tracker.phase("done")
     promoted = promote(store, version, evaluation.decision, actor, log)
@@ -116,7 +116,10 @@ def _from_store(request: TrainRequest, data, store: Store, dest: Path, log: Call
 
 
 def load_data(request: TrainRequest, data, workdir: Path, log: Callable) -> Dataset:
-    """Check and split the dataset, decoding each image once with the backbone's contract."""
+    """Check and split the dataset, decoding each image once with the backbone's contract. A `Dataset` already
+    checked and split (a caller that made one in process) is trained on as it is."""
+    if isinstance(data, Dataset):
+        return data
     ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=workdir, log_fn=log,
                       contract=input_contract(request), task=request.task)
     if ds.task == "multi_label":
@@ -129,10 +132,12 @@ def load_data(request: TrainRequest, data, workdir: Path, log: Callable) -> Data
 def evaluate_version(run: Run, fitted: Fitted, checked: Checked, store: Store, folder: Path,
                      log: Callable) -> Evaluation:
     """INT8 (when asked for), the promotion decision, the label findings and the drift reference."""
-    accuracy = checked.report["accuracy"]
-    int8 = try_int8(checked.path, folder / "model.int8.onnx", run, accuracy, log) if run.request.int8 else None
+    accuracy = checked.report["accuracy"]  # multi-label: subset accuracy; its INT8 gate compares mAP
+    gate = checked.report["map"] if run.multi_label else accuracy
+    int8 = try_int8(checked.path, folder / "model.int8.onnx", run, gate, log) if run.request.int8 else None
     decision = promotion_decision(run.request, store, run.ds, accuracy, run,
-                                  val_balanced=checked.report["balanced_accuracy"])
+                                  val_balanced=checked.report.get("balanced_accuracy"),
+                                  val_map=checked.report.get("map"))
     fingerprint = run.ds.fingerprint()
     problems, duplicates = label_findings(run, fitted.backbone, fingerprint, log)
     drift = drift_reference(run, fitted.backbone, fitted.strategy, checked.path, folder / DRIFT_FILE)
@@ -153,6 +158,9 @@ def summary(version: str, promoted: bool, run: Run, fitted: Fitted, checked: Che
             metrics: dict, lineage: dict | None, *, total_seconds: float) -> dict:
     """What `train` returns: the CLI's --json line and the retrain job's result."""
     ds = run.ds
+    if run.multi_label:
+        return multilabel_summary(version, promoted, run, fitted, checked, ev, metrics, lineage,
+                                  total_seconds=total_seconds)
     return {"version": version, "strategy": fitted.strategy, "val_accuracy": checked.report["accuracy"],
             "train_seconds": round(fitted.seconds, 2), "total_seconds": round(total_seconds, 2),
             "promoted": promoted, "promotion": ev.decision, "parity": checked.parity, "classes": ds.classes,
@@ -160,5 +168,23 @@ def summary(version: str, promoted: bool, run: Run, fitted: Fitted, checked: Che
             "lineage": lineage, "warnings": ds.warnings,
             "metrics": {k: metrics[k] for k in ("val_accuracy", "balanced_accuracy", "train_accuracy", "macro_f1",
                                                 "per_class")},
+            "label_problems": {**ev.problems, "items": ev.problems["items"][:5]},
+            "near_duplicates": {**ev.duplicates, "items": ev.duplicates["items"][:5]}}
+
+
+def multilabel_summary(version: str, promoted: bool, run: Run, fitted: Fitted, checked: Checked, ev: Evaluation,
+                       metrics: dict, lineage: dict | None, *, total_seconds: float) -> dict:
+    """`summary` of a multi-label version: val_accuracy is the subset accuracy, with val_map and val_micro_f1."""
+    ds, report = run.ds, checked.report
+    return {"version": version, "task": "multi_label", "strategy": fitted.strategy,
+            "val_accuracy": report["accuracy"], "val_map": report["map"], "val_micro_f1": report["micro_f1"],
+            "val_macro_f1": report["macro_f1"],
+            "thresholds": dict(zip(ds.classes, run.contract.thresholds, strict=True)),
+            "train_seconds": round(fitted.seconds, 2), "total_seconds": round(total_seconds, 2),
+            "promoted": promoted, "promotion": ev.decision, "parity": checked.parity, "classes": ds.classes,
+            "train_val_gap": metrics["train_val_gap"], "auto": fitted.auto, "skipped": ds.skipped,
+            "lineage": lineage, "warnings": ds.warnings, "int8": ev.int8,
+            "metrics": {k: metrics[k] for k in ("val_accuracy", "val_map", "val_micro_f1", "macro_f1",
+                                                "subset_accuracy", "train_accuracy", "per_label")},
             "label_problems": {**ev.problems, "items": ev.problems["items"][:5]},
             "near_duplicates": {**ev.duplicates, "items": ev.duplicates["items"][:5]}}

@@ -145,3 +145,58 @@ def summary_lines(problems: dict, duplicates: dict) -> list[str]:
         top = duplicates["items"][0]
         dup += f", e.g. {top['val']['path']} ~ {top['train']['path']} ({top['similarity']:.3f})"
     return [line, dup]
+
+
+def _fit_sigmoid(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3) -> torch.nn.Linear:
+    """One-vs-rest logistic regression of every label at once (one linear layer, BCE), by L-BFGS."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], y.shape[1])
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(head(x), y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head
+
+
+def multilabel_problems(features: np.ndarray, targets: np.ndarray, classes: list[str], files: list[dict], *,
+                        seed: int = 0) -> dict:
+    """label_problems for multi-label: images with a label that is likely missing or wrong.
+
+    What cleanlab's multilabel_classification.filter.find_label_issues does (confident learning per label,
+    one-vs-rest, on out-of-fold probabilities), in numpy: cleanlab is not a dependency of the training image
+    (it brings scikit-learn for this one function). Per label j, t1 = the mean p_j over the images that have j
+    and t0 = the mean 1 - p_j over those that lack it; an image that has j is suspect when 1 - p_j >= t0, one
+    that lacks it when p_j >= t1. `suggested` is the label set with those flipped; `score` is 1 minus the
+    lowest self-confidence (p_j of a given label, 1 - p_j of an absent one)."""
+    t0 = time.time()
+    y = np.asarray(targets, np.float32)
+    k = min(MAX_FOLDS, len(y))
+    if k < 2 or (y.sum(0) < 2).any():
+        return {"available": False, "reason": "too few images: every label needs 2 positives (train and val "
+                "together)", "items": [], "count": 0}
+    fold = np.random.default_rng(seed).permutation(len(y)) % k
+    probs = np.zeros_like(y)
+    for f in range(k):
+        tr, te = fold != f, fold == f
+        mean, std = features[tr].mean(0), features[tr].std(0) + 1e-6
+        head = _fit_sigmoid(torch.from_numpy((features[tr] - mean) / std), torch.from_numpy(y[tr]))
+        with torch.no_grad():
+            probs[te] = torch.sigmoid(head(torch.from_numpy((features[te] - mean) / std))).numpy()
+    has = y > 0.5
+    t1 = np.array([probs[has[:, j], j].mean() for j in range(y.shape[1])])
+    t0_ = np.array([(1 - probs[~has[:, j], j]).mean() if (~has[:, j]).any() else 1.0 for j in range(y.shape[1])])
+    flagged = np.where(has, 1 - probs >= t0_, probs >= t1)
+    self_conf = np.where(has, probs, 1 - probs).min(1)
+    issue = flagged.any(1)
+    order = np.flatnonzero(issue)[np.argsort(self_conf[issue], kind="stable")]
+    items = [{**files[i], "given": [c for c, h in zip(classes, has[i], strict=True) if h],
+              "suggested": [c for c, h, fl in zip(classes, has[i], flagged[i], strict=True) if h != fl],
+              "score": round(float(1 - self_conf[i]), 4)} for i in order[:MAX_LISTED]]
+    return {"available": True, "method": "confident learning per label (one-vs-rest) on out-of-fold probabilities",
+            "folds": k, "count": int(issue.sum()), "images": int(len(y)), "items": items,
+            "seconds": round(time.time() - t0, 2)}

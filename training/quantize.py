@@ -1,6 +1,7 @@
 """Static INT8 quantization with onnxruntime, calibrated on training images.
 
-Every op is quantized except the final Softmax, so scores stay full-precision probabilities. On a CPU
+Every op is quantized except the final Softmax (a multi-label file's final Sigmoid), so scores stay
+full-precision probabilities. On a CPU
 without an 8-bit dot-product instruction (VNNI) weights use a 7-bit range (reduce_range): the AVX2 u8s8
 kernels sum pairs of products in 16 bits and can saturate with full 8-bit weights. With VNNI the products
 are summed in 32 bits, and the full range is more accurate (hymenoptera, EfficientNet-Lite0 head: 0.954
@@ -65,7 +66,10 @@ def _quantize(fp32_path, out_path, reader, quant_pre_process, quantize_static, Q
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        softmax = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Softmax"]
+        # The output's probabilities stay full precision: the Softmax, or a multi-label file's final Sigmoid.
+        graph = onnx.load(str(pre)).graph
+        softmax = [n.name for n in graph.node if n.op_type == "Softmax"
+                   or (n.op_type == "Sigmoid" and "probs" in n.output)]
         quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QOperator,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         reduce_range=reduce_range, nodes_to_exclude=softmax)
