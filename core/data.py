@@ -271,7 +271,8 @@ def _relative_to(path: str, root: Path) -> str:
 def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, workdir: Path | None = None,
                  log_fn=log.info, contract=None, task: str | None = None) -> Dataset:
     """Check and split a dataset folder or .zip. `workdir` receives the extracted archive. With a
-    `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`.
+    `contract`, images are decoded as training will use them and kept, bounded, in `Dataset.decoded`; it may
+    be a function of the task (a multi-label run decodes at another size), called once the task is known.
     `task` (single_label | multi_label) forces one; None takes what the data says: a manifest (labels.csv
     at the root) tells, class folders are single-label."""
     from core import manifest
@@ -281,18 +282,24 @@ def load_dataset(data: Path | str, *, val_fraction: float = 0.2, seed: int = 0, 
     skipped: list[dict] = []
     ignored: list[str] = []
     decoded: dict | None = {} if contract is not None else None
+    chosen: list = [None]  # the contract images are decoded with, once the task is known
 
     def usable(files):
-        return _usable(files, skipped, ignored, contract, decoded)
+        return _usable(files, skipped, ignored, chosen[0], decoded)
+
+    def decode_for(task: str) -> None:
+        chosen[0] = contract(task) if callable(contract) else contract
 
     if (root / manifest.MANIFEST).is_file():
         m = manifest.read_manifest(root)
         task = manifest.resolve_task(m, task)
+        decode_for(task)
         good = set(usable([r.path for r in m.rows]))
         _report(root, skipped, ignored, log_fn)
         ds = manifest.split_dataset(m, [r for r in m.rows if r.path in good], task, val_fraction, seed)
         manifest.note_unlisted(ds, m, log_fn)
     else:
+        decode_for(task or "single_label")
         scan = _scan_folders(root, usable)
         _report(root, skipped, ignored, log_fn)
         ds = _split_folders(root, scan, val_fraction, seed)

@@ -120,10 +120,9 @@ def load_data(request: TrainRequest, data, workdir: Path, log: Callable) -> Data
     checked and split (a caller that made one in process) is trained on as it is."""
     if isinstance(data, Dataset):
         return data
+    # Decoded once, at the size the task trains at (a multi-label run's is larger: training/heads.py).
     ds = load_dataset(data, val_fraction=request.val_fraction, seed=request.seed, workdir=workdir, log_fn=log,
-                      contract=input_contract(request), task=request.task)
-    if ds.task == "multi_label":
-        raise DatasetError("multi-label training is not available yet")
+                      contract=lambda task: input_contract(request, task), task=request.task)
     log(f"dataset {ds.root}: {len(ds.classes)} classes {ds.classes}, {len(ds.train)} train / {len(ds.val)} val "
         f"({ds.split} split), {len(ds.skipped)} skipped")
     return ds
