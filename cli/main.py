@@ -21,7 +21,6 @@ import sys
 import typing
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from core.backbones import list_backbones
@@ -79,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("images", nargs="+")
     pd.add_argument("--version", default="promoted", help="version id, 'promoted' (default) or 'latest'")
     pd.add_argument("--top-k", type=int, default=3)
+    pd.add_argument("--threshold", type=float, default=None, help="a single-label version answers \"unknown\" "
+                    "under it; a multi-label one lists the labels over it (default: each label's own threshold)")
     pd.add_argument("--json", action="store_true")
     ex = sub.add_parser("explain", help="classify an image and show where the model looked: a class "
                         "activation map, as a PNG over the image's centre crop (-o) and as a small grid")
@@ -257,23 +258,22 @@ def _dataset_add(datasets: Datasets, args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from training.export import read_contract, session  # torch
-
+    """The version opened and answered as serving opens and answers it (`service/model.py`): a multi-label
+    version lists every label over its threshold."""
     store = _store(args)
     version = store.resolve(args.version)
-    path = store.verify(version)
-    contract, sess = read_contract(path), session(path)
+    model = open_version(store, version, threads=os.cpu_count() or 1)
     results = []
     for img in args.images:
-        probs = sess.run(["probs"], {"input": preprocess(img, contract)[None]})[0][0]
-        top = np.argsort(-probs)[: args.top_k]
-        results.append({"image": img, "version": version,
-                        "top_k": [{"label": contract.class_names[i], "score": float(probs[i])} for i in top]})
+        probs = model.run(preprocess(img, model.contract)[None])[0]
+        results.append({"image": img, **ModelHolder.answer(model, probs, args.top_k, args.threshold)})
     if args.json:
         print(json.dumps(results))
     else:
         for r in results:
-            print(f"{r['image']} ({version}): " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"]))
+            shown = r["labels"] if "labels" in r else r["top_k"]
+            print(f"{r['image']} ({version}): " + (", ".join(f"{t['label']} {t['score']:.3f}" for t in shown)
+                                                   or "none of the labels"))
     return 0
 
 
