@@ -152,11 +152,8 @@ def test_partial_fine_tuning_trains_with_bce_on_the_activation_cache(tmp_path):
 
 
 def test_the_cli_trains_a_multilabel_manifest(tmp_path):
-    """Needs core/manifest.py (load_dataset reading labels.csv), which comes with the data layer's branch."""
-    from conftest import ROOT, run_cli
-
-    if not (ROOT / "core" / "manifest.py").is_file():
-        pytest.skip("load_dataset reads labels.csv once core/manifest.py is in this tree")
+    """From a labels.csv to a version, and `refit predict` answering with the labels over their thresholds."""
+    from conftest import run_cli
 
     make_collages(tmp_path / "data")
     r = run_cli("train", tmp_path / "data", "--strategy", "feature_extraction", "--parity-images", "2", "--json",
@@ -164,3 +161,11 @@ def test_the_cli_trains_a_multilabel_manifest(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["task"] == "multi_label" and {"val_map", "val_micro_f1"} <= set(out)
+    image = next(iter(sorted((tmp_path / "data").rglob("*.jpg"))))
+    p = run_cli("predict", image, "--json", home=tmp_path / "home")
+    assert p.returncode == 0, p.stderr
+    answer = json.loads(p.stdout)[0]
+    assert isinstance(answer["labels"], list) and answer["version"] == out["version"]
+    assert all(x["score"] >= 0 for x in answer["labels"])
+    everything = json.loads(run_cli("predict", image, "--json", "--threshold", "0", home=tmp_path / "home").stdout)
+    assert len(everything[0]["labels"]) == len(out["classes"])  # a threshold of 0 lets every label through
