@@ -28,6 +28,7 @@ from core.config import TrainRequest
 from core.data import DatasetError
 from core.dataset_sweep import sweep, sweep_local
 from core.datasets import Datasets
+from core.manifest import parse_labels
 from core.preprocess import MAX_PIXELS, ImageError, preprocess
 from core.progress_view import ProgressView
 from core.projects import NAME_PATTERN, ProjectNameError, Registry, UnknownProject, check_name
@@ -94,9 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = ds.add_subparsers(dest="dataset_command", required=True)
     da = dsub.add_parser("add", help="add images to a dataset (made by its first add); a new snapshot")
     da.add_argument("name", help="dataset name (letters, digits, '.', '_', '-')")
-    da.add_argument("path", help="a folder of class folders (optionally under train/ and val/), a .zip of one, "
-                    "or with --label a folder of images or one image")
-    da.add_argument("--label", default=None, help="the class of every image in PATH")
+    da.add_argument("path", help="a folder of class folders (optionally under train/ and val/) or of images with "
+                    "a labels.csv, a .zip of one, or with --label or --labels a folder of images or one image")
+    dl = da.add_mutually_exclusive_group()
+    dl.add_argument("--label", default=None, help="the class of every image in PATH")
+    dl.add_argument("--labels", default=None, metavar="'A;B'",
+                    help="the labels of every image in PATH, joined by ';' (a multi-label dataset; '' for none "
+                    "of them)")
     da.add_argument("--json", action="store_true")
     dsub.add_parser("list", help="datasets with their newest snapshot").add_argument("--json", action="store_true")
     dshow = dsub.add_parser("show", help="classes, counts and snapshots (newest first) of a dataset")
@@ -223,7 +228,8 @@ def _dataset_show(datasets: Datasets, args) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    print(f"{info['dataset']}: snapshot {info['snapshot']}, {info['images']} images")
+    print(f"{info['dataset']}: snapshot {info['snapshot']}, {info['images']} images"
+          + (f"; multi-label, {info['negatives']} with none of the labels" if "negatives" in info else ""))
     for label, n in info["classes"].items():
         print(f"  {label:24s} {n}")
     print("snapshots, newest first:")
@@ -237,16 +243,20 @@ def _dataset_add(datasets: Datasets, args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder")
+    label = args.label if args.labels is None else _cli_labels(args.labels)
     if path.is_file() and path.suffix.lower() == ".zip":
-        if args.label:
-            raise DatasetError("--label is for images; a .zip holds one folder per class")
+        if label is not None:
+            raise DatasetError("--label and --labels are for images; a .zip names its labels (one folder per class, "
+                               "or a labels.csv)")
         reply = datasets.add_zip(args.name, path, source="cli")
     elif path.is_file():
-        if not args.label:
-            raise DatasetError(f"{path.name}: one image needs --label (its class)")
-        reply = datasets.add(args.name, [(path.name, path.read_bytes(), args.label)], source="cli")
+        if label is None:
+            raise DatasetError(f"{path.name}: one image needs --label (its class) or --labels (its labels, "
+                               "joined by ';')")
+        reply = datasets.add(args.name, [(path.name, path.read_bytes(), label)], source="cli",
+                             kind="single_label" if isinstance(label, str) else "multi_label")
     else:
-        reply = datasets.add_folder(args.name, path, label=args.label, source="cli")
+        reply = datasets.add_folder(args.name, path, label=label, source="cli")
     if args.json:
         print(json.dumps(reply))
     else:
@@ -255,6 +265,14 @@ def _dataset_add(datasets: Datasets, args) -> int:
         for r in reply["refused"]:
             print(f"  refused {r['name']}: {r['error']}")
     return 0 if reply["added"] or reply["skipped"] else 2
+
+
+def _cli_labels(text: str) -> list[str]:
+    """--labels 'A;B' as a list (labels.csv's way of joining them, core.manifest); '' is none of the labels."""
+    labels, why = parse_labels(text)
+    if why:
+        raise DatasetError(f"--labels {text!r}: {why}")
+    return list(labels)
 
 
 def cmd_predict(args) -> int:

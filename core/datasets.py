@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import unicodedata
@@ -33,9 +34,10 @@ from typing import BinaryIO, Callable, Iterable
 from core import snapshots
 from core.cas import Contended, swap
 from core.contract import Contract
-from core.data import DatasetError, class_root, safe_extract_zip
+from core.data import DatasetError, class_root, dataset_root, safe_extract_zip
 from core.dataset_sweep import freshen
 from core.labels import MAX_CHARS, RESERVED, label_problem
+from core.manifest import read_manifest
 from core.preprocess import MAX_PIXELS, ImageError, load_image
 from core.scratch import run_folder
 from core.store import Store, StoreError, now_iso
@@ -95,6 +97,36 @@ def _stored_spellings(entries: list[dict]) -> dict[str, str]:
 
 class UnknownDataset(DatasetError):
     """A dataset, snapshot or image that does not exist (HTTP 404); the message names it."""
+
+
+class MixedKinds(DatasetError):
+    """Single-label entries for a multi-label dataset, or the other way round (HTTP 422); the message names the
+    dataset's kind and what to send instead."""
+
+
+KINDS = ("single_label", "multi_label")
+
+
+def kind_of(entries: Iterable[dict]) -> str | None:
+    """A dataset's kind by its entries: multi_label when one carries a list of labels, single_label when each
+    has its one class, None for no entries."""
+    kinds = {"multi_label" if "labels" in e else "single_label" for e in entries}
+    return "multi_label" if "multi_label" in kinds else kinds.pop() if kinds else None
+
+
+def check_kind(name: str, have: str | None, adding: str | None) -> None:
+    """MixedKinds when entries of kind `adding` would join a dataset of the other kind: a photo with several
+    labels (or none) in a single-label dataset would quietly make its next version multi-label, and one class
+    per photo in a multi-label one says nothing of its other labels."""
+    if have is None or adding is None or have == adding:
+        return
+    if have == "multi_label":
+        raise MixedKinds(f"dataset {name!r} is multi-label (its images carry lists of labels); these images come "
+                         "with one class each (`label`, or class folders): send them with `labels` (a labels.csv "
+                         "in a .zip, `--labels` in the CLI), or add them to another dataset")
+    raise MixedKinds(f"dataset {name!r} is single-label (each image has one class); these images come with a "
+                     "list of labels (`labels`, or a labels.csv with a row of none or several labels): send one "
+                     "class per image with `label`, or add them to another dataset")
 
 
 def check_name(name) -> str:
@@ -184,6 +216,11 @@ class Datasets:
                         "classes": last.get("classes"), "updated": head.get("updated")})
         return out
 
+    def kind(self, name: str) -> str | None:
+        """The dataset's kind (kind_of its newest snapshot), None when it does not exist yet."""
+        head, _ = self._head(name)
+        return kind_of(self.manifest(name, head["snapshot"])["entries"]) if head else None
+
     def resolve(self, name: str, snapshot: str | None = None) -> str:
         """The snapshot id to use: `snapshot` once it is known to exist in `name`, else the newest one."""
         return self._resolve(name, snapshot)[0]
@@ -216,9 +253,9 @@ class Datasets:
         doc = self.manifest(name, head["snapshot"])
         classes = Counter(label for e in doc["entries"] for label in entry_labels(e))
         splits = Counter(e.get("split") or "none" for e in doc["entries"])
-        # A multi-label dataset (an image with none or several labels): its classes count positives.
-        several = {"task": "multi_label", "negatives": sum(not entry_labels(e) for e in doc["entries"])} if any(
-            len(entry_labels(e)) != 1 for e in doc["entries"]) else {}
+        # A multi-label dataset (images with lists of labels; kind_of): its classes count positives.
+        several = {"task": "multi_label", "negatives": sum(not entry_labels(e) for e in doc["entries"])} if (
+            kind_of(doc["entries"]) == "multi_label") else {}
         return {"dataset": name, "snapshot": head["snapshot"], "images": len(doc["entries"]),
                 "classes": dict(sorted(classes.items())), "splits": dict(sorted(splits.items())), **several,
                 "snapshots": list(reversed(head.get("history", [])))}
@@ -272,19 +309,26 @@ class Datasets:
         return {"dataset": name, "snapshot": sid, "parent": parent, "changed": True, **facts}
 
     def add(self, name: str, items: Iterable[tuple], *, source: str, replace: bool = False,
-            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS) -> dict:
+            max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, max_pixels: int = MAX_PIXELS, kind: str | None = None,
+            refused: Iterable[dict] = ()) -> dict:
         """Add images to a dataset (created by its first add). `items` are (filename, bytes, label) or
         (filename, bytes, label, split) with split "train", "val" or None; a label is a class name, or a list
         of them for an image with several labels (an empty list: none of them; a multi-label entry). Each
         image is decoded first; what is not an image, is corrupt or is over a limit is refused by name, and
         an image the dataset already holds (same bytes) is skipped. With `replace` the new snapshot holds
-        only these images (a retrain upload: what it trains on is exactly what was sent). Returns {"dataset",
-        "snapshot", "added", "skipped", "refused"}; "snapshot" is the unchanged newest one when nothing was
-        added."""
+        only these images (a retrain upload: what it trains on is exactly what was sent). `kind`
+        (single_label | multi_label: the kind of entries these items are) refuses them with MixedKinds when
+        the dataset holds the other kind, before any image is read; `refused` are refusals the caller found
+        (files a manifest does not list). Returns {"dataset", "snapshot", "added", "skipped", "refused"};
+        "snapshot" is the unchanged newest one when nothing was added."""
         check_name(name)
         if source not in SOURCES:
             raise DatasetError(f"source {source!r} is not one of {', '.join(SOURCES)}")
-        accepted, refused = [], []
+        if kind not in (None, *KINDS):
+            raise DatasetError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+        kind = None if replace else kind  # a replace keeps nothing of what the dataset held
+        check_kind(name, self.kind(name) if kind else None, kind)
+        accepted, refused = [], list(refused)
         for item in items:
             filename, data, label = item[0], item[1], item[2]
             split = item[3] if len(item) > 3 else None
@@ -295,35 +339,11 @@ class Datasets:
             sha = self.put_blob(data)
             accepted.append(_labelled({"name": filename, "sha256": sha, "split": split, "format": fmt},
                                       checked(label)))
-        stamp = now_iso()
-
-        def change(entries: list[dict]):
-            have = {} if replace else {e["sha256"]: e for e in entries}
-            added, skipped, new = [], [], [] if replace else list(entries)
-            spelled = {} if replace else _stored_spellings(entries)
-            for a in accepted:
-                a = _labelled(a, _respelt(_label_of(a), spelled))
-                if a["sha256"] in have:
-                    was = have[a["sha256"]]
-                    why = (f"duplicate of {was['name']!r} already in {name!r}, {_shown(was)}"
-                           + ("" if entry_labels(was) == entry_labels(a) else "; relabel it to change its label"))
-                    skipped.append({"name": a["name"], "sha256": a["sha256"], "reason": why})
-                    continue
-                entry = _labelled({"sha256": a["sha256"], "split": a["split"], "source": source, "added_at": stamp,
-                                   "name": PurePosixPath(a["name"]).name, "format": a["format"]}, _label_of(a))
-                if replace:  # an image that was in the dataset keeps its first record
-                    entry = _labelled(next((e for e in entries if e["sha256"] == a["sha256"]), entry),
-                                      _label_of(a)) | {"split": a["split"]}
-                have[a["sha256"]] = entry
-                new.append(entry)
-                added.append(_labelled({"name": a["name"], "sha256": a["sha256"]}, _label_of(a)))
-            return (new if added or replace else None), {"added": added, "skipped": skipped,
-                                                          "refused": refused, "source": source}
-
         if not accepted:  # nothing to add (and a replace by nothing would empty the dataset)
             head, _ = self.store.record(f"{ROOT}/{name}/head.json")
             return {"dataset": name, "snapshot": head["snapshot"] if head else None, "added": [], "skipped": [],
                     "refused": refused}
+        change = _adding(name, accepted, refused, source=source, replace=replace, kind=kind)
         out = self._change(name, change, action="replace" if replace else "add", create=True)
         return {k: out[k] for k in ("dataset", "snapshot", "added", "skipped", "refused")}
 
@@ -331,8 +351,8 @@ class Datasets:
                 replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                 max_pixels: int = MAX_PIXELS) -> dict:
         """Add a .zip (a path, its bytes, or an open binary file) of class folders, optionally under train/
-        and val/ (which become split hints). The archive passes the training reader's checks
-        (core.data.safe_extract_zip)."""
+        and val/ (which become split hints), or of images with a labels.csv manifest (add_folder). The archive
+        passes the training reader's checks (core.data.safe_extract_zip)."""
         # A folder locked for as long as this process lives: a sweep at start removes it once the process is
         # gone, however it died (core.dataset_sweep), and never while it is in use.
         with run_folder(self.store.home, "refit-dataset") as tmp:
@@ -345,25 +365,49 @@ class Datasets:
             else:
                 path = Path(zip_file)
             folder = safe_extract_zip(path, Path(tmp) / "unpacked")
-            return self.add_folder(name, folder, source=source, replace=replace, max_file_bytes=max_file_bytes,
-                                   max_pixels=max_pixels)
+            try:
+                return self.add_folder(name, folder, source=source, replace=replace,
+                                       max_file_bytes=max_file_bytes, max_pixels=max_pixels)
+            except DatasetError as e:  # a manifest's messages name its path: in the archive, not this folder
+                raise type(e)(str(e).replace(f"{folder}{os.sep}", "")) from None
 
-    def add_folder(self, name: str, folder: Path, *, source: str = "cli", label: str | None = None,
+    def add_folder(self, name: str, folder: Path, *, source: str = "cli", label: str | list | None = None,
                    replace: bool = False, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
                    max_pixels: int = MAX_PIXELS) -> dict:
-        """A folder of class folders (optionally under train/ and val/), or, with `label`, a folder of
-        images of that one class."""
-        items = _folder_items(Path(folder), label)
+        """A folder of class folders (optionally under train/ and val/); a dataset with a labels.csv manifest
+        at its root (core.manifest's reader, so its checks and messages are training's: its `split` gives the
+        split hints, a row with no labels is an image with none of them); or, with `label` (a class, or a list
+        of labels), a folder of images that all have it. A manifest with one label on every row adds
+        single-label entries, unless the dataset is multi-label; any row of none or several labels makes them
+        multi-label. Either way a dataset keeps one kind (MixedKinds)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: not a folder")
+        root = dataset_root(folder)
+        refused: list[dict] = []
+        if (root / MANIFEST).is_file():
+            if label is not None:
+                raise DatasetError(f"{root / MANIFEST} names each image's labels: leave the label out, or add "
+                                   "a folder without labels.csv")
+            multi = not replace and self.kind(name) == "multi_label"
+            items, kind, refused = _manifest_items(root, multi)
+        else:
+            items = _folder_items(folder, label)
+            kind = "multi_label" if isinstance(label, list) else "single_label"
         return self.add(name, items, source=source, replace=replace, max_file_bytes=max_file_bytes,
-                        max_pixels=max_pixels)
+                        max_pixels=max_pixels, kind=kind, refused=refused)
 
-    def relabel(self, name: str, sha256: str, label) -> dict:
+    def relabel(self, name: str, sha256: str, label, *, same_kind: bool = False) -> dict:
         """A new snapshot in which the image has `label` (a list: these labels, a multi-label entry); the old
-        snapshot stays as it was."""
+        snapshot stays as it was. With `same_kind`, a label of the kind the dataset's other images do not have
+        is refused (MixedKinds)."""
         label = checked(label)
 
         def change(entries):
             i = _find(name, entries, sha256)
+            if same_kind:
+                check_kind(name, kind_of(entries[:i] + entries[i + 1:]),
+                           "single_label" if isinstance(label, str) else "multi_label")
             old = _label_of(entries[i])
             as_stored = _respelt(label, _stored_spellings(entries[:i] + entries[i + 1:]))
             new = list(entries)
@@ -429,6 +473,39 @@ class Datasets:
         return dest
 
 
+def _adding(name: str, accepted: list[dict], refused: list[dict], *, source: str, replace: bool,
+            kind: str | None) -> Callable[[list[dict]], tuple[list[dict] | None, dict]]:
+    """The change (for `Datasets._change`) that adds the `accepted` images to the entries it is given. The kind
+    is checked again on those entries: another writer may have changed the dataset since `add` looked."""
+    stamp = now_iso()
+
+    def change(entries: list[dict]):
+        check_kind(name, kind_of(entries) if kind else None, kind)
+        have = {} if replace else {e["sha256"]: e for e in entries}
+        added, skipped, new = [], [], [] if replace else list(entries)
+        spelled = {} if replace else _stored_spellings(entries)
+        for a in accepted:
+            a = _labelled(a, _respelt(_label_of(a), spelled))
+            if a["sha256"] in have:
+                was = have[a["sha256"]]
+                why = (f"duplicate of {was['name']!r} already in {name!r}, {_shown(was)}"
+                       + ("" if entry_labels(was) == entry_labels(a) else "; relabel it to change its label"))
+                skipped.append({"name": a["name"], "sha256": a["sha256"], "reason": why})
+                continue
+            entry = _labelled({"sha256": a["sha256"], "split": a["split"], "source": source, "added_at": stamp,
+                               "name": PurePosixPath(a["name"]).name, "format": a["format"]}, _label_of(a))
+            if replace:  # an image that was in the dataset keeps its first record
+                entry = _labelled(next((e for e in entries if e["sha256"] == a["sha256"]), entry),
+                                  _label_of(a)) | {"split": a["split"]}
+            have[a["sha256"]] = entry
+            new.append(entry)
+            added.append(_labelled({"name": a["name"], "sha256": a["sha256"]}, _label_of(a)))
+        return (new if added or replace else None), {"added": added, "skipped": skipped,
+                                                      "refused": refused, "source": source}
+
+    return change
+
+
 def _write_manifest(dest: Path, rows: list[tuple[str, tuple[str, ...], str | None]], with_split: bool) -> None:
     """`labels.csv` at `dest`: image, its labels joined by ';' (empty: none of them), and the split when given."""
     import csv
@@ -474,6 +551,23 @@ def _find(name: str, entries: list[dict], sha256: str) -> int:
     if i is None:
         raise UnknownDataset(f"dataset {name!r} has no image {str(sha256)[:80]!r} in its newest snapshot")
     return i
+
+
+def _manifest_items(root: Path, multi: bool) -> tuple[Iterable[tuple], str, list[dict]]:
+    """(filename, bytes, labels, split) for every row of `root/labels.csv`, checked by core.manifest first; the
+    kind of entries they make (multi-label when `multi`, the dataset's kind, or when the rows say so); and the
+    files under the root it does not list, refused by name: an image left out is not quietly dropped."""
+    m = read_manifest(root)
+    multi = multi or m.task() == "multi_label"
+    listed = {r.path.resolve() for r in m.rows}
+    refused = [{"name": p.relative_to(root).as_posix(),
+                "error": f"not listed in {MANIFEST}, so not added (an image with none of the labels is a row "
+                         "with an empty labels field)"}
+               for p in sorted(q for q in root.rglob("*") if q.is_file() and not _hidden(q, root))
+               if p != root / MANIFEST and p.resolve() not in listed]
+    items = ((r.path.relative_to(root).as_posix(), r.path.read_bytes(), list(r.labels) if multi else r.labels[0],
+              r.split) for r in m.rows)
+    return items, "multi_label" if multi else "single_label", refused
 
 
 def _folder_items(folder: Path, label: str | None):
