@@ -419,6 +419,31 @@ def test_a_starting_workers_sweep_reads_each_jobs_record_in_its_project(cluster,
     assert keys == {".claim"} and f"{cluster['url']}/models/refit-alpha/v0090" in removed, (keys, removed)
 
 
+def test_a_multilabel_manifest_is_trained_by_a_worker_and_served_with_its_labels_by_both_replicas(cluster, tmp_path):
+    """A zip with a labels.csv, submitted to replica A, trained by a `refit worker` from the queue: both replicas
+    answer with the version's labels over their thresholds."""
+    from test_multilabel_retrain import collage_zip, jpeg
+    from test_multilabel_training import COLOURS, collage
+
+    live_workers(cluster, 1)
+    r = httpx.post(cluster["a"].url + "/retrain/submit", headers=AUTH, timeout=120,
+                   files={"dataset": ("collages.zip", collage_zip(tmp_path))},
+                   data={"strategy": "feature_extraction", "parity_images": "2", "promote": "true"})
+    assert r.status_code == 200, r.text
+    task = r.json()["task_id"]
+    assert wait_status(cluster["a"], task) == "completed", job(cluster["a"], task)
+    version = job(cluster["a"], task)["result"]["version"]
+    image = ("c.jpg", jpeg(collage(["red", "yellow"], seed=77)))
+    for srv in (cluster["a"], cluster["b"]):
+        deadline = time.monotonic() + 30
+        while True:
+            reply = predict(httpx.Client(base_url=srv.url, timeout=30), image).json()[0]
+            if reply["version"] == version or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert reply["version"] == version and {x["label"] for x in reply["labels"]} <= set(COLOURS), reply
+
+
 def test_queue_that_cannot_be_reached_answers_503_and_frees_the_line(cluster, tmp_path):
     """Redis away at submit: the client hears 503 at once, the job is recorded failed, the next may start."""
     from service.errors import ApiError as AdmissionError
