@@ -104,44 +104,22 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
              progress=None, class_weights: torch.Tensor | None = None) -> list[dict]:
     """Fit a linear head on cached features with early stopping on validation; best epoch restored.
     `class_weights` (training/balance.py) weight the training loss per class; validation loss is unweighted."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    best, best_state, history, since = None, None, [], 0
-    t0 = time.time()
-    for epoch in range(1, epochs + 1):
-        head.train()
-        perm = torch.randperm(len(train_x), generator=g)
-        total = 0.0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            x = F.dropout(train_x[idx], dropout, training=True)
-            loss = F.cross_entropy(head(x), train_y[idx], weight=class_weights, label_smoothing=label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
+
+    def loss(logits, y):
+        return F.cross_entropy(logits, y, weight=class_weights, label_smoothing=label_smoothing)
+
+    @torch.no_grad()
+    def scores() -> dict:
         head.eval()
-        with torch.no_grad():
-            tr_logits, va_logits = head(train_x), head(val_x)
-        row = {"epoch": epoch, "phase": "head", "time": round(time.time() - t0, 3),
-               "train_loss": total / len(train_x),
-               "train_acc": (tr_logits.argmax(1) == train_y).float().mean().item(),
-               "val_loss": F.cross_entropy(va_logits, val_y).item(),
-               "val_acc": (va_logits.argmax(1) == val_y).float().mean().item()}
-        history.append(row)
-        key = (row["val_acc"], -row["val_loss"])
-        if progress is not None:
-            progress.epoch(epoch, val_acc=row["val_acc"])
-        if best is None or key > best:
-            best, best_state, since = key, copy.deepcopy(head.state_dict()), 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-    head.load_state_dict(best_state)
-    b = max(history, key=lambda r: (r["val_acc"], -r["val_loss"]))
+        tr_logits, va_logits = head(train_x), head(val_x)
+        return {"train_acc": (tr_logits.argmax(1) == train_y).float().mean().item(),
+                "val_loss": F.cross_entropy(va_logits, val_y).item(),
+                "val_acc": (va_logits.argmax(1) == val_y).float().mean().item()}
+
+    history, t0 = _fit(head, train_x, train_y, loss, scores, "val_acc", lr=lr, weight_decay=weight_decay,
+                       epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout, patience=patience,
+                       progress=progress)
+    b = max(history, key=score_key)
     log(f"head: best epoch {b['epoch']}/{len(history)} val_acc {b['val_acc']:.4f} train_acc {b['train_acc']:.4f} "
         f"({time.time() - t0:.1f}s)")
     return history
@@ -150,6 +128,43 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
 def score_key(row: dict) -> tuple[float, float]:
     """What validation rows are compared by: accuracy (mAP for a multi-label row), then lower loss."""
     return row.get("val_map", row["val_acc"]), -row["val_loss"]
+
+
+def _fit(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, loss: Callable, scores: Callable,
+         shown: str, *, lr: float, weight_decay: float, epochs: int, batch_size: int, seed: int, dropout: float,
+         patience: int, progress) -> tuple[list[dict], float]:
+    """The head's loop, for either task: AdamW with a cosine schedule over shuffled batches of the cached
+    features (dropout on them), `scores()` after each epoch, early stopping by `score_key`, the best epoch's
+    weights restored. Returns the history and when it started."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    best, best_state, history, since, t0 = None, None, [], 0, time.time()
+    for epoch in range(1, epochs + 1):
+        head.train()
+        perm = torch.randperm(len(train_x), generator=g)
+        total = 0.0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            step = loss(head(F.dropout(train_x[idx], dropout, training=True)), train_y[idx])
+            opt.zero_grad()
+            step.backward()
+            opt.step()
+            total += step.item() * len(idx)
+        sched.step()
+        row = {"epoch": epoch, "phase": "head", "time": round(time.time() - t0, 3),
+               "train_loss": total / len(train_x), **scores()}
+        history.append(row)
+        if progress is not None:
+            progress.epoch(epoch, val_acc=row[shown])
+        if best is None or score_key(row) > best:
+            best, best_state, since = score_key(row), copy.deepcopy(head.state_dict()), 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    head.load_state_dict(best_state)
+    return history, t0
 
 
 def fit_multilabel_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
@@ -162,48 +177,21 @@ def fit_multilabel_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.T
     On one thread: steps this small (32 rows of a few thousand features) gain nothing from a second, and with
     another process on the cores torch's threads wait on each other (20 epochs on the collage set's region
     features: 1.7 s on one thread, 14 s on two, measured with a second training run on the 2 cores)."""
+
+    def loss(logits, y):
+        return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+
+    def scores() -> dict:
+        return {**_multilabel_eval(head, train_x, train_y, "train"), **_multilabel_eval(head, val_x, val_y, "val")}
+
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _fit_multilabel_head(head, train_x, train_y, val_x, val_y, lr=lr, weight_decay=weight_decay,
-                                    epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout,
-                                    patience=patience, log=log, progress=progress, pos_weight=pos_weight)
+        history, t0 = _fit(head, train_x, train_y, loss, scores, "val_map", lr=lr, weight_decay=weight_decay,
+                           epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout, patience=patience,
+                           progress=progress)
     finally:
         torch.set_num_threads(previous)
-
-
-def _fit_multilabel_head(head, train_x, train_y, val_x, val_y, *, lr, weight_decay, epochs, batch_size, seed,
-                         dropout, patience, log, progress, pos_weight) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    best, best_state, history, since, t0 = None, None, [], 0, time.time()
-    for epoch in range(1, epochs + 1):
-        head.train()
-        perm = torch.randperm(len(train_x), generator=g)
-        total = 0.0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.binary_cross_entropy_with_logits(head(F.dropout(train_x[idx], dropout, training=True)),
-                                                      train_y[idx], pos_weight=pos_weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        row = {"epoch": epoch, "phase": "head", "time": round(time.time() - t0, 3),
-               "train_loss": total / len(train_x), **_multilabel_eval(head, train_x, train_y, "train"),
-               **_multilabel_eval(head, val_x, val_y, "val")}
-        history.append(row)
-        if progress is not None:
-            progress.epoch(epoch, val_acc=row["val_map"])
-        if best is None or score_key(row) > best:
-            best, best_state, since = score_key(row), copy.deepcopy(head.state_dict()), 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-    head.load_state_dict(best_state)
     b = max(history, key=score_key)
     log(f"head: best epoch {b['epoch']}/{len(history)} val_map {b['val_map']:.4f} train_map {b['train_map']:.4f} "
         f"({time.time() - t0:.1f}s)")

@@ -10,6 +10,7 @@ fits and one matrix product, not another pass over the images (about a second on
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,18 +41,20 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def _fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float = 1e-3) -> torch.nn.Linear:
-    """Multinomial logistic regression by L-BFGS on the whole fold: deterministic, converges in well
-    under a second for a few hundred images, and the L2 term keeps the probabilities from saturating."""
+def _fit_linear(x: torch.Tensor, y: torch.Tensor, outputs: int, loss: Callable,
+                weight_decay: float = 1e-3) -> torch.nn.Linear:
+    """A linear model fit by L-BFGS on the whole fold: deterministic, converges in well under a second for a
+    few hundred images, and the L2 term keeps the probabilities from saturating. `loss`: F.cross_entropy
+    (multinomial logistic regression) or F.binary_cross_entropy_with_logits (one-vs-rest, every label at once)."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], n_classes)
+    head = torch.nn.Linear(x.shape[1], outputs)
     opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(head(x), y) + weight_decay * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        value = loss(head(x), y) + weight_decay * head.weight.pow(2).sum()
+        value.backward()
+        return value
 
     opt.step(closure)
     return head
@@ -65,7 +68,7 @@ def out_of_fold_probs(features: np.ndarray, labels: np.ndarray, n_classes: int, 
         tr, te = fold != f, fold == f
         mean, std = features[tr].mean(0), features[tr].std(0) + 1e-6  # standardised: L-BFGS converges faster
         x = torch.from_numpy((features[tr] - mean) / std)
-        head = _fit_softmax(x, torch.from_numpy(labels[tr]), n_classes)
+        head = _fit_linear(x, torch.from_numpy(labels[tr]), n_classes, F.cross_entropy)
         with torch.no_grad():
             probs[te] = torch.softmax(head(torch.from_numpy((features[te] - mean) / std)), 1).numpy()
     return probs
@@ -147,22 +150,6 @@ def summary_lines(problems: dict, duplicates: dict) -> list[str]:
     return [line, dup]
 
 
-def _fit_sigmoid(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-3) -> torch.nn.Linear:
-    """One-vs-rest logistic regression of every label at once (one linear layer, BCE), by L-BFGS."""
-    torch.manual_seed(0)
-    head = torch.nn.Linear(x.shape[1], y.shape[1])
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(head(x), y) + weight_decay * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return head
-
-
 def multilabel_problems(features: np.ndarray, targets: np.ndarray, classes: list[str], files: list[dict], *,
                         seed: int = 0) -> dict:
     """label_problems for multi-label: images with a label that is likely missing or wrong.
@@ -184,7 +171,8 @@ def multilabel_problems(features: np.ndarray, targets: np.ndarray, classes: list
     for f in range(k):
         tr, te = fold != f, fold == f
         mean, std = features[tr].mean(0), features[tr].std(0) + 1e-6
-        head = _fit_sigmoid(torch.from_numpy((features[tr] - mean) / std), torch.from_numpy(y[tr]))
+        head = _fit_linear(torch.from_numpy((features[tr] - mean) / std), torch.from_numpy(y[tr]), y.shape[1],
+                           F.binary_cross_entropy_with_logits)
         with torch.no_grad():
             probs[te] = torch.sigmoid(head(torch.from_numpy((features[te] - mean) / std))).numpy()
     has = y > 0.5
