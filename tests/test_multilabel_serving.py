@@ -255,6 +255,12 @@ def test_feedback_with_several_labels(http, server):
     assert shown["images"] == 1 and shown["classes"] == {} and shown["negatives"] == 1
     kept = captured(server, pid)["feedback"]
     assert kept["labels"] == [] and kept["dataset"] == "colours" and kept["snapshot"] == r.json()["snapshot"]
+    # A dataset of one class per image takes no list of labels: it would make its next version multi-label.
+    r = http.post("/datasets/plain/images", headers=AUTH, data={"label": "red"},
+                  files=[("images", ("p.png", png((201, 31, 31)), "image/png"))])
+    assert r.status_code == 200, r.text
+    r = http.post("/feedback", headers=AUTH, json={"prediction_id": pid, "labels": ["red"], "dataset": "plain"})
+    assert r.status_code == 422 and "single-label" in r.json()["error"], r.text
 
 
 # --- a single-label version beside it: replies as they always were --------------------------------------
@@ -355,7 +361,7 @@ def use_token(page) -> None:
 def test_data_page_sends_several_labels_in_one_click(page, http, server):
     """A multi-label version's suggested capture: a checkbox per label, the answered ones ticked, one send;
     the image joins the dataset with those labels."""
-    r = http.post("/datasets/paints/images", headers=AUTH, data={"label": "red"},
+    r = http.post("/datasets/paints/images", headers=AUTH, data={"labels": "red"},
                   files=[("images", (f"r{i}.png", png((200 + i, 30, 30)), "image/png")) for i in range(2)])
     assert r.status_code == 200, r.text
     pid = predict(http, ("orange.png", png((240, 200, 10)))).json()[0]["prediction_id"]

@@ -53,7 +53,8 @@ def feedback(svc: RefitDep, body: FeedbackRequest):
         raise ApiError(422, f"label {body.label!r} is not a class of dataset {name!r}: {', '.join(known)}")
 
     def add(datasets):
-        added = datasets.add(name, [(record["name"], data, label)], source="feedback", **settings().image_limits)
+        added = datasets.add(name, [(record["name"], data, label)], source="feedback", kind="single_label",
+                             **settings().image_limits)
         if added["refused"]:
             raise ApiError(422, added["refused"][0]["error"])
         entry = next(e for e in datasets.manifest(name)["entries"] if e["sha256"] == record["sha256"])
@@ -85,7 +86,7 @@ def _several_labels(svc: Service, body: FeedbackRequest, record: dict, data: byt
         _classes(svc.store, name, body.create)  # no such dataset (and no "create"): 404, as for one label
 
         def add(datasets):
-            out = datasets.add(name, [(record["name"], data, body.labels)], source="feedback",
+            out = datasets.add(name, [(record["name"], data, body.labels)], source="feedback", kind="multi_label",
                                **settings().image_limits)
             if out["refused"]:
                 raise ApiError(422, out["refused"][0]["error"])
