@@ -58,6 +58,15 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
                            else name.upper(), help=f"{f.description} (default: {default})")
 
 
+def _add_project_commands(sub) -> None:
+    pj = sub.add_parser("project", help="projects of the store: create one (its token is shown once), list them, "
+                        "issue a new token")
+    psub = pj.add_subparsers(dest="project_command", required=True)
+    psub.add_parser("create", help="create a project").add_argument("name")
+    psub.add_parser("list", help="every project, default first").add_argument("--json", action="store_true")
+    psub.add_parser("token", help="issue a new token; the old one stops working").add_argument("name")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="refit", description="Transfer-learning image classifiers: train, "
                                  "version, promote, predict.")
@@ -109,12 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     dshow.add_argument("--json", action="store_true")
     dsub.add_parser("sweep", help="remove what killed adds left: temp files, and images no snapshot names "
                     "once older than REFIT_DATASET_BLOB_GRACE_SECONDS").add_argument("--json", action="store_true")
-    pj = sub.add_parser("project", help="projects of the store: create one (its token is shown once), list them, "
-                        "issue a new token")
-    psub = pj.add_subparsers(dest="project_command", required=True)
-    psub.add_parser("create", help="create a project").add_argument("name")
-    psub.add_parser("list", help="every project, default first").add_argument("--json", action="store_true")
-    psub.add_parser("token", help="issue a new token; the old one stops working").add_argument("name")
+    _add_project_commands(sub)
     w = sub.add_parser("worker", help="run retrain jobs from the job queue (REFIT_QUEUE) against the shared store")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
     w.add_argument("--name", default=None, help="worker name shown in job records (default: host-pid)")

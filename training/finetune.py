@@ -288,8 +288,7 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
                                          num_workers=0, drop_last=len(train_ds) > batch_size)
     opt, sched = _optimizer(groups, weight_decay, steps=max(1, epochs * len(loader)), per_epoch=len(loader))
-    criterion = (nn.BCEWithLogitsLoss(pos_weight=pos_weight) if val_labels.ndim == 2  # multi-hot: multi-label
-                 else nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing))
+    criterion = _criterion(val_labels, class_weights, label_smoothing, pos_weight)
     best, best_state, history, t0 = None, None, [], time.time()
     kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
     if warm_started:
@@ -330,6 +329,13 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
     # (its mAP for multi-label, as every comparison here)
     kept["seconds"] = round(time.time() - t0, 2)
     return history, kept
+
+
+def _criterion(val_labels: np.ndarray, class_weights, label_smoothing: float, pos_weight) -> nn.Module:
+    """BCE for multi-hot labels (multi-label), else cross-entropy with the class weights and smoothing."""
+    if val_labels.ndim == 2:
+        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
 
 def _warm_start(model: nn.Module, val_arrays: np.ndarray, val_labels: np.ndarray, kept: dict, phase: str,
