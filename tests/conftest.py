@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic image datasets made on the fly, and an isolated REFIT_HOME."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -242,3 +243,26 @@ def browser():
                               args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
         yield b
         b.close()
+
+
+BLANK_WORDS = {"null", "undefined", "NaN", "[object"}  # what JavaScript prints for an absent value
+
+
+@contextlib.contextmanager
+def console_page(browser, url: str, tmp_path: Path, *, width: int = 1280, timeout_ms: int = 60_000,
+                 check_words: bool = True):
+    """A page of the console at `url`, for one test: a script error on it fails the test, and so (with
+    `check_words`) does an absent value printed as JavaScript writes it; a screenshot of its last state is
+    kept in the test's tmp_path, `page.shot(name)` takes more."""
+    context = browser.new_context(base_url=url, viewport={"width": width, "height": 900})
+    context.set_default_timeout(timeout_ms)
+    pg = context.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.shot = lambda name: pg.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+    yield pg
+    pg.shot("last")
+    words = set(pg.inner_text("main").split()) if check_words and pg.url.startswith(url) else set()
+    context.close()
+    assert not words & BLANK_WORDS, words & BLANK_WORDS
+    assert not problems, problems  # a script error in the console is a failure, whatever the page shows

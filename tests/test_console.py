@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+from conftest import console_page
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files, make_zip, predict, solid, wait_serving
 
 ANT = "val/ants/157401988_d0564a9d02.jpg"
@@ -47,19 +48,8 @@ def server(imagenet_store, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server, tmp_path):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.shot = lambda name: pg.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-    yield pg
-    pg.shot("last")
-    # Absent values are left out, never printed as JavaScript writes them.
-    words = set(pg.inner_text("main").split()) if pg.url.startswith(server.url) else set()
-    context.close()
-    assert not words & {"null", "undefined", "NaN", "[object"}, words & {"null", "undefined", "NaN", "[object"}
-    assert not problems, problems  # a script error in the console is a failure, whatever the page shows
+    with console_page(browser, server.url, tmp_path, timeout_ms=TIMEOUT_MS) as pg:
+        yield pg
 
 
 def use_token(page, value: str) -> None:

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from conftest import console_page
 from serving import AUTH, TOKEN, Server, copy_store, dataset_files
 
 TIMEOUT_MS = 60_000
@@ -33,15 +34,8 @@ def server(imagenet_store, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server, tmp_path):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    yield pg
-    pg.screenshot(path=str(tmp_path / "last.png"), full_page=True)
-    context.close()
-    assert not problems, problems  # an unhandled rejection of an aborted read is a failure too
+    with console_page(browser, server.url, tmp_path, timeout_ms=TIMEOUT_MS, check_words=False) as pg:
+        yield pg
 
 
 class Held:

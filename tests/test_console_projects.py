@@ -6,6 +6,7 @@ Tests run in file order and share the server. Screenshots are saved under each t
 from __future__ import annotations
 
 import pytest
+from conftest import console_page
 from serving import AUTH, COLOURS, TOKEN, Server, copy_store, dataset_files, solid, wait_task
 
 TIMEOUT_MS = 60_000
@@ -46,18 +47,8 @@ def acme(http) -> dict:
 
 @pytest.fixture
 def page(browser, server, tmp_path):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    pg.shot = lambda name: pg.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
-    yield pg
-    pg.shot("last")
-    words = set(pg.inner_text("main").split()) if pg.url.startswith(server.url) else set()
-    context.close()
-    assert not words & {"null", "undefined", "NaN", "[object"}, words & {"null", "undefined", "NaN", "[object"}
-    assert not problems, problems
+    with console_page(browser, server.url, tmp_path, timeout_ms=TIMEOUT_MS, width=1400) as pg:
+        yield pg
 
 
 def use_token(page, value: str) -> None:

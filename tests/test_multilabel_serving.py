@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import console_page
 from serving import AUTH, TOKEN, Server, predict, wait_serving
 
 from core.contract import Contract
@@ -297,17 +298,8 @@ def test_the_openapi_page_describes_the_labels(http):
 
 @pytest.fixture
 def page(browser, server, tmp_path):
-    context = browser.new_context(base_url=server.url, viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    yield pg
-    pg.screenshot(path=str(tmp_path / "last.png"), full_page=True)
-    words = set(pg.inner_text("main").split())
-    context.close()
-    assert not words & {"null", "undefined", "NaN", "[object"}, words & {"null", "undefined", "NaN", "[object"}
-    assert not problems, problems
+    with console_page(browser, server.url, tmp_path, timeout_ms=TIMEOUT_MS) as pg:
+        yield pg
 
 
 def chips(page) -> list[str]:
