@@ -60,9 +60,10 @@ def test_thresholds_and_average_precision():
     # precision at each positive's rank: 1/1, 2/3, 3/6; each adds a third of the recall
     assert average_precision(scores, y) == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
     assert np.isnan(average_precision(scores, np.zeros(6)))
-    assert best_f1_threshold(np.array([0.2, 0.4, 0.6, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.6)
-    # 0.3 and 0.7 both give F1 2/3 here: the lower is kept
-    assert best_f1_threshold(np.array([0.3, 0.5, 0.7]), np.array([1, 0, 1])) == pytest.approx(0.3)
+    # halfway between the lowest score kept and the next lower one, so a 7th-digit difference changes nothing
+    assert best_f1_threshold(np.array([0.2, 0.4, 0.6, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.5)
+    # 0.3 and 0.7 both give F1 2/3 here: the lower is kept (halfway to 0)
+    assert best_f1_threshold(np.array([0.3, 0.5, 0.7]), np.array([1, 0, 1])) == pytest.approx(0.15)
     assert best_f1_threshold(np.array([0.3, 0.9]), np.array([0, 0])) == 0.5
     report = multilabel_report(np.array([[1, 0], [0, 1], [1, 1]]), np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.3]]),
                                (0.5, 0.5), ["a", "b"])

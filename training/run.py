@@ -61,8 +61,9 @@ class Run:
         self.progress.set_images(len(ds.val))
         self.multi_label = ds.task == "multi_label"
         self.contract = replace(input_contract(request, ds.task).with_classes(ds.classes), task=ds.task)
-        if self.multi_label and not request.image_size:
-            ds.decoded.clear()  # decoded at the backbone's own size, before the task was known
+        size = self.contract.input_size
+        if any(kept.array.shape[-1] != size for kept in ds.decoded.values()):
+            ds.decoded.clear()  # decoded by a caller at another size (a fixed contract, before the task was known)
         t0 = time.time()
 
         def image(path) -> Prepared:  # decoded by the dataset check already, unless it ran without this contract
