@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from core import cache, claims, projects, publish
+from core import cache, candidate, claims, projects, publish
 from core.cas import ATTEMPTS as CAS_ATTEMPTS
 from core.clock import age_seconds, now_iso, seconds
 from core.entry import ENTRIES, MODEL_NAME, MODEL_YAML, VERSION_RE, check_files, check_loadable
@@ -197,6 +197,8 @@ class Store:
                      "actor": actor, "reason": reason}
             state["version"] = v
             state["history"].append(event)
+            _end_trial(state, "promoted" if (candidate.current(state) or {}).get("version") == v else "superseded",
+                       actor, f"{v} was promoted")
             return {**event, "repaired": repaired} if repaired else event
 
         return self._pointer.update(change, actor=actor, repair=True)
@@ -226,9 +228,38 @@ class Store:
                      "actor": actor, "reason": reason}
             state["version"] = target
             state["history"].append(event)
+            _end_trial(state, "rolled_back", actor, f"rolled back to {target}")
             return event
 
         return self._pointer.update(change, actor=actor, repair=False)
+
+    # -- the candidate (core/candidate.py) -----------------------------------------------------------
+    def candidate(self) -> dict | None:
+        """The version on trial beside the promoted one, None when none is; PointerError for a damaged pointer."""
+        return candidate.current(self.read_pointer())
+
+    def set_candidate(self, version: str, *, mode: str, percent: float, guard: dict | None = None,
+                      actor: str = "api") -> dict:
+        """Put `version` on trial (or change its mode or percent). StoreError when it is the promoted version
+        or nothing is promoted: a trial compares with the promoted version. The caller has checked that it loads
+        and has the promoted version's classes (service/trial.py)."""
+        v = self.resolve(version)
+
+        def change(state: dict, _repaired) -> dict:
+            if state["version"] is None:
+                raise StoreError("nothing is promoted: a candidate is tried beside the promoted version")
+            if state["version"] == v:
+                raise StoreError(f"{v} is the promoted version; a candidate is another version tried beside it")
+            return candidate.begin(state, v, mode, percent, guard, actor)
+
+        return self._pointer.update(change, actor=actor, repair=False)
+
+    def clear_candidate(self, *, actor: str = "api", reason: str = "", how: str = "cleared",
+                        only: str | None = None) -> dict | None:
+        """End the trial (`how`: cleared, or guard); the history event, None when no candidate was set (or
+        `only`, a trial id, is no longer the one on)."""
+        return self._pointer.update(lambda state, _r: candidate.end(state, how, actor, reason, only),
+                                    actor=actor, repair=False)
 
     # -- writing -----------------------------------------------------------------------------------
     def publish(self, files: dict[str, Path], metadata: dict, labels: dict | None = None,
@@ -365,3 +396,8 @@ class Store:
             i["promoted"] = v == promoted
             out.append(i)
         return out
+
+
+def _end_trial(state: dict, how: str, actor: str, reason: str) -> None:
+    """A promotion or rollback ends the trial on, in the same pointer write (core/candidate.py)."""
+    candidate.end(state, how, actor, reason)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service import console, errors
-from service.routers import captures, datasets, drift, feedback, jobs, projects, retrain, versions
+from service.routers import candidate, captures, datasets, drift, feedback, jobs, projects, retrain, versions
 
-ROUTERS = (versions, drift, retrain, jobs, feedback, captures, datasets, projects)  # the OpenAPI page lists them so
+# the OpenAPI page lists them in this order
+ROUTERS = (versions, candidate, drift, retrain, jobs, feedback, captures, datasets, projects)
 
 
 def create_app() -> FastAPI:

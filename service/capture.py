@@ -165,6 +165,8 @@ class Captures:
                   "bytes": len(data), "feedback": None}
         if result.get("labels") is not None:  # a multi-label version's answer: the labels it gave
             record["labels"] = result["labels"]
+        if result.get("trial") is not None:  # made during a trial: what each version answered (service/trial.py)
+            record["trial"] = result["trial"]
         self.store.put_record(f"{PREFIX}{capture_id}.json", record)
         self._used = (self._used or 0) + size
 

@@ -22,6 +22,8 @@ log = logging.getLogger("refit.guard")
 def needs_token(method: str, path: str) -> bool:
     if path == "/retrain" or path.startswith("/retrain/") or path in ("/promote", "/rollback"):
         return True
+    if path == "/candidate" and method not in ("GET", "HEAD"):
+        return True  # reading the trial is open, as /versions is; setting or clearing one is an admin's
     if path == "/jobs" or path.startswith("/jobs/"):
         return True
     if (path == "/datasets" or path.startswith("/datasets/")) and method not in ("GET", "HEAD"):

@@ -25,6 +25,7 @@ from core.settings import settings
 from core.store import Store, StoreError, now_iso
 from service.drift import DriftMonitor, reference_for
 from service.replicas import StatusBoard, replica_id
+from service.trial import Trials
 
 log = logging.getLogger("refit.model")
 
@@ -127,6 +128,8 @@ class ModelHolder:
         self._status_lock = threading.Lock()  # the watcher and the heartbeat write the same record
         self._closed = False
         self._status_failing = False
+        self.trials = Trials(store, open_version=lambda v: open_version(store, v, threads), answer=ModelHolder.answer,
+                             worker=f"{self.replica}-{os.getpid()}", flush_seconds=settings().heartbeat_seconds)
         self.refresh()
         self._thread = threading.Thread(target=self._watch, name="refit-model-watch", daemon=True)
         self._thread.start()
@@ -146,6 +149,13 @@ class ModelHolder:
         if sig == self._seen:
             return
         self._seen = sig
+        self._follow_promoted()
+        try:
+            self.trials.follow(self.store.read_pointer())
+        except (OSError, StoreError):
+            pass  # the promoted version's problem is recorded above; the trial waits for a readable pointer
+
+    def _follow_promoted(self) -> None:
         try:
             target = self.store.promoted()
         except (OSError, StoreError) as e:  # StoreError: a damaged pointer (PointerError), named and explained
@@ -256,6 +266,7 @@ class ModelHolder:
 
     def close(self) -> None:
         self._stop.set()
+        self.trials.close()
         with self._status_lock:
             self._closed = True
             try:

@@ -6,7 +6,7 @@ import binascii
 import json
 import re
 from pathlib import Path
-from typing import Annotated, ClassVar, Optional
+from typing import Annotated, ClassVar, Literal, Optional
 
 import bentoml
 from pydantic import (
@@ -413,6 +413,30 @@ class RollbackInput(JsonBody):
     """`{"reason": "..."}`."""
 
     reason: str = Field("", max_length=500, description="Why; kept in the history.")
+
+
+class CandidateGuard(BaseModel):
+    """Clear the canary by itself when either rule is broken (each off when not given)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_error_rate: float | None = Field(None, ge=0, le=1, description="Clear when the candidate's error rate "
+                                         "is over this, after at least `min_requests` requests.")
+    min_requests: int = Field(20, ge=1, le=1_000_000)
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Clear when the candidate's feedback "
+                                            "accuracy is under the promoted version's by more than this ...")
+    min_labelled: int = Field(20, ge=1, le=1_000_000, description="... with at least this many labelled "
+                              "predictions of each.")
+
+
+class CandidateInput(JsonBody):
+    """`{"version": "v0007", "mode": "shadow" | "canary", "percent": 0..100}`, and an optional `guard`."""
+
+    version: str = Field(max_length=200, description="The version to try beside the promoted one.")
+    mode: Literal["shadow", "canary"] = Field(description="shadow: the candidate also runs on `percent` % of "
+                                              "requests, answers discarded; canary: it answers `percent` % of "
+                                              "clients.")
+    percent: float = Field(ge=0, le=100, allow_inf_nan=False)
+    guard: CandidateGuard | None = None
 
 
 # --- feedback ------------------------------------------------------------------------------------------

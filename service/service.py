@@ -16,6 +16,8 @@ import base64
 import gc
 import importlib.util
 import logging
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypeVar
 
@@ -45,6 +47,7 @@ from service.queue import QueueRunner, SharedJobs
 from service.replicas import StatusBoard, replica_id
 from service.runner import LocalRunner
 from service.schemas import ExplainInput, Explanation, PredictBase64Input, PredictInput, Prediction
+from service.trial import ClientKey, client_key, decision
 
 # The one module-level call: BentoML builds each worker's app right after importing this module, before any
 # hook of the service runs, and its request timeout keeps every request for an hour (service/compat.py).
@@ -171,30 +174,58 @@ class Refit:
         model = holder.current  # read once: the whole request runs on this version even if a swap happens now
         if model is None:
             raise ApiError(503, unavailable(space.store, holder), **_named(space))
+        trial = holder.trials.on  # read once too: the candidate on trial (service/trial.py), if any
+        if trial is not None and trial.mode == "canary" and trial.answers(client_key.get()):
+            model = trial.model
+        t0 = time.perf_counter()
         arrays = await asyncio.get_running_loop().run_in_executor(self.decoder, holder.decode, model, files)
         bad = [str(a) for a in arrays if not isinstance(a, np.ndarray)]
         if bad:
             raise ApiError(400, "; ".join(bad))
+        batch = np.stack(arrays)
         try:
-            probs = await self.batcher.run(model, np.stack(arrays))
+            probs = await self.batcher.run(model, batch)
         except Overloaded as e:
             raise ApiError(503, str(e)) from None
         except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
+            if trial is not None:
+                holder.trials.figures.served(model.version, time.perf_counter() - t0, error=True)
             raise ApiError(503, f"the model failed on this batch ({type(e).__name__}); try again") from None
         s = settings()  # read once per request: it looks at the environment each time
-        capture = s.capture
         if threshold is None and model.cuts is None:  # single-label: REFIT_THRESHOLD when none is given
             threshold = s.threshold
-        replies = []
-        for (name, data), p in zip(files, probs, strict=True):
-            r = ModelHolder.answer(model, p, top_k, threshold)
+        replies = [ModelHolder.answer(model, p, top_k, threshold) for p in probs]
+        keep = self._keeper(space, model, files, probs, replies, trial, s.capture)
+        if trial is not None:
+            holder.trials.figures.served(model.version, time.perf_counter() - t0)
+            if trial.mode == "shadow" and trial.samples(random.random()):
+                holder.trials.shadow(trial, batch, probs, [decision(r) for r in replies], threshold, after=keep)
+                keep = None
+        if keep is not None:
+            keep([])
+        return [Prediction(**r) for r in replies]
+
+    def _keeper(self, space, model, files, probs, replies, trial, capture: bool):
+        """Count the replies and give each its prediction id; the returned function captures them (when the
+        server captures) with the trial's answers, the candidate's given by a shadow run afterwards."""
+        for r in replies:
             self.metrics.predicted(space.project, r["version"], r["label"])
             r["prediction_id"] = new_capture_id()
-            if capture and not space.captures.keep(r["prediction_id"], name, data, {**r, "margin": doubt(model, p)},
-                                                  contract=model.contract):
-                self.metrics.capture_dropped.inc()
-            replies.append(Prediction(**r))
-        return replies
+        if not capture:
+            return None
+
+        def keep(theirs: list) -> None:
+            for i, ((name, data), p, r) in enumerate(zip(files, probs, replies, strict=True)):
+                record = {**r, "margin": doubt(model, p)}
+                if trial is not None:
+                    answers = {model.version: decision(r)}
+                    if i < len(theirs):
+                        answers[trial.version] = theirs[i]
+                    record["trial"] = {"id": trial.id, "answers": answers}
+                if not space.captures.keep(r["prediction_id"], name, data, record, contract=model.contract):
+                    self.metrics.capture_dropped.inc()
+
+        return keep
 
     # -- explain ---------------------------------------------------------------------------------
     @bentoml.api(route="/explain", input_spec=ExplainInput)
@@ -256,4 +287,5 @@ def _named(space) -> dict:
 Refit.add_asgi_middleware(compat.RouteLabels)
 Refit.add_asgi_middleware(ProjectScope)  # /projects/NAME/... as /... of project NAME, before the token check
 Refit.add_asgi_middleware(Guard)
+Refit.add_asgi_middleware(ClientKey)  # the canary's client key (X-Refit-Client, else the peer's address)
 Refit.add_asgi_middleware(console.ConsoleLink)

@@ -66,6 +66,7 @@ def feedback(svc: RefitDep, body: FeedbackRequest):
     added = on_datasets(svc.store, add)
     given = {"label": label, "dataset": name, "snapshot": added["snapshot"], "at": now_iso()}
     svc.captures.mark(body.prediction_id, given)
+    svc.holder.trials.feedback(record, label)  # a prediction made during a trial: each version's accuracy
     return {"prediction_id": body.prediction_id, "predicted": record["label"], "version": record["version"],
             "added": bool(added["added"]), "relabelled": added["relabelled"], **given}
 
@@ -99,6 +100,7 @@ def _several_labels(svc: Service, body: FeedbackRequest, record: dict, data: byt
         added = on_datasets(svc.store, add)
     given = {"labels": body.labels, "dataset": name, "snapshot": added["snapshot"], "at": now_iso()}
     svc.captures.mark(body.prediction_id, given)
+    svc.holder.trials.feedback(record, list(body.labels))
     return {"prediction_id": body.prediction_id, "predicted": predicted, "version": record["version"],
             "added": bool(added["added"]), "relabelled": added["relabelled"], **given}
 
