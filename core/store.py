@@ -258,8 +258,10 @@ class Store:
                         only: str | None = None) -> dict | None:
         """End the trial (`how`: cleared, or guard); the history event, None when no candidate was set (or
         `only`, a trial id, is no longer the one on)."""
-        return self._pointer.update(lambda state, _r: candidate.end(state, how, actor, reason, only),
+        # A round that finds nothing to end writes the state back unchanged; {} (not None: None is a lost race)
+        done = self._pointer.update(lambda state, _r: candidate.end(state, how, actor, reason, only) or {},
                                     actor=actor, repair=False)
+        return done or None
 
     # -- writing -----------------------------------------------------------------------------------
     def publish(self, files: dict[str, Path], metadata: dict, labels: dict | None = None,

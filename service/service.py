@@ -189,7 +189,8 @@ class Refit:
             raise ApiError(503, str(e)) from None
         except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
             if trial is not None:
-                holder.trials.figures.served(model.version, time.perf_counter() - t0, error=True)
+                holder.trials.figures.served(model.version, time.perf_counter() - t0, error=True,
+                                             role="candidate" if model is trial.model else "promoted")
             raise ApiError(503, f"the model failed on this batch ({type(e).__name__}); try again") from None
         s = settings()  # read once per request: it looks at the environment each time
         if threshold is None and model.cuts is None:  # single-label: REFIT_THRESHOLD when none is given
@@ -197,7 +198,8 @@ class Refit:
         replies = [ModelHolder.answer(model, p, top_k, threshold) for p in probs]
         keep = self._keeper(space, model, files, probs, replies, trial, s.capture)
         if trial is not None:
-            holder.trials.figures.served(model.version, time.perf_counter() - t0)
+            holder.trials.figures.served(model.version, time.perf_counter() - t0,
+                                         role="candidate" if model is trial.model else "promoted")
             if trial.mode == "shadow" and trial.samples(random.random()):
                 holder.trials.shadow(trial, batch, probs, [decision(r) for r in replies], threshold, after=keep)
                 keep = None

@@ -99,6 +99,24 @@ def quantile_ms(hist: list, q: float) -> float | None:
     return None
 
 
+_PROM: dict = {}
+
+
+def prom() -> dict:
+    """The trial's Prometheus series, made on first use (after BentoML set up its multiprocess registry)."""
+    if not _PROM:
+        import prometheus_client as p
+
+        _PROM["requests"] = p.Counter("refit_trial_requests", "Requests answered (or shadowed) during a trial, "
+                                      "by version and its role", ["version", "role"])
+        _PROM["errors"] = p.Counter("refit_trial_errors", "Failed model runs during a trial", ["version", "role"])
+        _PROM["latency"] = p.Histogram("refit_trial_latency_seconds", "Request (or shadow run) time during a "
+                                       "trial", ["role"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        _PROM["shadow"] = p.Counter("refit_shadow_samples", "Shadow samples: compared, agreed (same top answer), "
+                                    "dropped (queue full) or failed", ["outcome"])
+    return _PROM
+
+
 class Figures:
     """One trial's counts on this worker (thread-safe: the event loop, the shadow thread and feedback add)."""
 
@@ -110,7 +128,13 @@ class Figures:
         self.feedback: dict[str, dict] = {}
         self.dirty = True
 
-    def served(self, version: str, seconds: float, *, error: bool = False) -> None:
+    def served(self, version: str, seconds: float, *, error: bool = False, role: str = "promoted") -> None:
+        m = prom()
+        m["requests"].labels(version, role).inc()
+        if error:
+            m["errors"].labels(version, role).inc()
+        else:
+            m["latency"].labels(role).observe(seconds)
         with self.lock:
             f = self.versions.setdefault(version, {"requests": 0, "errors": 0, "latency": [0] * BUCKETS})
             f["requests"] += 1
@@ -120,10 +144,13 @@ class Figures:
             self.dirty = True
 
     def compared(self, promoted: list[str], candidate: list[str], deltas: list[float]) -> None:
+        agreed = sum(a == b for a, b in zip(promoted, candidate, strict=True))
+        prom()["shadow"].labels("compared").inc(len(promoted))
+        prom()["shadow"].labels("agreed").inc(agreed)
         with self.lock:
             s = self.shadow
             s["compared"] += len(promoted)
-            s["agree"] += sum(a == b for a, b in zip(promoted, candidate, strict=True))
+            s["agree"] += agreed
             s["abs_delta_sum"] += float(sum(deltas))
             for a, b in zip(promoted, candidate, strict=True):
                 if a != b:
@@ -132,6 +159,7 @@ class Figures:
             self.dirty = True
 
     def count(self, what: str) -> None:
+        prom()["shadow"].labels(what).inc()
         with self.lock:
             self.shadow[what] += 1
             self.dirty = True
@@ -247,12 +275,12 @@ class Trials:
                 top = probs.argmax(1)
                 deltas = np.abs(cp[np.arange(len(top)), top] - probs[np.arange(len(top)), top]).tolist()
                 if trial is self.on:
-                    self.figures.served(trial.version, time.perf_counter() - t0)
+                    self.figures.served(trial.version, time.perf_counter() - t0, role="candidate")
                     self.figures.compared(promoted_labels, theirs, deltas)
             except Exception:  # broad on purpose: a failing candidate is a figure, never a reply's problem
                 log.exception("shadow run of %s failed", trial.version)
                 if trial is self.on:
-                    self.figures.served(trial.version, time.perf_counter() - t0, error=True)
+                    self.figures.served(trial.version, time.perf_counter() - t0, error=True, role="candidate")
                     self.figures.count("failed")
             if after is not None:
                 after(theirs)
