@@ -3,13 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import backbones, imbalance, inprocess, model, multilabel, preprocessing, projects, retrain, served, transfer
+from bench import (
+    backbones,
+    candidate,
+    imbalance,
+    inprocess,
+    model,
+    multilabel,
+    preprocessing,
+    projects,
+    retrain,
+    served,
+    transfer,
+)
 from bench.common import CONCURRENCY, ROOT, Plan, md_table, target_row
 
 TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess": inprocess.tables,
           "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables,
           "transfer": transfer.tables, "imbalance": imbalance.tables, "projects": projects.tables,
-          "multilabel": multilabel.tables}
+          "multilabel": multilabel.tables, "candidate": candidate.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "preprocess": "2. Preprocessing: full vs reduced-size (draft) JPEG decoding",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
@@ -18,7 +30,8 @@ TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "backbones": "6. Backbones: EfficientNet-Lite0, -Lite1 and -Lite2",
           "transfer": "7. Transfer to a distant domain", "imbalance": "8. Imbalanced classes",
           "projects": "9. Projects: many classifiers in one replica",
-          "multilabel": "10. Multi-label classifiers"}
+          "multilabel": "10. Multi-label classifiers",
+          "candidate": "11. Shadow and canary trials"}
 
 
 # --- targets -----------------------------------------------------------------------------------------
@@ -64,6 +77,8 @@ def targets(results: dict) -> list[list]:
         rows += projects.targets(results["projects"])
     if results.get("multilabel"):
         rows += multilabel.targets(results["multilabel"])
+    if results.get("candidate"):
+        rows += candidate.targets(results["candidate"])
     return rows
 
 

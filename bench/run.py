@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 
 from bench import (
     backbones,
+    candidate,
     imbalance,
     inprocess,
     model,
@@ -28,7 +29,7 @@ from bench import (
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
 SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance",
-            "projects", "multilabel")
+            "projects", "multilabel", "candidate")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -52,6 +53,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return projects.run(plan)
     if name == "multilabel":
         return multilabel.run(plan)
+    if name == "candidate":
+        return candidate.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
