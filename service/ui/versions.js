@@ -1,7 +1,8 @@
 // Versions: every version with its figures; one version's detail (per-class precision/recall/F1, the
 // confusion matrix and per-epoch curves training drew, lineage, label problems); promote and roll back
-// after a confirmation, with the token.
+// after a confirmation, with the token; the candidate on trial (candidate.js).
 import { api, confirmDialog, fixed, h, imageURL, pageLeft, pct, project, put, showError } from "./api.js";
+import { panel } from "./candidate.js";
 
 export async function render(main, ctx) {
   const listing = await api("/versions", { signal: ctx.signal });
@@ -14,6 +15,7 @@ export async function render(main, ctx) {
     listing.problem ? h("p", { class: "bad" }, listing.problem) : null,
     h("div", { class: "row" }, h("span", {}, "Promoted: ", h("strong", { id: "versions-promoted" }, listing.promoted || "none")), rollback),
     table(listing, ctx, main, detail),
+    panel(listing, ctx, (version) => act(ctx, main, version)),
     serving(listing),
     detail);
 }
