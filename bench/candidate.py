@@ -45,7 +45,8 @@ def run(plan: Plan) -> dict:
                 return {"error": error}
             versions.append(out["version"])
         images = [(f.name, f.read_bytes()) for f in sorted((data_dir() / "val").glob("*/*.jp*g"))[:32]]
-        with refit_server(home, Path(tmp) / "serve.log") as srv:
+        # No warm training process: starting one takes a core for seconds, which would land on the first load.
+        with refit_server(home, Path(tmp) / "serve.log", train_standby="0") as srv:
             http = httpx.Client(base_url=srv.url, timeout=60)
             r = {"promoted": versions[0], "candidate": versions[1]}
             r["max"] = wrkgen.closed_loop(srv.url, images, 64, seconds=seconds, warmup_seconds=3)
