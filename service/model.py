@@ -149,18 +149,15 @@ class ModelHolder:
         if sig == self._seen:
             return
         self._seen = sig
-        self._follow_promoted()
         try:
-            self.trials.follow(self.store.read_pointer())
-        except (OSError, StoreError):
-            pass  # the promoted version's problem is recorded above; the trial waits for a readable pointer
-
-    def _follow_promoted(self) -> None:
-        try:
-            target = self.store.promoted()
+            state = self.store.read_pointer()  # read once: the promoted version and the candidate beside it
         except (OSError, StoreError) as e:  # StoreError: a damaged pointer (PointerError), named and explained
             self._refuse(None, str(e))
             return
+        self._follow_promoted(state["version"])
+        self.trials.follow(state)
+
+    def _follow_promoted(self, target: str | None) -> None:
         if target is None:
             # Nothing promoted. A worker keeps what it serves (a decision made earlier); one that has nothing
             # serves nothing until a version is promoted: a missing pointer never promotes one by itself.

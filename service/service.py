@@ -175,8 +175,9 @@ class Refit:
         if model is None:
             raise ApiError(503, unavailable(space.store, holder), **_named(space))
         trial = holder.trials.on  # read once too: the candidate on trial (service/trial.py), if any
+        role = "promoted"
         if trial is not None and trial.mode == "canary" and trial.answers(client_key.get()):
-            model = trial.model
+            model, role = trial.model, "candidate"
         t0 = time.perf_counter()
         arrays = await asyncio.get_running_loop().run_in_executor(self.decoder, holder.decode, model, files)
         bad = [str(a) for a in arrays if not isinstance(a, np.ndarray)]
@@ -189,8 +190,7 @@ class Refit:
             raise ApiError(503, str(e)) from None
         except Exception as e:  # noqa: BLE001 - logged by the batcher; the client is told, not given a bare 500
             if trial is not None:
-                holder.trials.figures.served(model.version, time.perf_counter() - t0, error=True,
-                                             role="candidate" if model is trial.model else "promoted")
+                holder.trials.figures.served(model.version, time.perf_counter() - t0, error=True, role=role)
             raise ApiError(503, f"the model failed on this batch ({type(e).__name__}); try again") from None
         s = settings()  # read once per request: it looks at the environment each time
         if threshold is None and model.cuts is None:  # single-label: REFIT_THRESHOLD when none is given
@@ -198,8 +198,7 @@ class Refit:
         replies = [ModelHolder.answer(model, p, top_k, threshold) for p in probs]
         keep = self._keeper(space, model, files, probs, replies, trial, s.capture)
         if trial is not None:
-            holder.trials.figures.served(model.version, time.perf_counter() - t0,
-                                         role="candidate" if model is trial.model else "promoted")
+            holder.trials.figures.served(model.version, time.perf_counter() - t0, role=role)
             if trial.mode == "shadow" and trial.samples(random.random()):
                 holder.trials.shadow(trial, batch, probs, [decision(r) for r in replies], threshold, after=keep)
                 keep = None
