@@ -40,10 +40,13 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
                              "batch_ms": m["call_ms_median"]})
                 log(f"inprocess: {precision} {name}, batch {batch}: {m['per_second']:.1f} images/s "
                     f"(rounds {m['min_per_second']:.1f}..{m['max_per_second']:.1f})")
-    limit = max((r for r in rows if r["served"]), key=lambda r: r["images_per_s"])
+    served = [r for r in rows if r["served"]]
+    limit = max((r for r in served if not r["pipeline"].startswith("before")), key=lambda r: r["images_per_s"])
+    before = max((r for r in served if r["pipeline"].startswith("before")), key=lambda r: r["images_per_s"])
     single = single_image(v["serving_file"], files, min(SINGLE_SECONDS, plan.inprocess_seconds))
     log(f"inprocess: one image, one thread: p50 {single['p50_ms']:.2f} ms")
     return {"threads": threads, "rows": rows, "limit_images_per_s": limit["images_per_s"],
+            "before_limit_images_per_s": before["images_per_s"],
             "limit_pipeline": limit["pipeline"], "limit_precision": limit["precision"], "images": len(files),
             "single_image": single, "version": bench_version.describe(v)}
 
@@ -68,6 +71,7 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
 
 def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
                seconds: float, only: str | None = None) -> dict:
+    from bench.peer_service import peer_preprocess
     from core.preprocess import preprocess
     from training.export import read_contract
 
@@ -91,7 +95,14 @@ def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: T
         sess.run(["probs"], {"input": x})
         return batch
 
-    pipelines = {"sequential decode": sequential, f"decode on {threads} threads": decode_pool}
+    def before_pool() -> int:
+        # The frozen peer's pixels (bench/peer_service.py) with the same session: the limit before.
+        x = np.stack(list(pool.map(lambda d: peer_preprocess(d, contract), next_batch())))
+        sess.run(["probs"], {"input": x})
+        return batch
+
+    pipelines = {"sequential decode": sequential, f"decode on {threads} threads": decode_pool,
+                 f"before: the frozen peer's pipeline, decode on {threads} threads": before_pool}
     if only:
         pipelines = {only: pipelines[only]}
     return interleaved(pipelines, seconds)
@@ -141,6 +152,12 @@ def tables(result: dict) -> str:
             + f"\n\nIn-process limit: **{result['limit_images_per_s']:.1f} images/s** ({result['limit_pipeline']}, "
             f"{result.get('limit_precision', 'fp32').upper()}, the file the service serves; {result['threads']} "
             f"intra-op threads, the best batch size from benchmark 1, cycling through {result['images']} real "
-            f"JPEGs).{single_line} Model: {v.get('version')}, EfficientNet-Lite0 feature extraction trained on the "
-            f"real dataset (val accuracy {v.get('val_accuracy', 0):.4f}); the store chose "
+            f"JPEGs){_before(result)}.{single_line} Model: {v.get('version')}, EfficientNet-Lite0 feature "
+            f"extraction trained on the real dataset (val accuracy {v.get('val_accuracy', 0):.4f}); the store chose "
             f"{str(v.get('precision')).upper()} for serving ({(v.get('int8') or {}).get('reason', 'no INT8 file')}).")
+
+
+def _before(result: dict) -> str:
+    b = result.get("before_limit_images_per_s")
+    return (f"; before, with the frozen peer's pipeline: {b:.1f} images/s "
+            f"({result['limit_images_per_s'] / b:.2f} ×)") if b else ""

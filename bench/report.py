@@ -6,6 +6,7 @@ from pathlib import Path
 from bench import (
     backbones,
     candidate,
+    cost,
     imbalance,
     inprocess,
     model,
@@ -21,9 +22,10 @@ from bench.common import CONCURRENCY, ROOT, Plan, md_table, target_row
 TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess": inprocess.tables,
           "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables,
           "transfer": transfer.tables, "imbalance": imbalance.tables, "projects": projects.tables,
-          "multilabel": multilabel.tables, "candidate": candidate.tables}
+          "multilabel": multilabel.tables, "candidate": candidate.tables,
+          "cost": cost.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
-          "preprocess": "2. Preprocessing: full vs reduced-size (draft) JPEG decoding",
+          "preprocess": "2. Preprocessing: JPEG decoders, stage by stage",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
           "served": "4. Served: `POST /predict` under load",
           "retrain": "5. Retraining on the real dataset",
@@ -31,7 +33,8 @@ TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "transfer": "7. Transfer to a distant domain", "imbalance": "8. Imbalanced classes",
           "projects": "9. Projects: many classifiers in one replica",
           "multilabel": "10. Multi-label classifiers",
-          "candidate": "11. Shadow and canary trials"}
+          "candidate": "11. Shadow and canary trials",
+          "cost": "12. Per-image cost: where the core time of a prediction goes"}
 
 
 # --- targets -----------------------------------------------------------------------------------------
@@ -79,6 +82,8 @@ def targets(results: dict) -> list[list]:
         rows += multilabel.targets(results["multilabel"])
     if results.get("candidate"):
         rows += candidate.targets(results["candidate"])
+    if results.get("cost"):
+        rows += cost.targets(results["cost"])
     return rows
 
 
@@ -102,8 +107,8 @@ def _served_targets(s: dict, i: dict | None) -> list[list]:
     if one and single and one.get("p50_ms"):
         ratio = one["p50_ms"] / single["p50_ms"]
         rows.append(_row(f"One request at a time: p50 vs one image in process, one thread ({where})",
-                         f"{one['p50_ms']:.1f} ms vs {single['p50_ms']:.2f} ms = {ratio:.2f} ×", "≤ 2.5 ×",
-                         ratio <= 2.5))
+                         f"{one['p50_ms']:.1f} ms vs {single['p50_ms']:.2f} ms = {ratio:.2f} ×", "≤ 2.0 ×",
+                         ratio <= 2.0))
     naive = served.best_level(s, "naive")
     ratio = best["throughput"] / naive["throughput"] if naive["throughput"] else float("inf")
     rows.append(_row("Served vs naive (best concurrency of each)", f"{best['throughput']:.1f} vs "

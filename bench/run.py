@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from bench import (
     backbones,
     candidate,
+    cost,
     imbalance,
     inprocess,
     model,
@@ -29,7 +30,7 @@ from bench import (
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
 SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance",
-            "projects", "multilabel", "candidate")
+            "projects", "multilabel", "candidate", "cost")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -55,6 +56,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return multilabel.run(plan)
     if name == "candidate":
         return candidate.run(plan)
+    if name == "cost":
+        return cost.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
