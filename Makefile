@@ -40,10 +40,15 @@ bench: install
 
 # Two images; needs podman (or CONTAINER_BACKEND=docker). refit:latest serves (no torch; the bento packs the
 # service, the code and the promoted version); refit-worker:latest adds torch and trains (`refit worker`).
+# TMPDIR: containerize renders the bento's Dockerfile template (bentofile.yaml) from a copy of the bento in a
+# temporary folder, and BentoML 1.4.36+ refuses a template outside the working directory, so that folder is
+# made under build/ (https://github.com/bentoml/BentoML/issues/5566).
 CONTAINER_BACKEND ?= podman
 container: install
 	$(BIN)/bentoml build
-	$(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) -t refit:latest
+	mkdir -p build/containerize
+	TMPDIR=$(CURDIR)/build/containerize $(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) \
+		-t refit:latest
 	$(CONTAINER_BACKEND) build -f container/Containerfile.worker --build-arg SERVING_IMAGE=refit:latest \
 		-t refit-worker:latest container
 
