@@ -10,7 +10,7 @@ export REFIT_HOME ?= $(CURDIR)/models
 # the service module is imported (and no module sets anything when imported), so it is set here.
 export BENTOML_HOME ?= $(REFIT_HOME)
 
-.PHONY: install serve test lint bench container train-demo clean
+.PHONY: install serve test lint bench container container-serving train-demo clean
 
 install: $(VENV)/.installed
 
@@ -40,12 +40,22 @@ bench: install
 
 # Two images; needs podman (or CONTAINER_BACKEND=docker). refit:latest serves (no torch; the bento packs the
 # service, the code and the promoted version); refit-worker:latest adds torch and trains (`refit worker`).
+# `make container-serving` builds the first alone (tests/test_container.py runs it).
+# TMPDIR: containerize renders the bento's Dockerfile template (bentofile.yaml) from a copy of the bento in a
+# temporary folder, and BentoML 1.4.36+ refuses a template outside the working directory, so that folder is
+# made under build/ (https://github.com/bentoml/BentoML/issues/5566).
 CONTAINER_BACKEND ?= podman
-container: install
+SERVING_IMAGE ?= refit:latest
+WORKER_IMAGE ?= refit-worker:latest
+container: container-serving
+	$(CONTAINER_BACKEND) build -f container/Containerfile.worker --build-arg SERVING_IMAGE=$(SERVING_IMAGE) \
+		-t $(WORKER_IMAGE) container
+
+container-serving: install
 	$(BIN)/bentoml build
-	$(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) -t refit:latest
-	$(CONTAINER_BACKEND) build -f container/Containerfile.worker --build-arg SERVING_IMAGE=refit:latest \
-		-t refit-worker:latest container
+	mkdir -p build/containerize
+	TMPDIR=$(CURDIR)/build/containerize $(BIN)/bentoml containerize refit:latest --backend $(CONTAINER_BACKEND) \
+		-t $(SERVING_IMAGE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
