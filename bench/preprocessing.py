@@ -11,14 +11,41 @@ shows it."""
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from bench.common import Plan, jpeg_files, log, md_table
+from bench.common import ROOT, Plan, jpeg_files, log, md_table
 
 ROUNDS = 3  # each stage's figure is the fastest of these rounds over all the images
 USED = "Pillow draft (used)"
+# Pillow-SIMD replaces Pillow (same `PIL` package) and has no wheels, so it is measured in an interpreter of its
+# own when this names one (docs/benchmarks.md, benchmark 2, says how to make it).
+SIMD_ENV = "REFIT_BENCH_PILLOW_SIMD"
+_SIMD_SCRIPT = """
+import json, sys, time, numpy as np, PIL
+from core.contract import Contract
+from core.preprocess import eval_array, load_image, resize_crop
+c = Contract(**json.loads(sys.argv[1]))
+files = [open(p, "rb").read() for p in sys.argv[3:]]
+images = [load_image(d, c) for d in files]
+def cpu(fn, xs):
+    best = 1e9
+    for _ in range(3):
+        t0 = time.thread_time()
+        for x in xs: fn(x)
+        best = min(best, (time.thread_time() - t0) / len(xs))
+    return 1000 * best
+out = {"version": PIL.__version__, "decode_ms": cpu(lambda d: load_image(d, c), files),
+       "resize_ms": cpu(lambda im: resize_crop(im, c), images), "eval_ms": cpu(lambda im: eval_array(im, c), images)}
+np.save(sys.argv[2], np.stack([np.asarray(resize_crop(im, c)) for im in images]))
+print(json.dumps(out))
+"""
 
 
 def cpu_ms(fn, items: list, rounds: int = ROUNDS) -> float:
@@ -87,10 +114,41 @@ def run(plan: Plan) -> dict:
                      "gap_reference": gap(pixels, reference), "gap_used": gap(pixels, used),
                      "decoded_median": sorted(im.size for im in images)[len(images) // 2]})
         log(f"preprocess: {name}: {rows[-1]['total_ms']:.2f} ms/image (decode {decode_ms:.2f})")
+    simd = pillow_simd(files, contract, used, reference)
+    if simd:
+        rows.append(simd)
     median = sorted(sizes, key=lambda s: s[0] * s[1])[len(sizes) // 2]
     scalable = sum(min(s) >= 2 * contract.resize_size for s in sizes)
     return {"rows": rows, "images": len(files), "median_size": median, "scalable": scalable,
             "resize_size": contract.resize_size, "mean_kb": sum(map(len, files)) / len(files) / 1024}
+
+
+def pillow_simd(files: list[bytes], contract, used: list[np.ndarray], reference: list[np.ndarray]) -> dict | None:
+    """The used path's decode, resize and normalisation run under Pillow-SIMD, or None where SIMD_ENV is unset."""
+    python = os.environ.get(SIMD_ENV)
+    if not python:
+        return None
+    with tempfile.TemporaryDirectory(prefix="refit-bench-simd-") as tmp:
+        crops = Path(tmp) / "crops.npy"
+        paths = []
+        for i, data in enumerate(files):
+            paths.append(Path(tmp) / f"{i:04d}.jpg")
+            paths[-1].write_bytes(data)
+        fields = {"input_size": contract.input_size, "resize_size": contract.resize_size,
+                  "interpolation": contract.interpolation}
+        proc = subprocess.run([python, "-c", _SIMD_SCRIPT, json.dumps(fields), str(crops), *map(str, paths)],
+                              cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            log(f"preprocess: Pillow-SIMD run failed: {proc.stderr[-500:]}")
+            return None
+        m = json.loads(proc.stdout.strip().splitlines()[-1])
+        pixels = list(np.load(crops).astype(np.float32))
+    log(f"preprocess: Pillow-SIMD {m['version']}: resize + crop {m['resize_ms']:.2f} ms")
+    return {"decoder": f"Pillow-SIMD {m['version']}, draft", "decode_ms": m["decode_ms"], "resize_ms": m["resize_ms"],
+            "normalise_ms": max(0.0, m["eval_ms"] - m["resize_ms"]),
+            "total_ms": m["decode_ms"] + max(m["eval_ms"], m["resize_ms"]),
+            "gap_reference": gap(pixels, reference), "gap_used": gap(pixels, used), "decoded_median": None}
 
 
 def gap(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -104,7 +162,8 @@ def row(result: dict, decoder_prefix: str) -> dict | None:
 
 def tables(result: dict) -> str:
     rows = [[r["decoder"], r["decode_ms"], r["resize_ms"], r["normalise_ms"], r["total_ms"],
-             f"{r['decoded_median'][0]}×{r['decoded_median'][1]}", r["gap_reference"],
+             "as used" if not r["decoded_median"] else f"{r['decoded_median'][0]}×{r['decoded_median'][1]}",
+             r["gap_reference"],
              r["gap_used"]] for r in result["rows"]]
     w, h = result["median_size"]
     return (md_table(["decode", "decode ms", "resize + crop ms", "normalise ms", "total ms/image",
