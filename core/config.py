@@ -64,7 +64,8 @@ class TrainRequest(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where fitting and fine-tuning run: auto: "
                                                    "a CUDA GPU when torch sees one, else the CPU; cuda: a GPU "
                                                    "(mixed precision), an error where there is none; cpu: "
-                                                   "the CPU. Export and figures are the same either way.")
+                                                   "the CPU. The export and the version's figures are "
+                                                   "computed on the CPU either way.")
     promote: Union[Literal["auto"], bool] = Field("auto", description="auto: promote when at least as good as "
                                                   "the promoted version on the new validation split (same "
                                                   "classes) or above min_accuracy (new classes); true/false: "
