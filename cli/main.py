@@ -1,6 +1,7 @@
 """The `refit` command line.
 
     refit train ./photos [--strategy partial --epochs 8 ...] [--json]   # a progress bar on stderr
+    refit train ./photos --device cuda   # on the GPU (auto, the default: the GPU when torch sees one)
     refit versions | refit promote v0003 | refit rollback
     refit predict cat.jpg [--version v0003] [--top-k 5]
     refit explain ant.jpg [--version v0003] [-o heatmap.png] [--label ants]   # where the model looked
@@ -36,7 +37,7 @@ from core.settings import settings
 from core.store import Store, StoreError
 from service.explain import NotExplainable, UnknownLabel, explain_upload
 from service.model import ModelHolder, open_version
-from training.errors import BackboneError, ExportError
+from training.errors import BackboneError, DeviceError, ExportError
 
 # Whatever imports torch is imported by the command that needs it (train, predict, worker), not here: torch
 # takes seconds to import, and `refit --help`, `refit versions` or `refit dataset list` never use it.
@@ -366,7 +367,7 @@ def main(argv=None) -> int:
         if args.command == "backbones":
             print("\n".join(list_backbones()))
             return 0
-    except (DatasetError, StoreError, BackboneError, ImageError, ExportError, ProjectNameError) as e:
+    except (DatasetError, StoreError, BackboneError, DeviceError, ImageError, ExportError, ProjectNameError) as e:
         print(f"refit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

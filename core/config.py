@@ -59,6 +59,13 @@ class TrainRequest(BaseModel):
     # numpy's legacy seeding takes 0 .. 2**32 - 1; a larger seed would only fail once training starts.
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for the split, initialisation and augmentation.")
     threads: Optional[int] = Field(None, ge=1, le=256, description="Torch CPU threads (default: all cores).")
+    # Checked where training runs (training/device.py), not here: the service that admits a retrain has no torch
+    # and a queued job may run on another machine, so `cuda` without a CUDA device fails the job, saying so.
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where fitting and fine-tuning run: auto: "
+                                                   "a CUDA GPU when torch sees one, else the CPU; cuda: a GPU "
+                                                   "(mixed precision), an error where there is none; cpu: "
+                                                   "the CPU. The export and the version's figures are "
+                                                   "computed on the CPU either way.")
     promote: Union[Literal["auto"], bool] = Field("auto", description="auto: promote when at least as good as "
                                                   "the promoted version on the new validation split (same "
                                                   "classes) or above min_accuracy (new classes); true/false: "

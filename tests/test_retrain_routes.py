@@ -67,6 +67,22 @@ def test_synchronous_retrain_answers_with_the_result(http):
     assert r.status_code == 422 and "epochs" in r.json()["error"], r.text
 
 
+def test_a_device_the_trainer_lacks_fails_the_job_saying_so(http):
+    """`device` is checked by pydantic at admission (a 422 naming it) and, for `cuda`, by the training process,
+    the one place that knows its machine: there a job asking for CUDA without a device fails with a 422 that
+    says so, and publishes nothing."""
+    r = http.post("/retrain", json={"data_path": "colours", **FAST, "device": "tpu"})
+    assert r.status_code == 422 and "device" in r.json()["error"], r.text
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a CUDA device: a cuda job would train")
+    r = http.post("/retrain", json={"data_path": "colours", **FAST, "device": "cuda"}, timeout=600)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith("device 'cuda' was asked for, but there is no CUDA device"), r.text
+    job = http.get(f"/jobs/{r.json()['job_id']}").json()
+    assert job["status"] == "failed" and job["error"]["status"] == 422, job
+    assert [v["id"] for v in http.get("/versions").json()["versions"]][-1] == "v0002"
+
+
 def test_hanging_up_on_synchronous_retrain_stops_its_job(http, server):
     """A client that leaves POST /retrain takes its job with it: the trainer is killed, the lock is free."""
     slow = {**FAST, "strategy": "full", "epochs": 300}  # still training when the client leaves

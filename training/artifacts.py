@@ -12,6 +12,7 @@ from core.drift import FILE as DRIFT_FILE
 from core.store import Store, sha256_file
 from training.checks import Checked
 from training.choose import Fitted
+from training.device import record
 from training.export import CAM_FILE, CONTRACT_KEY, VERSION_KEY, set_metadata
 from training.metrics import save_confusion_png, save_results_csv
 from training.run import Run
@@ -55,13 +56,15 @@ def metrics_record(run: Run, fitted: Fitted, checked: Checked, ev: Evaluation, l
                        subset_accuracy=report["subset_accuracy"], per_label=report["per_label"],
                        thresholds=dict(zip(ds.classes, run.contract.thresholds, strict=True)))
     metrics["software"] = software()
+    metrics["device"] = record(run.device, run.request.device)
     return metrics
 
 
 def config_record(run: Run, strategy: str) -> dict:
     """config.json: the request as resolved, with what the run chose."""
     return {**run.request.model_dump(), "resolved": {"strategy": strategy, "contract": json.loads(
-        run.contract.to_json()), "train_images": len(run.ds.train), "val_images": len(run.ds.val)}}
+        run.contract.to_json()), "train_images": len(run.ds.train), "val_images": len(run.ds.val),
+        "device": run.device.type}}
 
 
 def write_artifacts(folder: Path, run: Run, fitted: Fitted, checked: Checked, ev: Evaluation,

@@ -73,7 +73,10 @@ def _parity(run: Run, bb: Backbone, strategy: str, onnx_path: Path) -> tuple[dic
     n_parity = min(run.request.parity_images or n_val, n_val)
     pick = np.unique(np.linspace(0, n_val - 1, n_parity).astype(int))
     torch_probs = evaluate(bb.model, run.val_arrays[pick], run.val_labels[pick])["probs"]
-    head_probs = run.head_val_probs(bb) if strategy == "feature_extraction" else None
+    # Features cached on an accelerator were computed in its half precision (training/device.py): there the
+    # figures come from the file's own outputs, as for every strategy that moved the backbone.
+    cached = strategy == "feature_extraction" and run.device.type == "cpu"
+    head_probs = run.head_val_probs(bb) if cached else None
     if head_probs is None:
         # The exported file runs on every validation image once: the parity sample is taken from that
         # pass, and once parity holds the metrics come from the same outputs, run as serving runs them.

@@ -9,3 +9,8 @@ class BackboneError(ValueError):
 
 class ExportError(RuntimeError):
     """A model file without Refit's contract, or an export that PyTorch does not agree with (training/export.py)."""
+
+
+class DeviceError(ValueError):
+    """A training device that this machine does not have (training/device.py): `device cuda` without a CUDA
+    device."""

@@ -136,9 +136,7 @@ def feature_session(bb, input_size: int, cache_dir: Path):
     path = Path(cache_dir) / f"features-{bb.name}{regions}-{input_size}-{state_hash.hexdigest()[:12]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = copy.deepcopy(bb.model).eval()
-        parent, _, attr = bb.classifier.rpartition(".")
-        setattr(body.get_submodule(parent) if parent else body, attr, nn.Identity())
+        body = feature_body(bb)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -147,6 +145,14 @@ def feature_session(bb, input_size: int, cache_dir: Path):
                               opset_version=17, dynamo=False)
         os.replace(tmp, path)
     return session(path)
+
+
+def feature_body(bb) -> nn.Module:
+    """A copy of the backbone in eval mode whose classifier passes its input through: the frozen features."""
+    body = copy.deepcopy(bb.model).eval()
+    parent, _, attr = bb.classifier.rpartition(".")
+    setattr(body.get_submodule(parent) if parent else body, attr, nn.Identity())
+    return body
 
 
 def set_metadata(path: Path | str, items: dict[str, str]) -> None:

@@ -44,9 +44,9 @@ def pooled_features(bb: Backbone, x):
 
 def drift_reference(run: Run, bb: Backbone, strategy: str, onnx_path: Path, out: Path) -> dict:
     """The version's drift reference (core/drift.py), in the space of the file's `embedding` output:
-    the cached features when the backbone stayed frozen (the same numbers), else the exported file run on
-    the validation images and a sample of the training images."""
-    if strategy == "feature_extraction":
+    the cached features when the backbone stayed frozen and they were computed on the CPU (the same numbers),
+    else the exported file run on the validation images and a sample of the training images."""
+    if strategy == "feature_extraction" and run.device.type == "cpu":
         tr, _, va, _ = run.features(bb)
         train_emb, val_emb = pooled_features(bb, tr).numpy(), pooled_features(bb, va).numpy()
     else:

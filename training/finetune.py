@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.export import feature_session
+from training.device import CPU, TorchSession, autocast, grad_scaler
+from training.export import feature_body, feature_session
 from training.metrics import mean_average_precision
 from training.registry import Backbone, get_module
 
@@ -85,13 +86,16 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_size: int = 8,
-                     desc: str = "features") -> torch.Tensor:
+                     desc: str = "features", device: torch.device = CPU) -> torch.Tensor:
     """Penultimate features (the classifier's input) of preprocessed images, computed once per run.
 
-    The frozen backbone runs in ONNX Runtime, several times faster than eager PyTorch on a CPU, so
-    feature extraction takes seconds. The feature graph is exported once per backbone and input size
-    and kept in `cache_dir`."""
-    sess = feature_session(bb, arrays.shape[-1], cache_dir)
+    On the CPU the frozen backbone runs in ONNX Runtime, several times faster than eager PyTorch there, so
+    feature extraction takes seconds; the feature graph is exported once per backbone and input size and kept
+    in `cache_dir`. On an accelerator it runs in torch on the device (training/device.py), in larger batches."""
+    if device.type == "cpu":
+        sess = feature_session(bb, arrays.shape[-1], cache_dir)
+    else:
+        sess, batch_size = TorchSession(feature_body(bb), device), 128
     out = []
     for i in tqdm(range(0, len(arrays), batch_size), desc=desc, leave=False, unit="batch", disable=None):
         out.append(sess.run(None, {"input": arrays[i:i + batch_size]})[0])
@@ -101,9 +105,12 @@ def extract_features(bb: Backbone, arrays: np.ndarray, cache_dir: Path, batch_si
 def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
              val_y: torch.Tensor, *, lr: float, weight_decay: float, label_smoothing: float, epochs: int,
              batch_size: int, seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print,
-             progress=None, class_weights: torch.Tensor | None = None) -> list[dict]:
+             progress=None, class_weights: torch.Tensor | None = None, device: torch.device = CPU) -> list[dict]:
     """Fit a linear head on cached features with early stopping on validation; best epoch restored.
-    `class_weights` (training/balance.py) weight the training loss per class; validation loss is unweighted."""
+    `class_weights` (training/balance.py) weight the training loss per class; validation loss is unweighted.
+    On `device` (the features copied there; the head back on the CPU when done)."""
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+    class_weights = class_weights.to(device) if class_weights is not None else None
 
     def loss(logits, y):
         return F.cross_entropy(logits, y, weight=class_weights, label_smoothing=label_smoothing)
@@ -118,7 +125,7 @@ def fit_head(head: nn.Linear, train_x: torch.Tensor, train_y: torch.Tensor, val_
 
     history, t0 = _fit(head, train_x, train_y, loss, scores, "val_acc", lr=lr, weight_decay=weight_decay,
                        epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout, patience=patience,
-                       progress=progress)
+                       progress=progress, device=device)
     b = max(history, key=score_key)
     log(f"head: best epoch {b['epoch']}/{len(history)} val_acc {b['val_acc']:.4f} train_acc {b['train_acc']:.4f} "
         f"({time.time() - t0:.1f}s)")
@@ -132,10 +139,23 @@ def score_key(row: dict) -> tuple[float, float]:
 
 def _fit(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, loss: Callable, scores: Callable,
          shown: str, *, lr: float, weight_decay: float, epochs: int, batch_size: int, seed: int, dropout: float,
-         patience: int, progress) -> tuple[list[dict], float]:
+         patience: int, progress, device: torch.device = CPU) -> tuple[list[dict], float]:
     """The head's loop, for either task: AdamW with a cosine schedule over shuffled batches of the cached
     features (dropout on them), `scores()` after each epoch, early stopping by `score_key`, the best epoch's
-    weights restored. Returns the history and when it started."""
+    weights restored. Returns the history and when it started. The features are on `device` already; the head
+    goes there for the loop and back to the CPU after it, in float32 on any device (one linear layer)."""
+    head.to(device)
+    try:
+        return _fit_loop(head, train_x, train_y, loss, scores, shown, lr=lr, weight_decay=weight_decay,
+                         epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout, patience=patience,
+                         progress=progress)
+    finally:
+        head.to(CPU)
+
+
+def _fit_loop(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, loss: Callable, scores: Callable,
+              shown: str, *, lr: float, weight_decay: float, epochs: int, batch_size: int, seed: int,
+              dropout: float, patience: int, progress) -> tuple[list[dict], float]:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -145,7 +165,7 @@ def _fit(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, loss: Ca
         perm = torch.randperm(len(train_x), generator=g)
         total = 0.0
         for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i:i + batch_size].to(train_x.device)
             x = train_x[idx]
             x = head.dropout(x, dropout) if hasattr(head, "dropout") else F.dropout(x, dropout, training=True)
             step = loss(head(x), train_y[idx])
@@ -172,13 +192,15 @@ def _fit(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, loss: Ca
 def fit_multilabel_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                         val_y: torch.Tensor, *, lr: float, weight_decay: float, epochs: int, batch_size: int,
                         seed: int, dropout: float = 0.2, patience: int = 25, log: Callable = print, progress=None,
-                        pos_weight: torch.Tensor | None = None) -> list[dict]:
+                        pos_weight: torch.Tensor | None = None, device: torch.device = CPU) -> list[dict]:
     """fit_head for multi-label: BCE on multi-hot targets (`pos_weight` per label, validation unweighted),
     early stopping on validation mAP then loss; best epoch restored. `val_acc` is the subset accuracy at 0.5.
 
     On one thread: steps this small (32 rows of a few thousand features) gain nothing from a second, and with
     another process on the cores torch's threads wait on each other (20 epochs on the collage set's region
     features: 1.7 s on one thread, 14 s on two, measured with a second training run on the 2 cores)."""
+    train_x, train_y, val_x, val_y = (t.to(device) for t in (train_x, train_y, val_x, val_y))
+    pos_weight = pos_weight.to(device) if pos_weight is not None else None
 
     def loss(logits, y):
         return F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
@@ -191,7 +213,7 @@ def fit_multilabel_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.T
     try:
         history, t0 = _fit(head, train_x, train_y, loss, scores, "val_map", lr=lr, weight_decay=weight_decay,
                            epochs=epochs, batch_size=batch_size, seed=seed, dropout=dropout, patience=patience,
-                           progress=progress)
+                           progress=progress, device=device)
     finally:
         torch.set_num_threads(previous)
     b = max(history, key=score_key)
@@ -204,7 +226,7 @@ def fit_multilabel_head(head: nn.Module, train_x: torch.Tensor, train_y: torch.T
 def _multilabel_eval(head: nn.Module, x: torch.Tensor, y: torch.Tensor, split: str) -> dict:
     head.eval()
     logits = head(x)
-    out = {f"{split}_map": mean_average_precision(y.numpy(), torch.sigmoid(logits).numpy()),
+    out = {f"{split}_map": mean_average_precision(y.cpu().numpy(), torch.sigmoid(logits).cpu().numpy()),
            f"{split}_acc": ((logits > 0) == (y > 0.5)).all(1).float().mean().item()}
     if split == "val":
         out["val_loss"] = F.binary_cross_entropy_with_logits(logits, y).item()
@@ -212,16 +234,23 @@ def _multilabel_eval(head: nn.Module, x: torch.Tensor, y: torch.Tensor, split: s
 
 
 def train_one_epoch(model: nn.Module, criterion, optimizer, data_loader, epoch: int, *, scheduler=None,
-                    desc: str = "train") -> dict:
+                    desc: str = "train", device: torch.device = CPU, scaler=None) -> dict:
+    """One pass over `data_loader` on `device` (where model and criterion are), under its autocast; `scaler`
+    (training/device.py's grad_scaler) scales float16 losses and is a pass-through otherwise."""
     set_train_mode(model)
+    scaler = scaler if scaler is not None else grad_scaler(device)
     total, correct, seen, t0 = 0.0, 0, 0, time.time()
     bar = tqdm(data_loader, desc=f"{desc} epoch {epoch}", leave=False, unit="batch", disable=None)
     for x, y in bar:
-        logits = model(x.contiguous(memory_format=torch.channels_last))
-        loss = criterion(logits, y)
+        x = x.contiguous(memory_format=torch.channels_last).to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(x)
+            loss = criterion(logits, y)
         optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if scheduler is not None:
             scheduler.step()
         total += loss.item() * len(y)
@@ -234,22 +263,26 @@ def train_one_epoch(model: nn.Module, criterion, optimizer, data_loader, epoch: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, arrays: np.ndarray, labels: np.ndarray, batch_size: int | None = None) -> dict:
+def evaluate(model: nn.Module, arrays: np.ndarray, labels: np.ndarray, batch_size: int | None = None,
+             device: torch.device = CPU) -> dict:
     """Loss, accuracy and probabilities on preprocessed images (the exact serving preprocessing); with
     multi-hot `labels` (multi-label) sigmoid probabilities, BCE, subset accuracy and mAP (`val_map`).
     Small batches: eager PyTorch on a CPU runs this network at half the speed per image at batch 32
     (activations fall out of cache) as at 16, so the default batch holds 16 images' worth of 224 px pixels (4 at
     a multi-label run's 448 px: 32 parity images in 3.9 s instead of 5.8). The model in channels-last memory,
-    as the input is (oneDNN's NHWC kernels; 3.1 s)."""
+    as the input is (oneDNN's NHWC kernels; 3.1 s). On an accelerator (`device`, where the model is) under its
+    autocast, 16 times the batch; the probabilities come back to the CPU."""
     if batch_size is None:
-        batch_size = max(2, 16 * 224 * 224 // max(1, int(np.prod(arrays.shape[2:])) if arrays.ndim == 4 else 1))
+        images = 16 if device.type == "cpu" else 256
+        batch_size = max(2, images * 224 * 224 // max(1, int(np.prod(arrays.shape[2:])) if arrays.ndim == 4 else 1))
     model.eval().to(memory_format=torch.channels_last)
     multi = labels.ndim == 2
     probs = []
     for i in range(0, len(arrays), batch_size):
         x = torch.from_numpy(arrays[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
-        probs.append(torch.sigmoid(logits) if multi else logits.softmax(1))
+        with autocast(device):
+            logits = model(x.to(device, non_blocking=True)).float()
+        probs.append((torch.sigmoid(logits) if multi else logits.softmax(1)).cpu())
     p = torch.cat(probs)
     y = torch.from_numpy(labels)
     if multi:
@@ -278,7 +311,7 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
               seed: int, phase: str, warm_started: bool = False, log: Callable = print, model: nn.Module | None = None,
               budget: float | None = None, trial: Callable[[list[dict]], str | None] | None = None,
               progress=None, class_weights: torch.Tensor | None = None,
-              pos_weight: torch.Tensor | None = None) -> tuple[list[dict], dict]:
+              pos_weight: torch.Tensor | None = None, device: torch.device = CPU) -> tuple[list[dict], dict]:
     """The fine-tuning loop: one epoch, evaluate, keep the best weights, stop when validation stalls.
 
     `model` is what runs on `train_ds`'s inputs: the whole backbone on images, or, with the activation cache
@@ -288,24 +321,42 @@ def fine_tune(bb: Backbone, groups: list[dict], train_ds, val_arrays: np.ndarray
     or None (auto's test of whether fine-tuning pays, training/choose.py's Trial). Patience counts from
     fine-tuning's own best epoch: the warmed-up head stays the fallback the weights return to, but an epoch
     below it is not a stall of fine-tuning. `class_weights` weight the training loss per class
-    (training/balance.py); validation stays unweighted. Returns the history and the kept epoch's figures."""
+    (training/balance.py); validation stays unweighted. Returns the history and the kept epoch's figures.
+    Trains on `device` (training/device.py); the whole backbone is back on the CPU when this returns."""
     model = (model if model is not None else bb.model).to(memory_format=torch.channels_last)  # oneDNN: NHWC on CPU
+    try:
+        return _tune(bb, model.to(device), groups, train_ds, val_arrays, val_labels, epochs=epochs,
+                     batch_size=batch_size, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                     patience=patience, seed=seed, phase=phase, warm_started=warm_started, log=log, budget=budget,
+                     trial=trial, progress=progress, class_weights=class_weights, pos_weight=pos_weight,
+                     device=device)
+    finally:
+        bb.model.to(CPU)
+
+
+def _tune(bb: Backbone, model: nn.Module, groups: list[dict], train_ds, val_arrays: np.ndarray,
+          val_labels: np.ndarray, *, epochs: int, batch_size: int, weight_decay: float, label_smoothing: float,
+          patience: int, seed: int, phase: str, warm_started: bool, log: Callable, budget: float | None, trial,
+          progress, class_weights, pos_weight, device: torch.device) -> tuple[list[dict], dict]:
+    """fine_tune's loop, with `model` on `device`."""
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=g,
-                                         num_workers=0, drop_last=len(train_ds) > batch_size)
+                                         num_workers=0, drop_last=len(train_ds) > batch_size,
+                                         pin_memory=device.type == "cuda")  # pinned: copies overlap the step
     opt, sched = _optimizer(groups, weight_decay, steps=max(1, epochs * len(loader)), per_epoch=len(loader))
-    criterion = _criterion(val_labels, class_weights, label_smoothing, pos_weight)
+    criterion = _criterion(val_labels, class_weights, label_smoothing, pos_weight).to(device)
+    step = _Step(device, criterion, opt, sched, grad_scaler(device))
     best, best_state, history, t0 = None, None, [], time.time()
     kept = {"epoch": 0, "val_acc": None, "val_loss": None, "stopped": "epochs"}
     if warm_started:
         # The warmed-up head is the point to beat: fine-tuning that only hurts validation is undone.
-        best, best_state = _warm_start(model, val_arrays, val_labels, kept, phase, log, progress)
+        best, best_state = _warm_start(model, val_arrays, val_labels, kept, phase, log, progress, device)
     own_best, since = None, 0  # fine-tuning's own best epoch, from which patience counts
     for epoch in range(1, epochs + 1):
         if _over_budget(budget, time.time() - t0, history, phase, log):
             kept["stopped"] = "budget"
             break
-        row = _epoch(model, criterion, opt, sched, loader, train_ds, val_arrays, val_labels, epoch, phase, t0)
+        row = _epoch(model, step, loader, train_ds, val_arrays, val_labels, epoch, phase, t0)
         history.append(row)
         key = score_key(row)
         improved = best is None or key > best
@@ -345,9 +396,9 @@ def _criterion(val_labels: np.ndarray, class_weights, label_smoothing: float, po
 
 
 def _warm_start(model: nn.Module, val_arrays: np.ndarray, val_labels: np.ndarray, kept: dict, phase: str,
-                log: Callable, progress) -> tuple[tuple, dict]:
+                log: Callable, progress, device: torch.device) -> tuple[tuple, dict]:
     """The warmed-up model's validation figures: (best key, its weights)."""
-    ev = evaluate(model, val_arrays, val_labels)
+    ev = evaluate(model, val_arrays, val_labels, device=device)
     kept.update({k: v for k, v in ev.items() if k != "probs"})
     log(f"{phase} epoch 0 (warmed-up head)  val_loss {ev['val_loss']:.4f} val_acc {ev['val_acc']:.4f}"
         + (f" val_map {ev['val_map']:.4f}" if "val_map" in ev else ""))
@@ -370,14 +421,25 @@ def _optimizer(groups: list[dict], weight_decay: float, *, steps: int, per_epoch
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _epoch(model, criterion, opt, sched, loader, train_ds, val_arrays, val_labels, epoch: int, phase: str,
+@dataclass
+class _Step:
+    """What every epoch of fine_tune steps with: where, the loss, the optimiser, its schedule and loss scaler."""
+    device: torch.device
+    criterion: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def _epoch(model, step: _Step, loader, train_ds, val_arrays, val_labels, epoch: int, phase: str,
            t0: float) -> dict:
     """One epoch of fine-tuning and its validation: a results.csv row."""
     if hasattr(train_ds, "set_epoch"):
         train_ds.set_epoch(epoch)
     row = {"epoch": epoch, "phase": phase}
-    row.update(train_one_epoch(model, criterion, opt, loader, epoch, scheduler=sched, desc=phase))
-    ev = evaluate(model, val_arrays, val_labels)
+    row.update(train_one_epoch(model, step.criterion, step.opt, loader, epoch, scheduler=step.sched, desc=phase,
+                               device=step.device, scaler=step.scaler))
+    ev = evaluate(model, val_arrays, val_labels, device=step.device)
     row.update({k: v for k, v in ev.items() if k != "probs"}, time=round(time.time() - t0, 3))
     return row
 

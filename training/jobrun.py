@@ -182,6 +182,7 @@ def _train(job: dict, request, job_dir: Path, say, report) -> dict | int:
     """The training run's result, or the exit code after error.json has said why it failed."""
     from core.data import DatasetError
     from core.store import Store
+    from training.errors import DeviceError
     from training.pipeline import train
 
     try:
@@ -191,6 +192,10 @@ def _train(job: dict, request, job_dir: Path, say, report) -> dict | int:
     except DatasetError as e:
         atomic_write_json(job_dir / "error.json", {"status": 422, "message": f"dataset: {_relative(str(e), job_dir)}"})
         print(f"dataset error: {e}", flush=True)
+        return 3
+    except DeviceError as e:  # the request asks for what this machine lacks: the client's to change, no traceback
+        atomic_write_json(job_dir / "error.json", {"status": 422, "message": str(e)})
+        print(f"device error: {e}", flush=True)
         return 3
     except Exception as e:  # noqa: BLE001 - reported to the client; the traceback goes to the log
         import traceback

@@ -28,6 +28,7 @@ from training.artifacts import Evaluation, publish_version, version_meta, write_
 from training.bootstrap import bootstrap_imagenet
 from training.checks import Checked, export_and_check, try_int8
 from training.choose import Fitted, fit
+from training.device import describe, resolve_device
 from training.findings import drift_reference, label_findings
 from training.promotion import promotion_decision
 from training.run import Run, input_contract, seed_everything
@@ -48,7 +49,8 @@ def train(request: TrainRequest, data: str | Path | Dataset | None = None, *, st
     of a job whose process stopped after publishing (core/outcome.py)."""
     t_start = time.time()
     tracker = Progress(progress)
-    set_up_torch(request)
+    device = set_up_torch(request)
+    log(f"device: {describe(device)}")
     store = store or Store()
     parent = store.promoted()
     # Under REFIT_HOME, not the system temp dir: a killed run's folder is found and removed at the service's
@@ -56,7 +58,7 @@ def train(request: TrainRequest, data: str | Path | Dataset | None = None, *, st
     with run_folder(store.home, "run") as tmp:
         data, request, lineage = resolve_data(request, data, store, tmp / "snapshot", log)
         ds = load_data(request, data, tmp, log)
-        run = Run(request, ds, log, store.home / "cache", tracker)
+        run = Run(request, ds, log, store.home / "cache", tracker, device=device)
         fitted = fit(run, log)
         tracker.phase("finishing")
         checked = export_and_check(run, fitted.backbone, fitted.strategy, fitted.history, tmp / "model.onnx", log)
@@ -73,12 +75,15 @@ def train(request: TrainRequest, data: str | Path | Dataset | None = None, *, st
                    total_seconds=time.time() - t_start)
 
 
-def set_up_torch(request: TrainRequest) -> None:
-    """Threads and seeds for this run, and torch's optimizer import started off the critical path."""
+def set_up_torch(request: TrainRequest) -> torch.device:
+    """The run's device (first: `cuda` where there is none fails before any data is read), threads and seeds,
+    and torch's optimizer import started off the critical path."""
+    device = resolve_device(request.device)
     _prepare_optimizer_in_background()
     if request.threads:
         torch.set_num_threads(request.threads)
     seed_everything(request.seed)
+    return device
 
 
 def _prepare_optimizer_in_background() -> None:
@@ -164,7 +169,7 @@ def summary(version: str, promoted: bool, run: Run, fitted: Fitted, checked: Che
             "train_seconds": round(fitted.seconds, 2), "total_seconds": round(total_seconds, 2),
             "promoted": promoted, "promotion": ev.decision, "parity": checked.parity, "classes": ds.classes,
             "train_val_gap": metrics["train_val_gap"], "auto": fitted.auto, "skipped": ds.skipped,
-            "lineage": lineage, "warnings": ds.warnings,
+            "lineage": lineage, "warnings": ds.warnings, "device": metrics["device"],
             "metrics": {k: metrics[k] for k in ("val_accuracy", "balanced_accuracy", "train_accuracy", "macro_f1",
                                                 "per_class")},
             "label_problems": {**ev.problems, "items": ev.problems["items"][:5]},
@@ -182,7 +187,7 @@ def multilabel_summary(version: str, promoted: bool, run: Run, fitted: Fitted, c
             "train_seconds": round(fitted.seconds, 2), "total_seconds": round(total_seconds, 2),
             "promoted": promoted, "promotion": ev.decision, "parity": checked.parity, "classes": ds.classes,
             "train_val_gap": metrics["train_val_gap"], "auto": fitted.auto, "skipped": ds.skipped,
-            "lineage": lineage, "warnings": ds.warnings, "int8": ev.int8,
+            "lineage": lineage, "warnings": ds.warnings, "int8": ev.int8, "device": metrics["device"],
             "metrics": {k: metrics[k] for k in ("val_accuracy", "val_map", "val_micro_f1", "macro_f1",
                                                 "subset_accuracy", "train_accuracy", "per_label")},
             "label_problems": {**ev.problems, "items": ev.problems["items"][:5]},

@@ -20,6 +20,7 @@ from core.progress import Progress
 from training.activations import ViewCache, activation_bytes, limit_bytes, prefix_outputs, prefix_session, split_model
 from training.augment import train_transform
 from training.balance import class_weights, decide
+from training.device import TorchSession, resolve_device
 from training.finetune import (
     STRATEGIES,
     ImageListDataset,
@@ -55,8 +56,10 @@ class Run:
     """What one training run shares between strategies: the data, decoded once, and cached features."""
 
     def __init__(self, request: TrainRequest, ds: Dataset, log: Callable, cache_dir: Path,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, device: torch.device | None = None):
         self.request, self.ds, self.log, self.cache_dir = request, ds, log, cache_dir
+        # Where fitting and fine-tuning run (training/device.py); between steps every model is on the CPU.
+        self.device = device if device is not None else resolve_device(request.device)
         self.progress = progress or Progress()
         self.progress.set_images(len(ds.val))
         self.multi_label = ds.task == "multi_label"
@@ -125,8 +128,8 @@ class Run:
         if self._features is None:
             t0 = time.time()
             cache = self.cache_dir
-            tr = extract_features(bb, self.train_arrays, cache, desc="features train")
-            va = extract_features(bb, self.val_arrays, cache, desc="features val")
+            tr = extract_features(bb, self.train_arrays, cache, desc="features train", device=self.device)
+            va = extract_features(bb, self.val_arrays, cache, desc="features val", device=self.device)
             ty = torch.from_numpy(np.stack(self.train_labels)) if self.multi_label else torch.tensor(self.train_labels)
             self._features = (tr, ty, va, torch.from_numpy(self.val_labels))
             self.log(f"cached features {tuple(tr.shape)} + {tuple(va.shape)} in {time.time() - t0:.1f}s")
@@ -185,7 +188,7 @@ class Run:
                                     label_smoothing=r.label_smoothing, patience=r.patience, seed=r.seed,
                                     phase=name, warm_started=spec.pretrained, log=self.log, model=model,
                                     budget=budget, trial=trial, progress=self.progress,
-                                    class_weights=self.class_weights)
+                                    class_weights=self.class_weights, device=self.device)
             history += tuned
             summary["kept"] = kept
             if cache is not None:
@@ -201,10 +204,11 @@ class Run:
         if self.multi_label:
             return fit_multilabel_head(head, tr, ty, va, vy, lr=r.lr, weight_decay=r.weight_decay,
                                        epochs=r.head_epochs, batch_size=r.batch_size, seed=r.seed, log=self.log,
-                                       progress=self.progress, pos_weight=self.pos_weight)
+                                       progress=self.progress, pos_weight=self.pos_weight, device=self.device)
         return fit_head(head, tr, ty, va, vy, lr=r.lr, weight_decay=r.weight_decay,
                         label_smoothing=r.label_smoothing, epochs=r.head_epochs, batch_size=r.batch_size,
-                        seed=r.seed, log=self.log, progress=self.progress, class_weights=self.class_weights)
+                        seed=r.seed, log=self.log, progress=self.progress, class_weights=self.class_weights,
+                        device=self.device)
 
     def _tuning_inputs(self, bb: Backbone, spec, summary: dict):
         """What fine-tuning runs on: for `partial`, the unfrozen tail on cached activations of the frozen
@@ -235,7 +239,10 @@ class Run:
             summary["activation_cache"]["used"] = False
             return whole
         t0 = time.time()
-        sess = prefix_session(bb, split, size, self.cache_dir, threads=torch.get_num_threads())
+        # The frozen prefix in ONNX Runtime on the CPU; on an accelerator in torch there (its modules go back to
+        # the CPU with the backbone when fine-tuning ends).
+        sess = prefix_session(bb, split, size, self.cache_dir, threads=torch.get_num_threads()) \
+            if self.device.type == "cpu" else TorchSession(split.prefix, self.device)
         val_acts = prefix_outputs(sess, self.val_arrays)
         cache = ViewCache(split, sess, self.aug_images, np.stack(self.train_labels) if self.multi_label
                           else self.train_labels, transform, views=views, seed=r.seed,

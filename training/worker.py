@@ -39,6 +39,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
     from redis.exceptions import ConnectionError as RedisDown
 
     from core.scratch import sweep
+    from training.device import describe_before_fork
     from training.orphans import ProjectRecords, sweep_worker_home
     from training.rqworker import QueueWorker, free_name
 
@@ -54,6 +55,7 @@ def main(*, burst: bool = False, name: str | None = None) -> int:
         if taken:
             print(f"refit: error: {taken}", file=sys.stderr)
             return 2
+        log.info("refit worker: training on %s", describe_before_fork())  # before warm_up imports more of torch
         sweep(store.home)  # temp folders of runs killed on this machine
         sweep_worker_home(store, ProjectRecords(store, queue))  # a killed job's leftovers, in every project
         try:
