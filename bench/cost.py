@@ -2,8 +2,9 @@
 were measured to lower it, on the files benchmarks 3 and 4 serve (bench/version.py: INT8 and FP32).
 
 - Core time per image, before and now: decode + resize + normalise + model on one thread, CPU seconds per
-  image. "Before" is the frozen peer's pipeline (bench/peer_service.py: Pillow, numpy, ONNX Runtime with
-  default options), which was the project's own; "now" is core/preprocess.py and service/model.py's session.
+  image. "Before" is the frozen peer's pipeline (bench/peer_pixels.py under stock Pillow, ONNX Runtime with
+  default options), which was the project's own; "now" is core/preprocess.py under the PIL `make install`
+  left (Pillow-SIMD where it could be built) and service/model.py's session.
 - ONNX Runtime's graph optimisation levels, and one session with 2 threads against two with 1 (the service
   runs a worker per core with one intra-op thread each).
 - OpenVINO's runtime on the same FP32 file, on the same INT8 file (which it cannot read: QLinear operators),
@@ -15,7 +16,6 @@ CPU time (process time) is measured rather than wall time: on a shared machine o
 round, but not the CPU seconds the work itself takes."""
 from __future__ import annotations
 
-import io
 import tempfile
 import time
 from dataclasses import replace
@@ -82,25 +82,27 @@ def _batch(files: list[bytes], contract, n: int, prepare) -> np.ndarray:
 
 def stages(files, contract, paths: dict, seconds: float) -> list[dict]:
     """Per model file: decode, resize + crop, normalise and model, CPU ms per image on one thread, before
-    and now (the model at the batch the service reaches under load)."""
+    and now (the model at batch 32, where the service's batches reach under load). Before: the frozen peer's
+    pipeline under stock Pillow, and the peer's session; now: core/preprocess.py under the PIL installed, and
+    service/model.py's session. The two sessions are measured in alternating rounds."""
     import onnxruntime as ort
-    from PIL import Image
 
     import core.preprocess as pp
-    from bench.peer_service import peer_preprocess
+    from bench import stock_pillow
+    from bench.peer_pixels import peer_preprocess
     from service.model import make_session
 
-    def peer_decode(d):
-        im = Image.open(io.BytesIO(d))
-        im.draft("RGB", (contract.resize_size, contract.resize_size))
-        return im.convert("RGB")
-
-    now_images = [pp.load_image(d, contract) for d in files]
-    prep_now = {"decode": cpu_ms(lambda d: pp.load_image(d, contract), files),
-                "resize": cpu_ms(lambda im: pp.resize_crop(im, contract), now_images)}
-    prep_now["normalise"] = max(0.0, cpu_ms(lambda im: pp.eval_array(im, contract), now_images) - prep_now["resize"])
-    total_before = cpu_ms(lambda d: peer_preprocess(d, contract), files)
-    decode_before = cpu_ms(peer_decode, files)
+    images = [pp.load_image(d, contract) for d in files]
+    now = {"decode": cpu_ms(lambda d: pp.load_image(d, contract), files),
+           "resize": cpu_ms(lambda im: pp.resize_crop(im, contract), images)}
+    now["normalise"] = max(0.0, cpu_ms(lambda im: pp.eval_array(im, contract), images) - now["resize"])
+    stock = stock_pillow.stages(files, contract) if stock_pillow.simd_in_use() else None
+    if stock:
+        before_prep = {"decode": stock[0]["peer_decode_ms"],
+                       "resize + normalise": stock[0]["peer_total_ms"] - stock[0]["peer_decode_ms"]}
+    else:  # stock Pillow is the PIL installed: the peer's pipeline runs here
+        total = cpu_ms(lambda d: peer_preprocess(d, contract), files)
+        before_prep = {"decode": now["decode"], "resize + normalise": total - now["decode"]}
     rows = []
     for precision, path in paths.items():
         so = ort.SessionOptions()
@@ -108,13 +110,15 @@ def stages(files, contract, paths: dict, seconds: float) -> list[dict]:
         peer = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         mine = make_session(path, 1)
         x = _batch(files, contract, 32, pp.preprocess)
-        model_before = process_ms(ort_run(peer), x, seconds)
-        model_now = process_ms(ort_run(mine, ["probs"]), x, seconds)
-        before = {"decode": decode_before, "resize + normalise": total_before - decode_before, "model": model_before}
-        now = {"decode": prep_now["decode"], "resize": prep_now["resize"], "normalise": prep_now["normalise"],
-               "model": model_now}
-        rows.append({"precision": precision, "served": precision == next(iter(paths)), "before": before, "now": now,
-                     "before_ms": sum(before.values()), "now_ms": sum(now.values())})
+        model = {"before": [], "now": []}
+        for _ in range(3):
+            model["before"].append(process_ms(ort_run(peer), x, seconds / 3, rounds=1))
+            model["now"].append(process_ms(ort_run(mine, ["probs"]), x, seconds / 3, rounds=1))
+        before = {**before_prep, "model": min(model["before"])}
+        mine_stages = {**now, "model": min(model["now"])}
+        rows.append({"precision": precision, "served": precision == next(iter(paths)), "before": before,
+                     "now": mine_stages, "before_ms": sum(before.values()), "now_ms": sum(mine_stages.values()),
+                     "pil_before": stock[0]["version"] if stock else None})
         log(f"cost: {precision}: {rows[-1]['now_ms']:.2f} ms/image now vs {rows[-1]['before_ms']:.2f} before")
     return rows
 

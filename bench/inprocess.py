@@ -41,8 +41,12 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
                 log(f"inprocess: {precision} {name}, batch {batch}: {m['per_second']:.1f} images/s "
                     f"(rounds {m['min_per_second']:.1f}..{m['max_per_second']:.1f})")
     served = [r for r in rows if r["served"]]
-    limit = max((r for r in served if not r["pipeline"].startswith("before")), key=lambda r: r["images_per_s"])
-    before = max((r for r in served if r["pipeline"].startswith("before")), key=lambda r: r["images_per_s"])
+    limit = max((r for r in served if not r["pipeline"].startswith("the frozen")), key=lambda r: r["images_per_s"])
+    before = max((r for r in served if r["pipeline"].startswith("the frozen")), key=lambda r: r["images_per_s"])
+    stock = _stock_before(files, v["serving_file"], limit["batch"], threads, plan.inprocess_seconds)
+    if stock:
+        rows.append(stock)
+        before = stock
     single = single_image(v["serving_file"], files, min(SINGLE_SECONDS, plan.inprocess_seconds))
     log(f"inprocess: one image, one thread: p50 {single['p50_ms']:.2f} ms")
     return {"threads": threads, "rows": rows, "limit_images_per_s": limit["images_per_s"],
@@ -71,7 +75,7 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
 
 def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
                seconds: float, only: str | None = None) -> dict:
-    from bench.peer_service import peer_preprocess
+    from bench.peer_pixels import peer_preprocess
     from core.preprocess import preprocess
     from training.export import read_contract
 
@@ -102,10 +106,28 @@ def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: T
         return batch
 
     pipelines = {"sequential decode": sequential, f"decode on {threads} threads": decode_pool,
-                 f"before: the frozen peer's pipeline, decode on {threads} threads": before_pool}
+                 f"the frozen peer's pipeline under the PIL installed, decode on {threads} threads": before_pool}
     if only:
         pipelines = {only: pipelines[only]}
     return interleaved(pipelines, seconds)
+
+
+def _stock_before(files: list[bytes], path: Path, batch: int, threads: int, seconds: float) -> dict | None:
+    """Where this interpreter runs Pillow-SIMD, the limit before is measured under stock Pillow
+    (bench/stock_pillow.py), right after the others."""
+    from bench import stock_pillow
+    from training.export import read_contract
+
+    if not stock_pillow.simd_in_use():
+        return None
+    m = stock_pillow.limit(files, read_contract(path), path, batch, threads, seconds)
+    if m is None:
+        return None
+    log(f"inprocess: before, under stock Pillow: {m['images_per_s']:.1f} images/s")
+    return {"precision": "int8" if "int8" in path.name else "fp32", "served": True,
+            "pipeline": f"before: the frozen peer's pipeline under stock Pillow, decode on {threads} threads",
+            "batch": batch, "images_per_s": m["images_per_s"], "min_images_per_s": m["min"],
+            "max_images_per_s": m["max"], "batch_ms": 1000 * batch / m["images_per_s"]}
 
 
 def single_image(path: Path, files: list[bytes], seconds: float) -> dict:

@@ -5,7 +5,7 @@ batching across requests), not from Refit's code: no versions, no hot swap, no l
 
 It serves the same model file as Refit in the same run (the benchmark version's serving ONNX, INT8 or
 FP32 as its store chose) with the contract stored in the file. Its pixels are its own and frozen
-(`peer_preprocess`, below): Pillow decode (with libjpeg's draft scaling) and resize, numpy normalisation,
+(`bench/peer_pixels.py`): Pillow decode (with libjpeg's draft scaling) and resize, numpy normalisation,
 which was the project's own pipeline until the project changed its decode path; the in-process limit of
 this pipeline is "the limit before" in benchmark 3.
 
@@ -14,13 +14,13 @@ this pipeline is "the limit before" in benchmark 3.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import bentoml
 import numpy as np
-from PIL import Image, ImageOps
+
+from bench.peer_pixels import peer_preprocess
 
 MODEL_ENV = "REFIT_PEER_MODEL"
 try:  # the key the service reads the contract by, without importing torch (training.export does)
@@ -71,21 +71,3 @@ class Peer:
                         "version": self.version})
         return out
 
-
-def peer_preprocess(data: bytes, contract) -> np.ndarray:
-    """Decode, upright, shorter side to resize_size, centre crop, normalise: float32 CHW. Frozen: it does not
-    follow the project's pipeline (core/preprocess.py), so that it stays the baseline the project is measured
-    against."""
-    im = Image.open(io.BytesIO(data))
-    if im.format == "JPEG":
-        im.draft("RGB", (contract.resize_size, contract.resize_size))  # libjpeg's 1/2, 1/4, 1/8 scaling
-    im = ImageOps.exif_transpose(im).convert("RGB")
-    w, h = im.size
-    size, c = contract.resize_size, contract.input_size
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    left, top = int(round((nw - c) / 2.0)), int(round((nh - c) / 2.0))
-    sx, sy = w / nw, h / nh
-    box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)  # resample only the crop window
-    x = np.asarray(im.resize((c, c), Image.Resampling.BILINEAR, box=box), dtype=np.float32) / 255.0
-    x = (x - np.asarray(contract.mean, np.float32)) / np.asarray(contract.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))

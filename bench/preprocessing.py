@@ -1,9 +1,10 @@
 """Benchmark 2: what preparing one image costs, stage by stage, on the real JPEGs (bytes already in memory),
-for each way of decoding them: Pillow at full size; Pillow's draft (1/2, 1/4, 1/8 only), which is the
-project's one decode path (core/preprocess.load_image) and the frozen peer's; libjpeg-turbo through simplejpeg
-(bench extra) at the smallest n/8 that covers the resize, and the same with the fast integer IDCT; and a 1/8
-decode, which shows what entropy decoding alone costs. CPU time of one thread per image, so that outside load on a
-shared machine lengthens a round but barely changes the figure.
+for each way of decoding them: Pillow's draft (1/2, 1/4, 1/8 only), which is the project's one decode path
+(core/preprocess.load_image), under the PIL installed (Pillow-SIMD where `make install` could build it) and
+under stock Pillow (the pipeline before: bench/stock_pillow.py); a full-size decode; libjpeg-turbo through
+simplejpeg (bench extra) at the smallest n/8 that covers the resize, and the same with the fast integer
+IDCT; and a 1/8 decode, which shows what entropy decoding alone costs. CPU time of one thread per image, so
+that outside load on a shared machine lengthens a round but barely changes the figure.
 
 Each variant's 224x224 crop is also compared with a reference rendering (the full decode resized with
 Lanczos), in mean absolute 8-bit levels, and with the one used, so a faster decode that moves the pixels
@@ -11,41 +12,14 @@ shows it."""
 from __future__ import annotations
 
 import io
-import json
-import os
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, Plan, jpeg_files, log, md_table
+from bench.common import Plan, jpeg_files, log, md_table
 
 ROUNDS = 3  # each stage's figure is the fastest of these rounds over all the images
-USED = "Pillow draft (used)"
-# Pillow-SIMD replaces Pillow (same `PIL` package) and has no wheels, so it is measured in an interpreter of its
-# own when this names one (docs/benchmarks.md, benchmark 2, says how to make it).
-SIMD_ENV = "REFIT_BENCH_PILLOW_SIMD"
-_SIMD_SCRIPT = """
-import json, sys, time, numpy as np, PIL
-from core.contract import Contract
-from core.preprocess import eval_array, load_image, resize_crop
-c = Contract(**json.loads(sys.argv[1]))
-files = [open(p, "rb").read() for p in sys.argv[3:]]
-images = [load_image(d, c) for d in files]
-def cpu(fn, xs):
-    best = 1e9
-    for _ in range(3):
-        t0 = time.thread_time()
-        for x in xs: fn(x)
-        best = min(best, (time.thread_time() - t0) / len(xs))
-    return 1000 * best
-out = {"version": PIL.__version__, "decode_ms": cpu(lambda d: load_image(d, c), files),
-       "resize_ms": cpu(lambda im: resize_crop(im, c), images), "eval_ms": cpu(lambda im: eval_array(im, c), images)}
-np.save(sys.argv[2], np.stack([np.asarray(resize_crop(im, c)) for im in images]))
-print(json.dumps(out))
-"""
+USED = "Pillow draft, used"
 
 
 def cpu_ms(fn, items: list, rounds: int = ROUNDS) -> float:
@@ -75,7 +49,9 @@ def _decoders(contract) -> dict:
         # The photos here carry no EXIF orientation, so the decode alone is the whole comparison.
         return lambda data: Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **kw), "RGB")
 
-    return {USED: lambda data: load_image(data, contract), "Pillow, full size": pillow_full,
+    import PIL
+
+    return {f"{USED} ({PIL.__version__})": lambda data: load_image(data, contract), "Pillow, full size": pillow_full,
             "libjpeg-turbo n/8": turbo(min_height=size, min_width=size),
             "libjpeg-turbo n/8, fast IDCT": turbo(min_height=size, min_width=size, fastdct=True),
             "libjpeg-turbo 1/8 (entropy decoding floor)": turbo(min_height=1, min_width=1)}
@@ -107,46 +83,35 @@ def run(plan: Plan) -> dict:
         # eval_array = resize_crop + normalisation; the difference is what normalising costs
         evaluated_ms = cpu_ms(lambda im: eval_array(im, contract), images, plan.preprocess_repeats)
         normalise_ms = max(0.0, evaluated_ms - resize_ms)
-        if name == USED:
+        if name.startswith(USED):
             used = pixels
         rows.append({"decoder": name, "decode_ms": decode_ms, "resize_ms": resize_ms, "normalise_ms": normalise_ms,
                      "total_ms": decode_ms + resize_ms + normalise_ms,
                      "gap_reference": gap(pixels, reference), "gap_used": gap(pixels, used),
                      "decoded_median": sorted(im.size for im in images)[len(images) // 2]})
         log(f"preprocess: {name}: {rows[-1]['total_ms']:.2f} ms/image (decode {decode_ms:.2f})")
-    simd = pillow_simd(files, contract, used, reference)
-    if simd:
-        rows.append(simd)
+    stock = stock_row(files, contract, used, reference)
+    if stock:
+        rows.insert(1, stock)
     median = sorted(sizes, key=lambda s: s[0] * s[1])[len(sizes) // 2]
     scalable = sum(min(s) >= 2 * contract.resize_size for s in sizes)
     return {"rows": rows, "images": len(files), "median_size": median, "scalable": scalable,
             "resize_size": contract.resize_size, "mean_kb": sum(map(len, files)) / len(files) / 1024}
 
 
-def pillow_simd(files: list[bytes], contract, used: list[np.ndarray], reference: list[np.ndarray]) -> dict | None:
-    """The used path's decode, resize and normalisation run under Pillow-SIMD, or None where SIMD_ENV is unset."""
-    python = os.environ.get(SIMD_ENV)
-    if not python:
+def stock_row(files: list[bytes], contract, used: list[np.ndarray], reference: list[np.ndarray]) -> dict | None:
+    """The used path under stock Pillow, where this interpreter runs Pillow-SIMD (bench/stock_pillow.py)."""
+    from bench import stock_pillow
+
+    if not stock_pillow.simd_in_use():
         return None
-    with tempfile.TemporaryDirectory(prefix="refit-bench-simd-") as tmp:
-        crops = Path(tmp) / "crops.npy"
-        paths = []
-        for i, data in enumerate(files):
-            paths.append(Path(tmp) / f"{i:04d}.jpg")
-            paths[-1].write_bytes(data)
-        fields = {"input_size": contract.input_size, "resize_size": contract.resize_size,
-                  "interpolation": contract.interpolation}
-        proc = subprocess.run([python, "-c", _SIMD_SCRIPT, json.dumps(fields), str(crops), *map(str, paths)],
-                              cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            log(f"preprocess: Pillow-SIMD run failed: {proc.stderr[-500:]}")
-            return None
-        m = json.loads(proc.stdout.strip().splitlines()[-1])
-        pixels = list(np.load(crops).astype(np.float32))
-    log(f"preprocess: Pillow-SIMD {m['version']}: resize + crop {m['resize_ms']:.2f} ms")
-    return {"decoder": f"Pillow-SIMD {m['version']}, draft", "decode_ms": m["decode_ms"], "resize_ms": m["resize_ms"],
-            "normalise_ms": max(0.0, m["eval_ms"] - m["resize_ms"]),
+    got = stock_pillow.stages(files, contract)
+    if got is None:
+        return None
+    m, pixels = got
+    log(f"preprocess: stock Pillow {m['version']}: resize + crop {m['resize_ms']:.2f} ms")
+    return {"decoder": f"stock Pillow {m['version']}, draft (before)", "decode_ms": m["decode_ms"],
+            "resize_ms": m["resize_ms"], "normalise_ms": max(0.0, m["eval_ms"] - m["resize_ms"]),
             "total_ms": m["decode_ms"] + max(m["eval_ms"], m["resize_ms"]),
             "gap_reference": gap(pixels, reference), "gap_used": gap(pixels, used), "decoded_median": None}
 
