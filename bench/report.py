@@ -7,6 +7,7 @@ from bench import (
     backbones,
     candidate,
     cost,
+    guard,
     imbalance,
     inprocess,
     model,
@@ -23,7 +24,7 @@ TABLES = {"model": model.tables, "preprocess": preprocessing.tables, "inprocess"
           "served": served.tables, "retrain": retrain.tables, "backbones": backbones.tables,
           "transfer": transfer.tables, "imbalance": imbalance.tables, "projects": projects.tables,
           "multilabel": multilabel.tables, "candidate": candidate.tables,
-          "cost": cost.tables}
+          "cost": cost.tables, "guard": guard.tables}
 TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "preprocess": "2. Preprocessing: JPEG decoders, stage by stage",
           "inprocess": "3. In-process limit: decode + preprocess + ONNX Runtime",
@@ -34,7 +35,8 @@ TITLES = {"model": "1. Model: PyTorch eager vs ONNX Runtime FP32 vs INT8",
           "projects": "9. Projects: many classifiers in one replica",
           "multilabel": "10. Multi-label classifiers",
           "candidate": "11. Shadow and canary trials",
-          "cost": "12. Per-image cost: where the core time of a prediction goes"}
+          "cost": "12. Per-image cost: where the core time of a prediction goes",
+          "guard": "13. Accuracy guard: the pipeline before and now"}
 
 
 # --- targets -----------------------------------------------------------------------------------------
@@ -84,6 +86,8 @@ def targets(results: dict) -> list[list]:
         rows += candidate.targets(results["candidate"])
     if results.get("cost"):
         rows += cost.targets(results["cost"])
+    if results.get("guard"):
+        rows += guard.targets(results["guard"])
     return rows
 
 

@@ -84,10 +84,11 @@ def default_run(data: Path, name: str, home: Path, plan: Plan, options: dict) ->
     return row
 
 
-def cli_train(data: Path, home: Path, args: list[str], plan: Plan, log_name: str) -> tuple[dict | None, float, str]:
+def cli_train(data: Path, home: Path, args: list[str], plan: Plan, log_name: str,
+              python: str = PYTHON) -> tuple[dict | None, float, str]:
     """`refit train DATA --json ARGS` in a process of its own with REFIT_HOME=home, as a user runs it: (its JSON
     summary or None, wall seconds, the error text). Its log is kept under the results' logs/."""
-    cmd = [PYTHON, "-m", "cli", "train", str(data), "--json", *args]
+    cmd = [python, "-m", "cli", "train", str(data), "--json", *args]
     env = {**os.environ, "REFIT_HOME": str(home), "BENTOML_HOME": str(home)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)

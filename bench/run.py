@@ -16,6 +16,7 @@ from bench import (
     backbones,
     candidate,
     cost,
+    guard,
     imbalance,
     inprocess,
     model,
@@ -30,7 +31,7 @@ from bench import (
 from bench.common import DOCS, FULL, QUICK, Plan, load_json, log, machine, md_table, save_json
 
 SECTIONS = ("model", "preprocess", "inprocess", "served", "retrain", "backbones", "transfer", "imbalance",
-            "projects", "multilabel", "candidate", "cost")
+            "projects", "multilabel", "candidate", "cost", "guard")
 
 
 def run_section(name: str, plan: Plan, results: dict) -> dict:
@@ -58,6 +59,8 @@ def run_section(name: str, plan: Plan, results: dict) -> dict:
         return candidate.run(plan)
     if name == "cost":
         return cost.run(plan)
+    if name == "guard":
+        return guard.run(plan)
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(SECTIONS)}")
 
 
