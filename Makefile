@@ -10,12 +10,15 @@ export REFIT_HOME ?= $(CURDIR)/models
 # the service module is imported (and no module sets anything when imported), so it is set here.
 export BENTOML_HOME ?= $(REFIT_HOME)
 
-# Pillow-SIMD in place of Pillow, where it can be built: the same `PIL`, with a resize + crop 5 x cheaper
-# (docs/benchmarks.md, benchmark 2). It has no wheels, so it needs a compiler and the JPEG and zlib headers
-# (`apt-get install -y gcc libjpeg62-turbo-dev zlib1g-dev`) and AVX2 (x86_64); elsewhere, or when the build
-# fails, Pillow stays and everything works as before. It cannot be a dependency in pyproject.toml: torchvision
-# and scikit-image ask for "pillow", so pip puts Pillow back at every install, and this step swaps it again.
+# Pillow-SIMD in place of Pillow, where it can be built with every format Pillow's wheel reads: the same
+# `PIL`, with a resize + crop 5 x cheaper (docs/benchmarks.md, benchmark 2). It has no wheels: it needs gcc,
+# AVX2 (x86_64) and the JPEG, zlib, WebP and TIFF headers (`apt-get install -y gcc libjpeg62-turbo-dev
+# zlib1g-dev libwebp-dev libtiff-dev`). Where one is missing, or the build lacks a format, Pillow stays and
+# everything works as before. It cannot be a dependency in pyproject.toml: torchvision and scikit-image ask
+# for "pillow", so pip puts Pillow back at every install, and this step swaps it again.
 PILLOW_SIMD ?= pillow-simd==12.1.1.post0
+# The formats core/preprocess.py reads that need a library (the others are pure Python in Pillow).
+export PIL_FORMATS := import PIL, PIL.features as f; missing = [n for n in ("jpg", "zlib", "webp") if not f.check(n)] + ([] if f.check_codec("libtiff") else ["libtiff"]); assert not missing, f"PIL {PIL.__version__} lacks {missing}"; print("PIL", PIL.__version__, "with JPEG, PNG, WebP and TIFF")
 
 .PHONY: install serve test lint bench container container-serving train-demo clean pillow-simd
 
@@ -31,11 +34,12 @@ $(VENV)/.installed: pyproject.toml
 
 pillow-simd:
 	@if [ "$$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then \
-	  ($(PIP) uninstall -q -y pillow pillow-simd && CC="cc -mavx2" $(PIP) install -q --no-binary pillow-simd \
-	    '$(PILLOW_SIMD)') || { echo "Pillow-SIMD could not be built (it needs gcc, libjpeg62-turbo-dev and zlib1g-dev); keeping Pillow"; \
-	    $(PIP) install -q --force-reinstall --no-deps 'pillow>=10'; }; \
+	  ($(PIP) uninstall -q -y pillow pillow-simd && CC="cc -mavx2" $(PIP) install -q --no-cache-dir \
+	    --no-binary pillow-simd '$(PILLOW_SIMD)' && $(BIN)/python -c "$$PIL_FORMATS") \
+	  || { echo "Pillow-SIMD could not be built with JPEG, PNG, WebP and TIFF (it needs gcc, libjpeg62-turbo-dev, zlib1g-dev, libwebp-dev and libtiff-dev); keeping Pillow"; \
+	    $(PIP) uninstall -q -y pillow-simd; $(PIP) install -q --force-reinstall --no-deps 'pillow>=10'; }; \
 	else echo "no AVX2 here: keeping Pillow"; fi
-	$(BIN)/python -c "import PIL.features as f, PIL; assert f.check('jpg') and f.check('zlib'); print('PIL', PIL.__version__)"
+	$(BIN)/python -c "$$PIL_FORMATS"
 
 serve: install
 	$(BIN)/bentoml serve service.service:Refit --port $(PORT)

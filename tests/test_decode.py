@@ -111,9 +111,11 @@ def test_a_jpeg_libjpeg_only_warns_about_is_answered():
 
 def test_a_truncated_or_corrupt_jpeg_is_refused_by_name():
     data = encode(photo(500, 375), "JPEG", quality=90)
-    for bad in (data[: len(data) // 2], data[:600] + bytes(2000)):
-        with pytest.raises(pp.ImageError, match="photo.jpg: corrupt or truncated"):
-            pp.load_image(bad, CONTRACT, name="photo.jpg")
+    with pytest.raises(pp.ImageError, match="photo.jpg: corrupt or truncated"):
+        pp.load_image(data[: len(data) // 2], CONTRACT, name="photo.jpg")
+    # Zeros after the headers: Pillow 13 fails the decode, Pillow-SIMD 12 the header parse; both refuse it by name.
+    with pytest.raises(pp.ImageError, match="photo.jpg: (corrupt or truncated|not an image)"):
+        pp.load_image(data[:600] + bytes(2000), CONTRACT, name="photo.jpg")
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "WEBP", "TIFF"])
