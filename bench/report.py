@@ -88,7 +88,28 @@ def targets(results: dict) -> list[list]:
         rows += cost.targets(results["cost"])
     if results.get("guard"):
         rows += guard.targets(results["guard"])
+    rows.append(_image_row())
     return rows
+
+
+IMAGE_GOAL_MB = 600
+
+
+def _image_row() -> list:
+    """The serving image's size, where podman holds a `refit:latest` (`make container`); tests/test_container.py
+    builds one of its own and holds it to the same goal."""
+    import shutil
+    import subprocess
+
+    if shutil.which("podman"):
+        proc = subprocess.run(["podman", "image", "inspect", "--format", "{{.Size}}", "refit:latest"],
+                              capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and proc.stdout.strip().isdigit():
+            mb = int(proc.stdout.strip()) / 1e6
+            return _row("Serving image size (`podman image inspect refit:latest`)", f"{mb:.0f} MB",
+                        f"≤ {IMAGE_GOAL_MB} MB", mb <= IMAGE_GOAL_MB)
+    return _row("Serving image size", "no refit:latest here (`make container`); see Container images",
+                f"≤ {IMAGE_GOAL_MB} MB", None)
 
 
 def _served_targets(s: dict, i: dict | None) -> list[list]:
