@@ -102,11 +102,14 @@ PEER = "bench.peer_service:Peer"
 
 def peer_server(model_file: Path, log_path: Path) -> Server:
     """The service a BentoML user writes from BentoML's docs (bench/peer_service.py), serving `model_file`."""
+    from bench import stock_pillow
     from bench.peer_service import MODEL_ENV
 
     env = {**os.environ, MODEL_ENV: str(model_file), "BENTOML_DO_NOT_TRACK": "True"}
-    bentoml = str(Path(PYTHON).parent / "bentoml")
-    cmd = [bentoml, "serve", PEER, "--host", "127.0.0.1", "--port", "{port}"]
+    # Frozen with its pixels: where the project runs Pillow-SIMD, the peer runs under stock Pillow, as it did.
+    stock = stock_pillow.python() if stock_pillow.simd_in_use() else None
+    python = str(stock) if stock else PYTHON
+    cmd = [python, "-m", "bentoml", "serve", PEER, "--host", "127.0.0.1", "--port", "{port}"]
     return Server("BentoML-docs peer", cmd, env, log_path,
                   lambda url: httpx.get(url + "/readyz", timeout=2).status_code == 200)
 
