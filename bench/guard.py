@@ -22,9 +22,9 @@ RUNS = (("hymenoptera", "feature_extraction"), ("flowers5_128px", "partial"))
 def run(plan: Plan) -> dict:
     import PIL
 
-    stock = stock_pillow.python() if stock_pillow.simd_in_use() else None
     if not stock_pillow.simd_in_use():
         return {"skipped": f"the project runs stock Pillow {PIL.__version__} here: no pixels changed, nothing to guard"}
+    stock = stock_pillow.python()
     if stock is None:
         return {"error": "could not make the stock Pillow interpreter (bench/stock_pillow.py)"}
     roots = {"hymenoptera": data_dir(), "flowers5_128px": flowers_dir()}

@@ -20,6 +20,7 @@ from bench.model import ort_session
 
 DEFAULT_BATCH = 8  # used when benchmark 1 has not run: the service's default max batch size
 SINGLE_SECONDS = 3.0  # single-image latency: enough for a few hundred images at about 8 ms each
+BEFORE = "before"  # the pipelines whose figure is the limit before
 
 
 def run(plan: Plan, model_result: dict | None = None) -> dict:
@@ -29,24 +30,30 @@ def run(plan: Plan, model_result: dict | None = None) -> dict:
     models = {v["precision"]: v["serving_file"]}
     if v["precision"] != "fp32":
         models["fp32"] = v["fp32_file"]
+    from bench import stock_pillow
+
+    # Under Pillow-SIMD the frozen pipeline here is not the one before: that runs under stock Pillow, below.
+    simd = stock_pillow.simd_in_use()
     rows = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for precision, path in models.items():
             batch = best_batch(model_result, precision)
-            for name, m in _pipelines(path, files, batch, threads, pool, plan.inprocess_seconds).items():
+            for name, m in pipelines(path, files, batch, threads, pool, plan.inprocess_seconds,
+                                     frozen=not simd).items():
                 rows.append({"precision": precision, "served": precision == v["precision"], "pipeline": name,
                              "batch": batch, "images_per_s": m["per_second"],
                              "min_images_per_s": m["min_per_second"], "max_images_per_s": m["max_per_second"],
                              "batch_ms": m["call_ms_median"]})
                 log(f"inprocess: {precision} {name}, batch {batch}: {m['per_second']:.1f} images/s "
                     f"(rounds {m['min_per_second']:.1f}..{m['max_per_second']:.1f})")
+    if simd:
+        stock = _stock_before(files, v["serving_file"], v["precision"], best_batch(model_result, v["precision"]),
+                              threads, plan.inprocess_seconds)
+        rows += [stock] if stock else []
     served = [r for r in rows if r["served"]]
-    limit = max((r for r in served if not r["pipeline"].startswith("the frozen")), key=lambda r: r["images_per_s"])
-    before = max((r for r in served if r["pipeline"].startswith("the frozen")), key=lambda r: r["images_per_s"])
-    stock = _stock_before(files, v["serving_file"], limit["batch"], threads, plan.inprocess_seconds)
-    if stock:
-        rows.append(stock)
-        before = stock
+    limit = max((r for r in served if not r["pipeline"].startswith(BEFORE)), key=lambda r: r["images_per_s"])
+    before = max((r for r in served if r["pipeline"].startswith(BEFORE)), key=lambda r: r["images_per_s"],
+                 default={"images_per_s": None})
     single = single_image(v["serving_file"], files, min(SINGLE_SECONDS, plan.inprocess_seconds))
     log(f"inprocess: one image, one thread: p50 {single['p50_ms']:.2f} ms")
     return {"threads": threads, "rows": rows, "limit_images_per_s": limit["images_per_s"],
@@ -62,7 +69,7 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
     threads = cores()
     batch = best_batch(model_result, v["precision"])
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        m = _pipelines(v["serving_file"], files, batch, threads, pool, plan.inprocess_seconds,
+        m = pipelines(v["serving_file"], files, batch, threads, pool, plan.inprocess_seconds,
                        only=f"decode on {threads} threads")
     (name, row), = m.items()
     single = single_image(v["serving_file"], files, min(SINGLE_SECONDS, plan.inprocess_seconds))
@@ -73,8 +80,10 @@ def served_baseline(v: dict, files: list[bytes], plan: Plan, model_result: dict 
             "single_image": single}
 
 
-def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
-               seconds: float, only: str | None = None) -> dict:
+def pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: ThreadPoolExecutor,
+              seconds: float, only: str | None = None, frozen: bool = True) -> dict:
+    """Each pipeline's `interleaved` figures on this file; `frozen` adds the frozen peer's pixels (the limit
+    before, where this interpreter runs the PIL the project ran before)."""
     from bench.peer_pixels import peer_preprocess
     from core.preprocess import preprocess
     from training.export import read_contract
@@ -100,34 +109,33 @@ def _pipelines(path: Path, files: list[bytes], batch: int, threads: int, pool: T
         return batch
 
     def before_pool() -> int:
-        # The frozen peer's pixels (bench/peer_service.py) with the same session: the limit before.
+        # The frozen peer's pixels (bench/peer_pixels.py) with the same session: the limit before.
         x = np.stack(list(pool.map(lambda d: peer_preprocess(d, contract), next_batch())))
         sess.run(["probs"], {"input": x})
         return batch
 
-    pipelines = {"sequential decode": sequential, f"decode on {threads} threads": decode_pool,
-                 f"the frozen peer's pipeline under the PIL installed, decode on {threads} threads": before_pool}
+    cells = {"sequential decode": sequential, f"decode on {threads} threads": decode_pool}
+    if frozen:
+        cells[f"{BEFORE}: the frozen peer's pipeline, decode on {threads} threads"] = before_pool
     if only:
-        pipelines = {only: pipelines[only]}
-    return interleaved(pipelines, seconds)
+        cells = {only: cells[only]}
+    return interleaved(cells, seconds)
 
 
-def _stock_before(files: list[bytes], path: Path, batch: int, threads: int, seconds: float) -> dict | None:
-    """Where this interpreter runs Pillow-SIMD, the limit before is measured under stock Pillow
-    (bench/stock_pillow.py), right after the others."""
+def _stock_before(files: list[bytes], path: Path, precision: str, batch: int, threads: int,
+                  seconds: float) -> dict | None:
+    """Where this interpreter runs Pillow-SIMD, the limit before: the decode-on-threads pipeline under stock
+    Pillow (bench/stock_pillow.py), measured right after the others."""
     from bench import stock_pillow
-    from training.export import read_contract
 
-    if not stock_pillow.simd_in_use():
-        return None
-    m = stock_pillow.limit(files, read_contract(path), path, batch, threads, seconds)
+    m = stock_pillow.limit(files, path, batch, threads, seconds)
     if m is None:
         return None
-    log(f"inprocess: before, under stock Pillow: {m['images_per_s']:.1f} images/s")
-    return {"precision": "int8" if "int8" in path.name else "fp32", "served": True,
-            "pipeline": f"before: the frozen peer's pipeline under stock Pillow, decode on {threads} threads",
-            "batch": batch, "images_per_s": m["images_per_s"], "min_images_per_s": m["min"],
-            "max_images_per_s": m["max"], "batch_ms": 1000 * batch / m["images_per_s"]}
+    log(f"inprocess: before, under stock Pillow: {m['per_second']:.1f} images/s")
+    return {"precision": precision, "served": True,
+            "pipeline": f"{BEFORE}: the pipeline under stock Pillow, decode on {threads} threads",
+            "batch": batch, "images_per_s": m["per_second"], "min_images_per_s": m["min_per_second"],
+            "max_images_per_s": m["max_per_second"], "batch_ms": m["call_ms_median"]}
 
 
 def single_image(path: Path, files: list[bytes], seconds: float) -> dict:
@@ -181,5 +189,5 @@ def tables(result: dict) -> str:
 
 def _before(result: dict) -> str:
     b = result.get("before_limit_images_per_s")
-    return (f"; before, with the frozen peer's pipeline: {b:.1f} images/s "
+    return (f"; the limit before (the frozen peer's pixels, under stock Pillow): {b:.1f} images/s "
             f"({result['limit_images_per_s'] / b:.2f} ×)") if b else ""

@@ -72,8 +72,7 @@ def describe(device: torch.device) -> str:
     """One line for logs: `cuda (NVIDIA H100 80GB HBM3, torch 2.9.1, bfloat16 autocast)` or `cpu (no CUDA
     device)`."""
     if device.type == "cuda":
-        return (f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-                f"{str(amp_dtype(device)).removeprefix('torch.')} autocast)")
+        return f"cuda ({torch.cuda.get_device_name(device)}, torch {torch.__version__}, {_precision(device)})"
     if torch.cuda.is_available():
         return "cpu (as asked; a CUDA device is present)"
     return "cpu (no CUDA device)" if torch.backends.cuda.is_built() else f"cpu (torch {torch.__version__} without CUDA)"
@@ -83,8 +82,14 @@ def record(device: torch.device, requested: str) -> dict:
     """metrics.json's `device`: what trained the version, and in which precision."""
     if device.type == "cuda":
         return {"type": "cuda", "requested": requested, "name": torch.cuda.get_device_name(device),
-                "cuda": torch.version.cuda, "precision": f"{str(amp_dtype(device)).removeprefix('torch.')} autocast"}
-    return {"type": "cpu", "requested": requested, "precision": "float32"}
+                "cuda": torch.version.cuda, "precision": _precision(device)}
+    return {"type": "cpu", "requested": requested, "precision": _precision(device)}
+
+
+def _precision(device: torch.device) -> str:
+    """`bfloat16 autocast`, `float16 autocast`, or `float32` where there is no autocast (the CPU)."""
+    dtype = amp_dtype(device)
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def describe_before_fork() -> str:
